@@ -295,6 +295,8 @@ class BiomedGPTEncoderOutput(ModelOutput):
 class BiomedGPTEncoder(nn.Module):
     """Encoder over [image patches ; text tokens]. Positions enter only as attention biases."""
 
+    main_input_name = "input_ids"
+
     def __init__(self, config: BiomedGPTConfig, embed_tokens: nn.Embedding) -> None:
         super().__init__()
         d = config.d_model
