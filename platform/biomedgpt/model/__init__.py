@@ -15,6 +15,7 @@ from .modeling import (
     BiomedGPTPreTrainedModel,
 )
 from .resnet import ResNetBackbone
+from .tokenizer import BiomedGPTTokenizer, bin_ids_to_box, bin_tokens_to_box, box_to_bin_ids, box_to_bin_tokens
 
 AutoConfig.register(BiomedGPTConfig.model_type, BiomedGPTConfig, exist_ok=True)
 AutoModel.register(BiomedGPTConfig, BiomedGPTForConditionalGeneration, exist_ok=True)
@@ -31,5 +32,10 @@ __all__ = [
     "BiomedGPTEncoderOutput",
     "BiomedGPTForConditionalGeneration",
     "BiomedGPTPreTrainedModel",
+    "BiomedGPTTokenizer",
     "ResNetBackbone",
+    "bin_ids_to_box",
+    "bin_tokens_to_box",
+    "box_to_bin_ids",
+    "box_to_bin_tokens",
 ]
