@@ -1,0 +1,259 @@
+"""What every converter shares: the record it yields, image references, source errors, file roles.
+
+A converter reads one dataset in its native release format (files exactly as the public release
+ships them) and yields, per split, :class:`SourceRecord` objects: the shard record (the ``json``
+member: ``task``, ``dataset``, ``split``, ``id`` + the task's fields) and a reference to its image.
+Images are referenced, not loaded, so that a build can plan shards from sizes alone and load the
+bytes only when a shard is written (possibly in another process: references are small and
+picklable).
+
+Split names are canonical across datasets: ``train``, ``val``, ``test``. A converter maps its
+release's names onto them (SLAKE ``validate``, ROCO ``validation``) and reports the native name.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Mapping
+
+from .. import storage
+
+CANONICAL_SPLITS = ("train", "val", "test")
+MISSING_IMAGE_POLICIES = ("error", "skip")
+
+
+class SourceFormatError(ValueError):
+    """A source file does not match its dataset's native format.
+
+    The message names the file, the record (index and id where known) and the field, e.g.
+    ``.../trainset.json: record 12 (qid 57): field 'answer_type': expected CLOSED or OPEN, got 'MAYBE'``.
+    """
+
+    def __init__(self, file: str, message: str, *, record: str | None = None, field: str | None = None):
+        self.file = file
+        self.record = record
+        self.field = field
+        parts = [str(file)]
+        if record is not None:
+            parts.append(record)
+        if field is not None:
+            parts.append(f"field '{field}'")
+        super().__init__(": ".join(parts + [message]))
+
+
+# --- image references ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileImage:
+    """An image file at ``url`` of ``size`` bytes (from a directory listing)."""
+
+    url: str
+    size: int
+
+    def read(self) -> bytes:
+        try:
+            return storage.read_bytes(self.url)
+        except FileNotFoundError:
+            raise SourceFormatError(self.url, "image file disappeared after the source was listed") from None
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+
+@functools.lru_cache(maxsize=2)
+def _load_npz(url: str) -> dict[str, Any]:
+    import numpy as np
+
+    with storage.open_url(url, "rb") as f:
+        with np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+
+def load_npz(url: str) -> dict[str, Any]:
+    """All arrays of an ``.npz`` file (cached per process: MedMNIST images are read many times)."""
+    return _load_npz(url)
+
+
+def encode_png(array) -> bytes:
+    """Lossless PNG of a uint8 image array (H, W) grayscale or (H, W, 3) RGB; deterministic bytes."""
+    from PIL import Image
+
+    import numpy as np
+
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {array.dtype}")
+    if array.ndim == 2:
+        image = Image.fromarray(array)  # uint8 (H, W) -> mode "L"
+    elif array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    else:
+        raise ValueError(f"expected an (H, W) or (H, W, 3) image array, got shape {tuple(array.shape)}")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class ArrayImage:
+    """Image ``index`` of array ``array`` in the ``.npz`` at ``url``, encoded as PNG when read."""
+
+    url: str
+    array: str
+    index: int
+
+    def read(self) -> bytes:
+        return encode_png(load_npz(self.url)[self.array][self.index])
+
+    @property
+    def size(self) -> int:
+        return len(self.read())
+
+    @property
+    def name(self) -> str:
+        return f"{self.url}[{self.array}][{self.index}]"
+
+
+ImageRef = FileImage | ArrayImage
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One converted record: the shard record (``json`` member) and its image (None: text only)."""
+
+    record: dict[str, Any]
+    image: ImageRef | None
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+
+class ImageIndex:
+    """Sizes of every file under an images directory, from one listing (cheap on object stores)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._files: dict[str, int] | None = None
+
+    @property
+    def files(self) -> dict[str, int]:
+        if self._files is None:
+            self._files = storage.list_files(self.url)
+        return self._files
+
+    def get(self, relpath: str) -> FileImage | None:
+        relpath = relpath.lstrip("/")
+        size = self.files.get(relpath)
+        return None if size is None else FileImage(storage.join(self.url, relpath), size)
+
+
+# --- converter base ------------------------------------------------------------------------------
+
+
+class Converter(abc.ABC):
+    """Reads one dataset's native release and yields :class:`SourceRecord` per split.
+
+    Subclasses set the class attributes and implement :meth:`splits` and :meth:`records`.
+    ``files`` overrides where the converter looks for each of its file roles (``file_roles``:
+    role -> default path relative to ``source``), for releases that were renamed or re-packaged.
+    ``on_missing_image``: ``"error"`` (default) stops at the first record whose image is missing;
+    ``"skip"`` drops such records and counts them in :attr:`skipped`.
+    """
+
+    name: ClassVar[str]
+    task: ClassVar[str]
+    native_format: ClassVar[str]
+    licence: ClassVar[str]
+    access: ClassVar[str] = "open"
+    file_roles: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, source: str, files: Mapping[str, str] | None = None, *, on_missing_image: str = "error"):
+        self.source = str(source).rstrip("/") if "://" in str(source) else str(source)
+        unknown = sorted(set(files or {}) - set(self.file_roles))
+        if unknown:
+            raise ValueError(
+                f"{self.name}: unknown file role(s) {unknown}; this converter reads {sorted(self.file_roles)}")
+        self.files = {**self.file_roles, **(files or {})}
+        if on_missing_image not in MISSING_IMAGE_POLICIES:
+            raise ValueError(f"on_missing_image must be one of {MISSING_IMAGE_POLICIES}, got {on_missing_image!r}")
+        self.on_missing_image = on_missing_image
+        self.skipped: dict[str, list[str]] = {}
+
+    # what a subclass provides
+    @abc.abstractmethod
+    def splits(self) -> list[str]:
+        """Canonical names of the splits present in the source, in train/val/test order."""
+
+    @abc.abstractmethod
+    def records(self, split: str) -> Iterator[SourceRecord]:
+        """The records of one split, in a deterministic order."""
+
+    def native_split(self, split: str) -> str:
+        """The release's own name for a canonical split (default: the same)."""
+        return split
+
+    @property
+    def dataset(self) -> str:
+        """Name used for shard paths and the ``dataset`` field."""
+        return self.name
+
+    # helpers for subclasses
+    def url(self, role: str) -> str:
+        """URL of a file role (its default path or the ``files`` override) under the source."""
+        rel = self.files[role]
+        return rel if "://" in rel or rel.startswith("/") else storage.join(self.source, rel)
+
+    def make_record(self, split: str, record_id: str, **fields: Any) -> dict[str, Any]:
+        return {"task": self.task, "dataset": self.dataset, "split": split, "id": record_id, **fields}
+
+    def require_split(self, split: str) -> None:
+        if split not in self.splits():
+            raise ValueError(f"{self.name}: no split {split!r} in {self.source} (present: {self.splits()})")
+
+    def missing_image(self, split: str, where: str, image: str) -> None:
+        """Apply the missing-image policy: raise, or note the record as skipped."""
+        if self.on_missing_image == "error":
+            raise SourceFormatError(
+                where, f"image {image!r} not found (use on_missing_image='skip' to drop such records)")
+        self.skipped.setdefault(split, []).append(image)
+
+
+def sort_splits(splits) -> list[str]:
+    """Canonical split order: train, val, test, then anything else alphabetically."""
+    order = {name: i for i, name in enumerate(CANONICAL_SPLITS)}
+    return sorted(set(splits), key=lambda s: (order.get(s, len(order)), s))
+
+
+def load_json(url: str) -> Any:
+    """Parse a JSON file; errors name the file, line and column."""
+    try:
+        text = storage.read_text(url)
+    except FileNotFoundError:
+        raise SourceFormatError(url, "file not found") from None
+    except UnicodeDecodeError as err:
+        raise SourceFormatError(url, f"not UTF-8 text ({err})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SourceFormatError(url, f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+
+
+def require(obj: Any, key: str, types: type | tuple[type, ...], file: str, record: str) -> Any:
+    """``obj[key]`` checked to be of ``types``; a :class:`SourceFormatError` naming file, record and field."""
+    if not isinstance(obj, dict):
+        raise SourceFormatError(file, f"expected a JSON object, got {type(obj).__name__}", record=record)
+    if key not in obj:
+        raise SourceFormatError(file, "missing", record=record, field=key)
+    value = obj[key]
+    allowed = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise SourceFormatError(file, f"expected {names}, got {type(value).__name__} {value!r}", record=record, field=key)
+    return value
