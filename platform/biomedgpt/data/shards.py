@@ -110,14 +110,15 @@ def image_as_stored(data: bytes, source: str = "<image>") -> tuple[bytes, str]:
 
 @dataclass(frozen=True)
 class ShardSample:
-    """One sample of a shard: its key, the record (the ``json`` member), the image and extras.
+    """One sample of a shard: its key, the record (the ``json`` member, a mapping or its encoded
+    bytes), the image and extras.
 
     ``image_ext`` is ``"jpg"`` or ``"png"``; ``extras`` maps further extensions (e.g.
     ``"codes.npy"``) to their bytes.
     """
 
     key: str
-    record: Mapping[str, Any]
+    record: Mapping[str, Any] | bytes
     image: bytes | None = None
     image_ext: str | None = None
     extras: Mapping[str, bytes] = field(default_factory=dict)
@@ -126,7 +127,8 @@ class ShardSample:
         """The tar members of this sample, in the order they are written."""
         if "." in self.key or "/" in self.key or not self.key:
             raise ShardError(f"sample key {self.key!r}: keys must be non-empty and contain no '.' or '/'")
-        out = [(f"{self.key}.json", encode_record(self.record))]
+        record = self.record if isinstance(self.record, bytes) else encode_record(self.record)
+        out = [(f"{self.key}.json", record)]
         if self.image is not None:
             if self.image_ext not in IMAGE_EXTENSIONS:
                 raise ShardError(f"sample {self.key}: image_ext must be one of {IMAGE_EXTENSIONS}, got {self.image_ext!r}")

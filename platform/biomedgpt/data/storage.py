@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-import tempfile
+import uuid
 from pathlib import Path
 from typing import IO, Any, Mapping
 from urllib.parse import urlparse
@@ -136,13 +136,14 @@ def write_bytes(url: str, data: bytes) -> None:
     if is_local(url):
         path = local_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        # open() rather than mkstemp so the file gets the usual umask permissions, not 0600
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "xb") as f:
                 f.write(data)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return
     fs, path = filesystem(url)

@@ -7,8 +7,9 @@ One record per study by default (``views="first"``): the caption is the report, 
 first listed view (frontal in R2Gen's ordering), and every view is listed in ``views``. With
 ``views="all"`` each image becomes its own record (id ``<study>_<n>``) sharing the report; use that
 for training only, as it counts a study several times in evaluation. Quirks handled: split keys
-padded with spaces in some copies (``"    "`` for test is NOT guessed, but ``" test "`` is
-stripped), doubled spaces inside reports, the ``split`` field disagreeing with its key (error).
+are stripped of surrounding spaces, and an unknown key is an error naming it (one public copy
+stored the test split under a blank ``"    "`` key: we do not guess); doubled spaces inside
+reports are collapsed; a ``split`` field that disagrees with its key is an error.
 """
 
 from __future__ import annotations

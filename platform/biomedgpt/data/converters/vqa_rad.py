@@ -92,6 +92,8 @@ class VqaRadConverter(Converter):
         seen: dict[str, int] = {}
         for i, raw in enumerate(data):
             where = f"record {i}"
+            if isinstance(raw, dict) and isinstance(raw.get("qid"), (int, str)):
+                where = f"record {i} (qid {clean_text(str(raw['qid']))})"
             phrase = clean_text(require(raw, "phrase_type", str, file, where)).lower()
             if phrase in OSF_TRAIN_PHRASES:
                 split = "train"

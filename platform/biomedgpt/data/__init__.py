@@ -1,0 +1,42 @@
+"""The data room: storage URLs, WebDataset shards + manifests, native-format converters, builds.
+
+    storage        URLs (local, file://, s3://) -> fsspec / pyarrow filesystems, webdataset s3 opener
+    shards         ShardWriter, manifest.json, read_manifest, verify_shards
+    converters/    one module per native dataset format + the registry (CONVERTERS)
+    build          build_shards: native release -> shards, restartable
+    inspect        inspect_shards: counts and sample records of built shards
+    dataset_spec   typed loader/validator for datasets_spec/*.yaml
+
+Nothing here imports Ray; names below are imported on first use to keep ``import biomedgpt.data``
+cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "build_shards": "build",
+    "plan_split": "build",
+    "write_planned_shard": "build",
+    "inspect_shards": "inspect",
+    "ShardWriter": "shards",
+    "ShardSample": "shards",
+    "Manifest": "shards",
+    "read_manifest": "shards",
+    "verify_shards": "shards",
+    "CONVERTERS": "converters",
+    "open_converter": "converters",
+    "DatasetSpec": "dataset_spec",
+    "load_dataset_spec": "dataset_spec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

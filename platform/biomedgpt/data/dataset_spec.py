@@ -1,0 +1,319 @@
+"""``datasets_spec/*.yaml``: one typed, validated description per dataset.
+
+A dataset spec says what a dataset is (task, native format, where to obtain it, citation, licence,
+access class), how its splits map from the release, the prompt BiomedGPT uses for it, the metrics
+it is reported with, and where answer candidates for constrained decoding come from. The shard
+builder reads ``source.files``/``source.options``, ``licence`` and ``access`` from it.
+
+Every error names the file, the field path and what was expected; unknown keys are errors.
+
+>>> spec = load_dataset_spec("datasets_spec/vqa_rad.yaml")
+>>> spec.prompt.instruction, spec.metrics
+(' {question}?', ['vqa_accuracy_closed', 'vqa_accuracy_open', 'vqa_accuracy'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import string
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+TASKS = ("vqa", "caption", "classify", "nli", "summarize")
+ACCESS = ("open", "credentialed")
+SPLITS = ("train", "val", "test")
+SPLIT_ROLES = ("train", "evaluate", "train_and_evaluate")
+CANDIDATE_POLICIES = ("answers_of_splits", "class_names", "fixed", "none")
+
+#: Metric names the evaluation code reports, per task.
+METRICS: Mapping[str, tuple[str, ...]] = {
+    "vqa": ("vqa_accuracy", "vqa_accuracy_closed", "vqa_accuracy_open"),
+    "caption": ("bleu4", "rouge_l", "meteor", "cider"),
+    "classify": ("accuracy", "f1_macro", "auc"),
+    "nli": ("accuracy",),
+    "summarize": ("rouge1", "rouge2", "rouge_l"),
+}
+
+#: Record fields a prompt may use, per task (the shard record of that task).
+PROMPT_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "vqa": ("question", "answer", "organ"),
+    "caption": ("caption",),
+    "classify": ("label_name",),
+    "nli": ("premise", "hypothesis", "label"),
+    "summarize": ("text", "summary"),
+}
+
+
+class DatasetSpecError(ValueError):
+    """A dataset spec that does not validate; the message names the file and the field path."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the data comes from and how the converter reads it."""
+
+    format: str
+    """The native release format, in words (files and their layout)."""
+    converter: str
+    """Registered converter name (``biomedgpt.data.converters.CONVERTERS``)."""
+    obtain: str
+    """Where to obtain the release (URL)."""
+    instructions: str = ""
+    """How to obtain/unpack it (credentials, scripts), when more than a download."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Converter file-role overrides (role -> path relative to the source)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Converter keyword options (e.g. SLAKE ``languages``)."""
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """One canonical split and how it is cut from the release."""
+
+    native: str
+    """The release's name or rule for this split (file, key or field value)."""
+    role: Literal["train", "evaluate", "train_and_evaluate"] = "train"
+    """What the split is used for."""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """The BiomedGPT instruction (encoder text) and target (decoder text) templates."""
+
+    instruction: str
+    target: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class AnswerCandidates:
+    """Where the candidate answers for trie-constrained decoding come from.
+
+    ``answers_of_splits``: every distinct normalised answer in ``splits``; ``class_names``: the
+    dataset's label names; ``fixed``: ``values``; ``none``: free generation.
+    """
+
+    policy: Literal["answers_of_splits", "class_names", "fixed", "none"]
+    splits: list[str] = field(default_factory=list)
+    values: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One ``datasets_spec/<name>.yaml``."""
+
+    name: str
+    task: Literal["vqa", "caption", "classify", "nli", "summarize"]
+    description: str
+    source: SourceSpec
+    citation: str
+    licence: str
+    access: Literal["open", "credentialed"]
+    splits: dict[str, SplitSpec]
+    prompt: PromptSpec
+    metrics: list[str]
+    answer_candidates: AnswerCandidates
+    notes: str = ""
+    path: str = field(default="", compare=False)
+    """The file it was loaded from (not a YAML key)."""
+
+
+# --- generic typed loading ------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{'a list' if origin is list else 'a mapping'} of [{args}]"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    if tp is Any:
+        return "any value"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, where: str, file: str) -> Any:
+    def fail(expected: str) -> DatasetSpecError:
+        return DatasetSpecError(f"{file}: field '{where}': expected {expected}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise fail(_type_name(tp))
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise fail(_type_name(tp))
+        return [_convert(v, item, f"{where}[{i}]", file) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, item = typing.get_args(tp)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise fail(_type_name(tp))
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise DatasetSpecError(f"{file}: field '{where}': keys must be strings, got {k!r}")
+            out[k] = _convert(v, item, f"{where}.{k}", file)
+        return out
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, file)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise fail("an integer")
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise fail("a number")
+        return float(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, where, file)
+            except DatasetSpecError:
+                continue
+        raise fail(" or ".join(_type_name(a) for a in typing.get_args(tp)))
+    raise TypeError(f"unsupported field type {tp!r} at {where}")
+
+
+def _build(cls: type, data: Any, where: str, file: str) -> Any:
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, dict):
+        raise DatasetSpecError(f"{file}: field '{where or '<document>'}': expected a mapping ({cls.__name__}), "
+                               f"got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise DatasetSpecError(f"{file}: field '{prefix}{unknown[0]}': unknown key; expected one of: "
+                               f"{', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise DatasetSpecError(f"{file}: field '{prefix}{name}': missing (expected {_type_name(hints[name])})")
+            continue
+        kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}", file)
+    return cls(**kwargs)
+
+
+# --- dataset-spec rules ---------------------------------------------------------------------------
+
+
+def _check(spec: DatasetSpec, file: str) -> None:
+    def error(where: str, message: str) -> DatasetSpecError:
+        return DatasetSpecError(f"{file}: field '{where}': {message}")
+
+    stem = Path(file).stem
+    if spec.name != stem:
+        raise error("name", f"must equal the file name {stem!r}, got {spec.name!r}")
+    for key in ("description", "citation", "licence"):
+        if not getattr(spec, key).strip():
+            raise error(key, "must not be empty")
+    if not spec.source.obtain.strip():
+        raise error("source.obtain", "must say where to obtain the data")
+
+    from .converters import CONVERTERS
+
+    conv = CONVERTERS.get(spec.source.converter)
+    if conv is None:
+        raise error("source.converter", f"no converter named {spec.source.converter!r}; known: {', '.join(sorted(CONVERTERS))}")
+    if conv.task != spec.task:
+        raise error("task", f"{spec.task!r} but converter {conv.name!r} produces {conv.task!r} records")
+    for role in spec.source.files:
+        if role not in conv.file_roles:
+            raise error(f"source.files.{role}", f"unknown file role; converter {conv.name!r} reads {sorted(conv.file_roles)}")
+    params = inspect.signature(conv.__init__).parameters
+    for option in spec.source.options:
+        if option not in params or option in ("self", "source", "files"):
+            allowed = [p for p in params if p not in ("self", "source", "files")]
+            raise error(f"source.options.{option}", f"not an option of converter {conv.name!r}; options: {allowed}")
+
+    if not spec.splits:
+        raise error("splits", "at least one split")
+    for split in spec.splits:
+        if split not in SPLITS:
+            raise error(f"splits.{split}", f"split names are canonical: {', '.join(SPLITS)}")
+
+    allowed_fields = PROMPT_FIELDS[spec.task]
+    for key in ("instruction", "target"):
+        template = getattr(spec.prompt, key)
+        try:
+            names = [n for _, n, _, _ in string.Formatter().parse(template) if n is not None]
+        except ValueError as err:
+            raise error(f"prompt.{key}", f"not a valid template ({err})") from None
+        for name in names:
+            if name not in allowed_fields:
+                raise error(f"prompt.{key}", f"unknown placeholder {{{name}}}; {spec.task} records offer "
+                                             f"{', '.join('{' + f + '}' for f in allowed_fields)}")
+
+    if not spec.metrics:
+        raise error("metrics", "at least one metric")
+    for i, metric in enumerate(spec.metrics):
+        if metric not in METRICS[spec.task]:
+            raise error(f"metrics[{i}]", f"unknown metric {metric!r} for task {spec.task}; known: {', '.join(METRICS[spec.task])}")
+
+    cand = spec.answer_candidates
+    if cand.policy == "answers_of_splits":
+        if not cand.splits:
+            raise error("answer_candidates.splits", "policy answers_of_splits needs the splits to collect answers from")
+        for i, split in enumerate(cand.splits):
+            if split not in spec.splits:
+                raise error(f"answer_candidates.splits[{i}]", f"{split!r} is not one of this dataset's splits {list(spec.splits)}")
+    elif cand.splits:
+        raise error("answer_candidates.splits", f"only used with policy answers_of_splits, not {cand.policy}")
+    if cand.policy == "fixed" and not cand.values:
+        raise error("answer_candidates.values", "policy fixed needs the list of values")
+    if cand.policy != "fixed" and cand.values:
+        raise error("answer_candidates.values", f"only used with policy fixed, not {cand.policy}")
+    if cand.policy == "class_names" and spec.task != "classify":
+        raise error("answer_candidates.policy", "class_names applies to classification datasets only")
+
+
+def parse_dataset_spec(data: Any, file: str = "<dataset spec>") -> DatasetSpec:
+    """Validate an already-parsed YAML document; ``file`` is used in error messages and for ``name``."""
+    spec = _build(DatasetSpec, data, "", file)
+    _check(spec, file)
+    return dataclasses.replace(spec, path=str(file))
+
+
+def load_dataset_spec(path: str | Path) -> DatasetSpec:
+    """Load and validate one ``datasets_spec/<name>.yaml``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatasetSpecError(f"{path}: file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise DatasetSpecError(f"{path}: not valid YAML ({err})") from None
+    return parse_dataset_spec(data, str(path))
+
+
+def load_dataset_specs(directory: str | Path) -> dict[str, DatasetSpec]:
+    """Every ``*.yaml`` directly in ``directory`` (the samples/ folder below it is not scanned)."""
+    return {spec.name: spec for spec in (load_dataset_spec(p) for p in sorted(Path(directory).glob("*.yaml")))}

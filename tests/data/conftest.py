@@ -1,0 +1,100 @@
+"""Fixtures for the data tests: the real development subsets, image trees for the annotation-only
+datasets, the VQA-RAD demo sample, and a real S3 endpoint (moto's server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from data_testing import tiny_jpeg, tiny_png, write_images
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE_VQA_RAD = REPO / "datasets_spec" / "samples" / "vqa_rad"
+
+
+@pytest.fixture(scope="session")
+def sample_vqa_rad() -> Path:
+    return SAMPLE_VQA_RAD
+
+
+@pytest.fixture(scope="session")
+def slake_images(shared: Path, tmp_path_factory) -> Path:
+    """imgs/<img_name> for every image named in shared/data/slake/dev.json."""
+    root = tmp_path_factory.mktemp("slake") / "imgs"
+    records = json.loads((shared / "data/slake/dev.json").read_text(encoding="utf-8"))
+    write_images(root, sorted({r["img_name"] for r in records}), tiny_jpeg(90))
+    return root
+
+
+@pytest.fixture(scope="session")
+def pathvqa_images(shared: Path, tmp_path_factory) -> Path:
+    """images/<split>/<img_id>.jpg for every image of shared/data/pathvqa/dev.json."""
+    root = tmp_path_factory.mktemp("pathvqa") / "images"
+    records = json.loads((shared / "data/pathvqa/dev.json").read_text(encoding="utf-8"))
+    names = [f"{r['img_id'].split('_')[0]}/{r['img_id']}.jpg" for r in records]
+    write_images(root, names, tiny_jpeg(40))
+    return root
+
+
+@pytest.fixture(scope="session")
+def iu_xray_images(shared: Path, tmp_path_factory) -> Path:
+    """images/<study>/<n>.png for every path of shared/data/iu_xray/dev.json."""
+    root = tmp_path_factory.mktemp("iu_xray") / "images"
+    data = json.loads((shared / "data/iu_xray/dev.json").read_text(encoding="utf-8"))
+    write_images(root, sorted({p for studies in data.values() for s in studies for p in s["image_path"]}), tiny_png(60))
+    return root
+
+
+@pytest.fixture(scope="session")
+def roco_images(shared: Path, tmp_path_factory) -> Path:
+    """images/ROCO_<n>.jpg for every line of shared/data/roco/dev_captions.txt."""
+    root = tmp_path_factory.mktemp("roco") / "images"
+    lines = (shared / "data/roco/dev_captions.txt").read_text(encoding="utf-8").splitlines()
+    write_images(root, [f"{line.split(chr(9))[0]}.jpg" for line in lines if line.strip()], tiny_jpeg(200))
+    return root
+
+
+@pytest.fixture
+def vqa_rad_copy(sample_vqa_rad: Path, tmp_path: Path) -> Path:
+    """A writable copy of the VQA-RAD demo sample (for tests that break or change the source)."""
+    dest = tmp_path / "vqa_rad_src"
+    shutil.copytree(sample_vqa_rad, dest)
+    return dest
+
+
+# --- S3 -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """moto's S3 server on 127.0.0.1 (a free port), stopped when the module's tests are done."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch) -> str:
+    """A fresh bucket on the moto server, with the AWS variables set for this test; yields its URL."""
+    import uuid
+
+    import boto3
+
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    bucket = f"shards-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"
