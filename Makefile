@@ -1,5 +1,6 @@
 # BiomedGPT platform. `make install` makes .venv (torch first, then the project with its dev extras);
-# `make test` runs the test suite; `make bench` runs the benchmarks.
+# `make demo` runs the whole platform path on local Ray; `make test` runs the test suite;
+# `make bench` runs the benchmarks.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # Local Ray must register and dial 127.0.0.1 only (see FIELD_NOTES): set before ray is imported.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install system-packages test bench clean
+.PHONY: install system-packages demo test bench clean
 
 install: system-packages $(VENV)/.installed
 
@@ -32,6 +33,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	touch $@
+
+demo: install
+	$(VENV)/bin/biomedgpt demo
 
 test: install
 	$(PY) -m pytest -q

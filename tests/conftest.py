@@ -63,3 +63,35 @@ def micro_model(micro_config, micro_hf_state_dict):
     from biomedgpt.model.convert import build_model
 
     return build_model(micro_config, micro_hf_state_dict, "micro_state_dict.safetensors")
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> str:
+    """Shards of the VQA-RAD sample shipped in datasets_spec/samples (train 266, test 69 questions)."""
+    from biomedgpt.data.build import build_shards
+
+    out = tmp_path_factory.mktemp("demo-shards")
+    build_shards("vqa_rad", str(REPO / "datasets_spec" / "samples" / "vqa_rad"), str(out), progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer_dir(demo_shards, tmp_path_factory) -> str:
+    """A byte-level BPE trained on the sample's questions and answers, saved to a directory."""
+    import json as _json
+
+    from biomedgpt.data.pipeline import split_shard_urls
+    from biomedgpt.data.shards import read_shard
+    from biomedgpt.model.tokenizer import BiomedGPTTokenizer
+    from biomedgpt.tasks import get_task
+
+    task = get_task("vqa")
+    texts = []
+    for url in split_shard_urls(demo_shards, "vqa_rad", "train"):
+        for sample in read_shard(url):
+            ex = task.example(_json.loads(sample["json"]))
+            texts += [ex.instruction, ex.target]
+    tok = BiomedGPTTokenizer.train(texts, vocab_size=400)
+    out = tmp_path_factory.mktemp("demo-tokenizer")
+    tok.save_pretrained(out)
+    return str(out)

@@ -1,7 +1,15 @@
 """The `biomedgpt` command.
 
-    biomedgpt model info SIZE [--json]        config and parameter count of a named size
-    biomedgpt convert SRC DST [--config C]    official checkpoint -> our model directory
+    biomedgpt demo                             raw VQA-RAD sample -> shards -> training -> served answer
+    biomedgpt shards build DATASET --source DIR --out URL     native dataset -> WebDataset shards
+    biomedgpt shards inspect|verify URL        counts and samples / checksums of built shards
+    biomedgpt shards datasets                  the datasets with a converter
+    biomedgpt run SPEC                         run a job spec (locally, or under `ray job submit`)
+    biomedgpt serve MODEL_DIR                  serve an exported model over HTTP (Ray Serve)
+    biomedgpt export CHECKPOINT OUT            a training checkpoint -> model directory
+    biomedgpt model info SIZE [--json]         config and parameter count of a named size
+    biomedgpt convert SRC DST [--config C]     official checkpoint -> our model directory
+    biomedgpt score --task T --predictions P --references R    metrics as JSON
 
 Every subcommand has `--help`. Errors are printed as one line naming the file or field, exit code 2.
 """
@@ -10,8 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
+
+# Local Ray must register and dial 127.0.0.1 only; this must be set before ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
@@ -45,12 +57,85 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run
+    from .spec import load_spec
+
+    spec = load_spec(args.spec)  # validated before any resource is used
+    result = run(spec)
+    print(json.dumps({"run_dir": result.run_dir, "checkpoint": result.checkpoint, "export": result.export_dir,
+                      "evaluation": result.evaluation}, indent=2, default=str))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from .runner import ensure_ray
+    from .serve.app import start, stop
+
+    ensure_ray()
+    url = start(args.model_dir, host=args.host, port=args.port)
+    print(f"serving {args.model_dir} at {url} (POST /v1/vqa, GET /healthz); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop()
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .train.checkpoints import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, spec_path=args.spec)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .model.configuration import SIZES
 
     parser = argparse.ArgumentParser(prog="biomedgpt", description="Pretrain, fine-tune, evaluate and serve BiomedGPT.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    demo = sub.add_parser("demo", help="the whole path on local Ray: sample -> shards -> train -> evaluate -> serve",
+                          description="Builds shards from the VQA-RAD sample in datasets_spec/samples, trains the demo "
+                                      "model with 2 Ray Train workers, evaluates it, exports and serves it with Ray "
+                                      "Serve on 127.0.0.1, asks it one question over HTTP and shuts everything down.")
+    demo.add_argument("--out", default="runs/demo", help="working directory (shards, run, export); default runs/demo")
+    demo.add_argument("--spec", default=None, help="the job spec to train with (default jobs/demo/vqa_rad.yaml)")
+    demo.set_defaults(func=_cmd_demo)
+
+    from .data.commands import add_shards_commands
+
+    add_shards_commands(sub)
+
+    run = sub.add_parser("run", help="run a job spec (YAML) locally or under `ray job submit`",
+                         description="Validates SPEC, then runs it: on the Ray cluster named by RAY_ADDRESS "
+                                     "(as `ray job submit` sets it) or on a local Ray started on 127.0.0.1. Running "
+                                     "the same spec again resumes from its latest checkpoint.")
+    run.add_argument("spec", help="job spec YAML (see jobs/)")
+    run.set_defaults(func=_cmd_run)
+
+    serve = sub.add_parser("serve", help="serve an exported model directory over HTTP with Ray Serve")
+    serve.add_argument("model_dir", help="model directory (from `biomedgpt export` or a run's export/)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve.set_defaults(func=_cmd_serve)
+
+    export = sub.add_parser("export", help="turn a training checkpoint into a model directory")
+    export.add_argument("checkpoint", help="checkpoint directory (<run>/checkpoint-XXXXXXXX)")
+    export.add_argument("out", help="output model directory")
+    export.set_defaults(func=_cmd_export)
 
     model = sub.add_parser("model", help="inspect the network's named sizes")
     model_sub = model.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
@@ -74,15 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--vocab", help="vocab.json of the BART/OFA BPE (path or URL)")
     conv.add_argument("--merges", help="merges.txt of the BART/OFA BPE (path or URL)")
     conv.set_defaults(func=_cmd_convert)
+
+    from .evaluate.score import add_score_parser
+
+    add_score_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .spec import SpecError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (SpecError, ValueError, FileNotFoundError, KeyError) as err:
         print(f"biomedgpt {args.command}: error: {err}", file=sys.stderr)
         return 2
 

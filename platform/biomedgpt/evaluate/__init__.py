@@ -1,0 +1,1 @@
+"""Evaluation: the papers' metrics (`metrics`) and scoring of prediction files (`score`)."""

@@ -1,0 +1,1 @@
+"""Serving: the Ray Serve application (HTTP API) over exported model directories."""

@@ -1,0 +1,112 @@
+"""The Ray Serve application: a FastAPI ingress over one exported model directory.
+
+    POST /v1/vqa   {"question": "...", "image": "<base64 JPEG/PNG bytes>"}
+                   -> {"answer": "...", "model": "<name>", "decoding": "trie"|"beam"}
+    GET  /healthz  -> {"status": "ok", "model": "<name>"}
+
+Requests are preprocessed with the same transforms as training (data/transforms.py) and decoded as
+the evaluation decodes (trie over the model's answers.json, else beam search). Bad input gets a 4xx
+JSON error naming the problem; the replica keeps serving.
+"""
+
+
+import base64
+import binascii
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field
+from ray import serve
+
+MAX_IMAGE_BYTES = 20 * 2**20
+MAX_QUESTION_CHARS = 1000
+
+api = FastAPI(title="BiomedGPT", description="Biomedical vision-language model API", version="0.1")
+
+
+class VQARequest(BaseModel):
+    question: str = Field(..., description="the question about the image")
+    image: str = Field(..., description="the image, JPEG or PNG bytes in base64")
+
+
+class VQAResponse(BaseModel):
+    answer: str
+    model: str
+    decoding: str
+
+
+def decode_request_image(data: str) -> bytes:
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise HTTPException(status_code=400, detail=f"image: not valid base64 ({err})") from None
+    if not raw:
+        raise HTTPException(status_code=400, detail="image: empty")
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise HTTPException(status_code=413, detail=f"image: {len(raw)} bytes exceeds the {MAX_IMAGE_BYTES} byte limit")
+    return raw
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(api)
+class BiomedGPTService:
+    def __init__(self, model_dir: str) -> None:
+        import torch
+
+        from ..evaluate.predict import load_model_dir
+
+        torch.set_num_threads(1)
+        self.model_dir = Path(model_dir)
+        self.name = self.model_dir.name
+        self.model, self.tok, self.answers = load_model_dir(self.model_dir)
+        meta_file = self.model_dir / "training.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        self.image_size = int(meta.get("image_size", 256))
+        self.max_source_length = int(meta.get("max_source_length", 80))
+
+    @api.get("/healthz")
+    def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "model": self.name}
+
+    @api.post("/v1/vqa", response_model=VQAResponse)
+    def vqa(self, req: VQARequest) -> VQAResponse:
+        from ..data.transforms import ImageDecodeError, load_image
+        from ..evaluate.predict import predict_vqa
+
+        question = req.question.strip()
+        if not question:
+            raise HTTPException(status_code=400, detail="question: empty")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise HTTPException(status_code=400, detail=f"question: longer than {MAX_QUESTION_CHARS} characters")
+        image = decode_request_image(req.image)
+        try:
+            load_image(image, 16)  # validate before queuing the model work
+        except ImageDecodeError as err:
+            raise HTTPException(status_code=400, detail=f"image: {err}") from None
+        decoding = "trie" if self.answers else "beam"
+        record: dict[str, Any] = {"id": "request", "question": question, "answer": "", "_image": image}
+        (pred,) = predict_vqa(self.model, self.tok, [record], image_size=self.image_size,
+                              max_source_length=self.max_source_length, answers=self.answers, decoding=decoding,
+                              beam_size=1 if decoding == "trie" else 5, batch_size=1)
+        return VQAResponse(answer=pred["prediction"], model=self.name, decoding=decoding)
+
+
+def build_app(model_dir: str):
+    """The Serve application bound to one model directory."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; not a model directory (see `biomedgpt export`)")
+    return BiomedGPTService.bind(str(Path(model_dir).resolve()))
+
+
+def start(model_dir: str, host: str = "127.0.0.1", port: int = 8000, name: str = "biomedgpt") -> str:
+    """Deploy on the connected Ray cluster; returns the base URL once the app is ready."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(model_dir), name=name, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def stop(name: str = "biomedgpt") -> None:
+    serve.delete(name)
+    serve.shutdown()

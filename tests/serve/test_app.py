@@ -1,0 +1,88 @@
+"""The Ray Serve application on 127.0.0.1: health, answers, and 4xx errors for bad requests."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from biomedgpt.model.tokenizer import BiomedGPTTokenizer
+
+ANSWERS = ["yes", "no", "left lung", "ct"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, demo_tokenizer_dir) -> Path:
+    out = tmp_path_factory.mktemp("served-model")
+    tok = BiomedGPTTokenizer.from_pretrained(demo_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = BiomedGPTConfig.from_size("demo", vocab_size=len(tok))
+    BiomedGPTForConditionalGeneration(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "answers.json").write_text(json.dumps(ANSWERS))
+    (out / "training.json").write_text(json.dumps({"image_size": 64, "max_source_length": 32}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    import ray
+    from ray import serve
+
+    from biomedgpt.demo import wait_healthy
+    from biomedgpt.runner import ensure_ray, free_port
+    from biomedgpt.serve.app import start
+
+    ensure_ray(num_cpus=2)
+    try:
+        url = start(str(model_dir), port=free_port())
+        wait_healthy(url)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(url: str, body: object) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/vqa", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_health_and_an_answer_from_the_candidates(served, model_dir, demo_shards):
+    from biomedgpt.runner import records
+
+    with urllib.request.urlopen(served + "/healthz", timeout=30) as resp:
+        assert json.loads(resp.read()) == {"status": "ok", "model": model_dir.name}
+    rec = next(records(demo_shards, "vqa_rad", "test"))
+    status, body = post(served, {"question": rec["question"], "image": base64.b64encode(rec["_image"]).decode()})
+    assert status == 200, body
+    assert body["answer"] in ANSWERS and body["decoding"] == "trie" and body["model"] == model_dir.name
+
+
+@pytest.mark.parametrize("body, status, detail", [
+    ({"question": "what?", "image": "%%% not base64"}, 400, "image: not valid base64"),
+    ({"question": "what?", "image": base64.b64encode(b"plain text, not an image").decode()}, 400,
+     "image: cannot decode image"),
+    ({"question": "   ", "image": base64.b64encode(b"x").decode()}, 400, "question: empty"),
+    ({"question": "q" * 1001, "image": base64.b64encode(b"x").decode()}, 400, "question: longer than"),
+    ({"image": "aGk="}, 422, None),
+    (b"{not json", 422, None),
+])
+def test_bad_requests_get_4xx_and_the_replica_keeps_serving(served, body, status, detail):
+    code, payload = post(served, body)
+    assert code == status, payload
+    if detail:
+        assert payload["detail"].startswith(detail), payload
+    with urllib.request.urlopen(served + "/healthz", timeout=30) as resp:
+        assert resp.status == 200
