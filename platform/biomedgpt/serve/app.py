@@ -59,10 +59,11 @@ class BiomedGPTService:
 
         torch.set_num_threads(1)
         self.model_dir = Path(model_dir)
-        self.name = self.model_dir.name
         self.model, self.tok, self.answers = load_model_dir(self.model_dir)
         meta_file = self.model_dir / "training.json"
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        # the run that made the model names it; a converted checkpoint is named by its directory
+        self.name = str(meta.get("run") or self.model_dir.name)
         self.image_size = int(meta.get("image_size", 256))
         self.max_source_length = int(meta.get("max_source_length", 80))
 
