@@ -80,15 +80,15 @@ def demo_tokenizer_dir(demo_shards, tmp_path_factory) -> str:
     """A byte-level BPE trained on the sample's questions and answers, saved to a directory."""
     import json as _json
 
-    from biomedgpt.data.pipeline import split_shard_urls
+    from biomedgpt.data.stream import list_shards
     from biomedgpt.data.shards import read_shard
     from biomedgpt.model.tokenizer import BiomedGPTTokenizer
     from biomedgpt.tasks import get_task
 
     task = get_task("vqa")
     texts = []
-    for url in split_shard_urls(demo_shards, "vqa_rad", "train"):
-        for sample in read_shard(url):
+    for shard in list_shards(demo_shards, "vqa_rad", "train"):
+        for sample in read_shard(shard.url):
             ex = task.example(_json.loads(sample["json"]))
             texts += [ex.instruction, ex.target]
     tok = BiomedGPTTokenizer.train(texts, vocab_size=400)

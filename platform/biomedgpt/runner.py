@@ -77,16 +77,16 @@ def build_missing_shards(spec: JobSpec) -> None:
     assert spec.data is not None
     for dataset, source in spec.data.build.items():
         say(f"shards: {dataset} from {source} -> {spec.data.shards}")
-        build_shards(dataset, source, spec.data.shards)
+        build_shards(dataset, source, spec.data.shards, shard_max_samples=spec.data.shard_max_samples)
 
 
 def records(shards_root: str, dataset: str, split: str) -> Iterator[dict[str, Any]]:
     """Decoded shard records (json fields, plus `_image` bytes when present) of one split."""
-    from .data.pipeline import split_shard_urls
     from .data.shards import read_shard
+    from .data.stream import list_shards
 
-    for url in split_shard_urls(shards_root, dataset, split):
-        for sample in read_shard(url):
+    for shard in list_shards(shards_root, dataset, split):
+        for sample in read_shard(shard.url):
             rec = json.loads(sample["json"])
             rec["_image"] = sample.get("jpg") or sample.get("png")
             yield rec
@@ -142,7 +142,7 @@ def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
     """Train (or resume) the spec's run; export and evaluate the result."""
     import ray
 
-    from .data.pipeline import training_dataset
+    from .data.stream import list_shards
     from .train.checkpoints import export_checkpoint
     from .train.ray_trainer import fit
 
@@ -168,13 +168,7 @@ def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
 
     started = ensure_ray(num_cpus)
     try:
-        import ray.data
-
-        # One line per training step is our progress; Ray Data's per-epoch bars would drown it.
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        ds = training_dataset(spec.data.shards, spec.data.train, task=spec.data.task, tokenizer_dir=str(tok_dir),
-                              image_size=spec.model.image_size, max_source_length=spec.data.max_source_length,
-                              max_target_length=spec.data.max_target_length)
+        groups = [(list_shards(spec.data.shards, r.dataset, r.split), r.weight) for r in spec.data.train]
         t = spec.trainer
         assets = _dir_bytes(tok_dir, "tokenizer")
         assets["answers.json"] = (run_dir / "assets" / "answers.json").read_bytes()
@@ -182,11 +176,18 @@ def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
             "trainer": {k: getattr(t, k) for k in (
                 "strategy", "use_gpu", "precision", "batch_size", "grad_accumulation", "max_steps", "lr",
                 "warmup_ratio", "weight_decay", "adam_betas", "adam_eps", "clip_grad_norm", "label_smoothing",
-                "seed", "checkpoint_every", "log_every")},
+                "seed", "checkpoint_every", "checkpoint_format", "log_every")},
             "model_config": model_config,
             "init_dir": spec.model.init,
             "log_dir": str((run_dir / "logs").resolve()),
             "torch_threads": max(1, int(t.cpus_per_worker)) if not t.use_gpu else 4,
+            "data": {
+                "groups": groups,
+                "shuffle_buffer": spec.data.shuffle_buffer,
+                "preprocess": dict(task_name=spec.data.task, tokenizer_dir=str(tok_dir.resolve()),
+                                   image_size=spec.model.image_size, max_source_length=spec.data.max_source_length,
+                                   max_target_length=spec.data.max_target_length),
+            },
             "checkpoint_meta": {"run": spec.name, "team": spec.team, "size": spec.model.size,
                                 "model_config": model_config, "task": spec.data.task,
                                 "image_size": spec.model.image_size,
@@ -196,7 +197,7 @@ def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
         }
         say(f"training: {t.workers} worker(s), {t.strategy}, {t.max_steps} steps of batch {t.batch_size} per worker"
             f" -> {run_dir}")
-        result = fit(config, {"train": ds}, run_name=spec.name, storage=str(run_dir.parent.resolve()),
+        result = fit(config, run_name=spec.name, storage=str(run_dir.parent.resolve()),
                      workers=t.workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
                      max_failures=t.max_failures, num_to_keep=t.num_to_keep)
     finally:

@@ -85,7 +85,11 @@ class DatasetRef:
 @dataclass
 class DataSpec:
     """Shards and the datasets a job reads. `shards` is the root URL holding
-    `{dataset}/{split}/*.tar`; `build` (optional) names native sources to convert first."""
+    `{dataset}/{split}/*.tar`; `build` (optional) names native sources to convert first. Training
+    datasets are mixed by `weight` (shards per epoch = weight x the dataset's shards); rows are shuffled
+    within windows of `shuffle_buffer` rows; the shard order changes every epoch (trainer.seed). Each
+training rank reads whole shards, so a dataset needs at least as many shards as there are workers:
+`shard_max_samples` cuts the shards `build` writes."""
 
     shards: str
     task: Literal["vqa"] = "vqa"
@@ -94,13 +98,18 @@ class DataSpec:
     build: dict[str, str] = field(default_factory=dict)
     max_source_length: int = 80
     max_target_length: int = 30
-    shuffle_seed: int = 0
+    shuffle_buffer: int = 256
+    shard_max_samples: int = 100_000
 
     def validate(self, where: str) -> None:
         for i, ref in enumerate(self.train):
             ref.validate(f"{where}.train[{i}]")
         for i, ref in enumerate(self.eval):
             ref.validate(f"{where}.eval[{i}]")
+        if self.shard_max_samples < 1:
+            raise SpecError(f"{where}.shard_max_samples: must be >= 1, got {self.shard_max_samples}")
+        if self.shuffle_buffer < 1:
+            raise SpecError(f"{where}.shuffle_buffer: must be >= 1 (rows shuffled together), got {self.shuffle_buffer}")
         if self.max_source_length < 4 or self.max_target_length < 2:
             raise SpecError(f"{where}: max_source_length >= 4 and max_target_length >= 2 required")
 
@@ -108,7 +117,8 @@ class DataSpec:
 @dataclass
 class TrainerSpec:
     """How to train: workers, strategy, precision, batch, schedule (AdamW, linear warmup then linear
-    decay to 0, as the official recipes), checkpointing and retries."""
+    decay to 0, as the official recipes), checkpointing and retries. With FSDP, checkpoints are
+    `sharded` (one file per rank, written in parallel) or `full` (one file gathered on rank 0)."""
 
     workers: int = 1
     use_gpu: bool = False
@@ -128,6 +138,7 @@ class TrainerSpec:
     dropout: float | None = None
     seed: int = 0
     checkpoint_every: int = 0
+    checkpoint_format: Literal["sharded", "full"] = "sharded"
     num_to_keep: int = 2
     max_failures: int = 0
     log_every: int = 10

@@ -7,14 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from biomedgpt.data.pipeline import TRAIN_COLUMNS, preprocess_batch, split_shard_urls, tokenizer_from_dir
+from biomedgpt.data.pipeline import TRAIN_COLUMNS, preprocess_batch, tokenizer_from_dir
 from biomedgpt.data.shards import read_shard
+from biomedgpt.data.stream import list_shards
 from biomedgpt.data.transforms import ImageDecodeError, load_image
 
 
 def raw_batch(demo_shards, n=5):
     rows = []
-    for sample in read_shard(split_shard_urls(demo_shards, "vqa_rad", "train")[0]):
+    for sample in read_shard(list_shards(demo_shards, "vqa_rad", "train")[0].url):
         rows.append(sample)
         if len(rows) == n:
             break
@@ -26,7 +27,7 @@ def test_preprocess_batch_shapes_and_targets(demo_shards, demo_tokenizer_dir):
     batch, rows = raw_batch(demo_shards)
     out = preprocess_batch(batch, task_name="vqa", tokenizer_dir=demo_tokenizer_dir, image_size=64,
                            max_source_length=24, max_target_length=8)
-    assert set(out) == set(TRAIN_COLUMNS)
+    assert set(out) == set(TRAIN_COLUMNS) | {"sample_id"}
     assert out["input_ids"].shape == (5, 24) and out["decoder_input_ids"].shape == (5, 8)
     assert out["patch_images"].shape == (5, 3, 64, 64) and out["patch_images"].dtype == np.float32
     assert out["patch_masks"].all()

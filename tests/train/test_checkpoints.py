@@ -62,7 +62,7 @@ def test_step_checkpoints_export_to_a_loadable_model(fsdp, tmp_path, monkeypatch
     meta = {"run": "unit", "model_config": cfg, "image_size": 32, "max_source_length": 6, "size": "custom",
             "train_data": ["synthetic/train"]}
     assets = {"answers.json": b'["yes", "no"]', "tokenizer/marker.txt": b"tokenizer files go here"}
-    ckpt = StepCheckpointer(every=2, max_steps=5, fsdp=fsdp, meta=meta, assets=assets, report_every=1, report=report)
+    ckpt = StepCheckpointer(every=2, max_steps=5, sharded=fsdp, meta=meta, assets=assets, report_every=1, report=report)
     if fsdp:
         from lightning.pytorch.strategies import ModelParallelStrategy
 

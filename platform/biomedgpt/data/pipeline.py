@@ -1,10 +1,6 @@
-"""The Ray Data pipeline: shards -> decoded, transformed, tokenized batches for Ray Train workers.
-
-    ds = training_dataset(shards_root, refs, task, tokenizer_dir, image_size, max_src, max_tgt)
-    # in TorchTrainer(datasets={"train": ds}); each worker reads its share with
-    # ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=..., drop_last=True)
-
-Shards are read raw (`decoder=None`) and decoded here with the same transforms serving uses.
+"""Preprocessing for the Ray Data pipeline: raw shard rows -> decoded, transformed, tokenized model
+inputs. `preprocess_batch` is what each training rank's stream (data/stream.py) maps over the shards
+it reads with `ray.data.read_webdataset(..., decoder=None)`; it uses the transforms serving uses.
 The tokenizer is loaded once per Ray worker process (cached by directory).
 """
 
@@ -16,8 +12,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import storage
-from .shards import read_manifest, split_url
 from .transforms import ImageDecodeError, encode_pair, load_image, pad_sequences
 
 log = logging.getLogger(__name__)
@@ -37,13 +31,12 @@ def tokenizer_from_dir(path: str) -> Any:
     return _TOKENIZERS[path]
 
 
-def split_shard_urls(shards_root: str, dataset: str, split: str) -> list[str]:
-    """URLs of a split's shards, from its manifest (so a half-written build is never read)."""
-    url = split_url(shards_root, dataset, split)
-    manifest = read_manifest(url)
-    if not manifest.complete:
-        raise ValueError(f"{url}: the shard build of {dataset}/{split} is incomplete; rerun `biomedgpt shards build`")
-    return [storage.join(url, entry.name) for entry in manifest.shards]
+def sample_id(record: dict[str, Any]) -> int:
+    """A stable 63-bit id of a record (dataset, split, id): lets tests and reports count samples."""
+    import hashlib
+
+    key = f"{record.get('dataset')}/{record.get('split')}/{record.get('id')}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
 
 
 def _record(row_json: Any) -> dict[str, Any]:
@@ -65,8 +58,10 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, task_name: str, tokenizer_
     images = np.zeros((n, 3, image_size, image_size), dtype=np.float32)
     masks = np.zeros(n, dtype=bool)
     srcs, decs, labels = [], [], []
+    ids = np.zeros(n, dtype=np.int64)
     for i in range(n):
         record = _record(batch["json"][i])
+        ids[i] = sample_id(record)
         ex = task.example(record)
         data = None
         for ext in ("jpg", "png"):
@@ -91,26 +86,5 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, task_name: str, tokenizer_
         "patch_masks": masks,
         "decoder_input_ids": pad_sequences(decs, tok.pad_token_id, max_target_length),
         "labels": label_arr,
+        "sample_id": ids,
     }
-
-
-def training_dataset(shards_root: str, refs: Sequence[Any], *, task: str, tokenizer_dir: str, image_size: int,
-                     max_source_length: int, max_target_length: int, batch_size: int = 32):
-    """A Ray Dataset of preprocessed training rows over the shards of `refs` (dataset, split)."""
-    import ray.data
-
-    paths: list[str] = []
-    for ref in refs:
-        paths += split_shard_urls(shards_root, ref.dataset, ref.split)
-    if not paths:
-        raise ValueError(f"{shards_root}: no shards for {[(r.dataset, r.split) for r in refs]}")
-    fs, read_paths = None, []
-    for p in paths:
-        fs, path = storage.pyarrow_filesystem(p)
-        read_paths.append(path)
-    ds = ray.data.read_webdataset(read_paths, filesystem=fs, decoder=None, shuffle="files")
-    return ds.map_batches(
-        preprocess_batch, batch_format="numpy", batch_size=batch_size,
-        fn_kwargs=dict(task_name=task, tokenizer_dir=tokenizer_dir, image_size=image_size,
-                       max_source_length=max_source_length, max_target_length=max_target_length),
-    )

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
+from .faults import maybe_crash
+
 CHECKPOINT_META = "biomedgpt.json"
 ASSETS_DIR = "assets"
 
@@ -33,14 +35,15 @@ def write_assets(directory: Path, assets: dict[str, bytes]) -> None:
 
 class StepCheckpointer(L.Callback):
     """Every `every` optimizer steps (and at the end) save a checkpoint collectively and report it to
-    Ray Train from every node; between checkpoints, report metrics every `report_every` steps.
-    Every rank reports equally often, as Ray Train requires."""
+    Ray Train (sharded: from every node's first rank, each holding its node's shards; full: from rank
+    0); between checkpoints, report metrics every `report_every` steps. Every rank reports equally
+    often, as Ray Train requires."""
 
-    def __init__(self, every: int, max_steps: int, fsdp: bool, meta: dict[str, Any], assets: dict[str, bytes],
+    def __init__(self, every: int, max_steps: int, sharded: bool, meta: dict[str, Any], assets: dict[str, bytes],
                  report_every: int = 10, report: Callable[..., None] | None = None) -> None:
         self.every = every
         self.max_steps = max_steps
-        self.fsdp = fsdp
+        self.sharded = sharded
         self.meta = meta
         self.assets = assets
         self.report_every = report_every
@@ -87,18 +90,19 @@ class StepCheckpointer(L.Callback):
         if trainer.is_global_zero and base.exists():
             shutil.rmtree(base)
         trainer.strategy.barrier()
-        if self.fsdp:
+        if self.sharded:
             trainer.save_checkpoint(base / "lightning")  # collective: every rank writes its shard
         else:
-            trainer.save_checkpoint(base / "lightning.ckpt")  # rank 0 writes the full state
+            trainer.save_checkpoint(base / "lightning.ckpt")  # gathered; rank 0 writes the full state
         metrics = self._metrics(trainer)
         if trainer.is_global_zero:
-            meta = dict(self.meta, step=step, metrics=metrics, strategy="fsdp" if self.fsdp else "ddp")
+            meta = dict(self.meta, step=step, metrics=metrics, format="sharded" if self.sharded else "full")
             (base / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
             write_assets(base, self.assets)
         trainer.strategy.barrier()
+        maybe_crash("crash-before-report", step, trainer.global_rank)
         # One upload per node (its local rank 0 holds that node's shards and, on node 0, the metadata).
-        local_zero = trainer.local_rank == 0 and (self.fsdp or trainer.is_global_zero)
+        local_zero = trainer.local_rank == 0 and (self.sharded or trainer.is_global_zero)
         self.report(metrics, base if local_zero else None, f"checkpoint-{step:08d}")
         trainer.strategy.barrier()
         if trainer.local_rank == 0:

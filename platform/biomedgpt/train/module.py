@@ -105,6 +105,21 @@ class BiomedGPTModule(L.LightningModule):
                 self.log("train/tokens_per_s", self._tokens * world / dt, on_step=True)
             self._t_last, self._samples, self._tokens = now, 0, 0
 
+    def on_train_start(self) -> None:
+        # Parameters that get no gradient in a run (the image-code parts of the decoder when only text
+        # is decoded) would have no AdamW state, and a checkpoint without their state cannot be loaded
+        # into a fresh optimizer. Their state is created empty up front: AdamW skips parameters without
+        # gradients, so training is unchanged.
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if not opt.state.get(p):
+                        opt.state[p] = {
+                            "step": torch.zeros((), dtype=torch.float32),
+                            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        }
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.hparams.clip_grad_norm and self.hparams.clip_grad_norm > 0:
             params = [p for p in self.model.parameters() if p.grad is not None]

@@ -1,10 +1,11 @@
 """The Ray Train entry: a TorchTrainer whose workers run Lightning, fed by Ray Data.
 
 Each worker builds a Lightning Trainer on its Ray process group (ModelParallelStrategy = FSDP2, or
-DDP), reads its split of the training dataset, trains for a fixed number of optimizer steps (every
-rank runs the same number: the stream is repeated epoch after epoch, batches are dropped at the
-epoch end so ranks stay equal), reports metrics and step checkpoints, and resumes from the latest
-checkpoint when the run (same name and storage) is started again or retried after a failure.
+DDP), streams its own shards of each epoch's plan through Ray Data (data/stream.py: every rank the
+same number of batches per epoch), trains for a fixed number of optimizer steps, reports metrics and
+step checkpoints (which carry the stream position), and resumes from the latest checkpoint (weights,
+optimizer, step and data position) when the run (same name and storage) is started again or retried
+after a failure.
 """
 
 from __future__ import annotations
@@ -19,81 +20,91 @@ import lightning as L
 log = logging.getLogger(__name__)
 
 
-class RepeatingBatches:
-    """Batches of a Ray Data shard, epoch after epoch, as tensors (an endless iterable for Lightning;
-    the step budget ends training)."""
+class DataPosition(L.Callback):
+    """Saves the training stream's position (epoch, batches) in every checkpoint and restores it, so a
+    resumed run reads exactly the batches the interrupted one had not."""
 
-    def __init__(self, shard: Any, batch_size: int, seed: int, columns: tuple[str, ...]) -> None:
-        self.shard = shard
-        self.batch_size = batch_size
-        self.seed = seed
-        self.columns = columns
-        self.epoch = 0
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            empty = True
-            for batch in self.shard.iter_torch_batches(
-                batch_size=self.batch_size, drop_last=True,
-                local_shuffle_buffer_size=max(4 * self.batch_size, 64),
-                local_shuffle_seed=self.seed + self.epoch,
-            ):
-                empty = False
-                yield {k: batch[k] for k in self.columns}
-            if empty:
-                raise RuntimeError(f"this worker's share of the training data holds fewer than one batch of "
-                                   f"{self.batch_size}; lower trainer.batch_size or add data")
-            self.epoch += 1
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": dict(self.stream.position)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stream.seek(state_dict["position"])
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker."""
+def make_module(t: dict[str, Any], model_config: dict[str, Any], init_dir: str | None):
+    """The LightningModule for trainer settings `t` (the spec's trainer section as a dict)."""
+    from .module import BiomedGPTModule
+
+    fsdp = t["strategy"] == "fsdp"
+    param_dtype = "bfloat16" if fsdp and t["precision"] == "bf16-mixed" else None
+    return BiomedGPTModule(
+        model_config=model_config, init_dir=init_dir, lr=t["lr"], weight_decay=t["weight_decay"],
+        adam_betas=tuple(t["adam_betas"]), adam_eps=t["adam_eps"], warmup_ratio=t["warmup_ratio"],
+        max_steps=t["max_steps"], clip_grad_norm=t["clip_grad_norm"], label_smoothing=t["label_smoothing"],
+        seed=t["seed"], fsdp=fsdp, param_dtype=param_dtype, log_every=t["log_every"],
+    )
+
+
+def make_lightning_trainer(t: dict[str, Any], callbacks: list[L.Callback], logger: Any = False) -> L.Trainer:
+    """A Lightning Trainer on this Ray Train worker's process group: FSDP2 through
+    ModelParallelStrategy (data-parallel size = world size) or DDP; gloo on CPU, NCCL on GPU."""
     import ray.train
-    import torch
-    from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
     from ray.train.lightning import RayLightningEnvironment
 
-    from ..data.pipeline import TRAIN_COLUMNS
-    from .checkpoints import StepCheckpointer, lightning_checkpoint_path
-    from .module import BiomedGPTModule
-
-    torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
     ctx = ray.train.get_context()
     world, local_world = ctx.get_world_size(), ctx.get_local_world_size()
-    t = config["trainer"]
     fsdp = t["strategy"] == "fsdp"
-    use_gpu = t["use_gpu"]
     precision = t["precision"]
-    param_dtype = None
     if fsdp and precision == "bf16-mixed":
-        param_dtype, precision = "bfloat16", "32-true"  # FSDP2's MixedPrecisionPolicy does the casting
+        precision = "32-true"  # FSDP2's MixedPrecisionPolicy does the casting (see make_module)
     if fsdp:
-        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=t.get("checkpoint_format", "sharded") == "sharded")
     else:
-        strategy = DDPStrategy(process_group_backend="nccl" if use_gpu else "gloo")
-    module = BiomedGPTModule(
-        model_config=config["model_config"], init_dir=config.get("init_dir"), lr=t["lr"],
-        weight_decay=t["weight_decay"], adam_betas=tuple(t["adam_betas"]), adam_eps=t["adam_eps"],
-        warmup_ratio=t["warmup_ratio"], max_steps=t["max_steps"], clip_grad_norm=t["clip_grad_norm"],
-        label_smoothing=t["label_smoothing"], seed=t["seed"], fsdp=fsdp, param_dtype=param_dtype,
-        log_every=t["log_every"],
-    )
-    checkpointer = StepCheckpointer(
-        every=t["checkpoint_every"], max_steps=t["max_steps"], fsdp=fsdp, meta=config["checkpoint_meta"],
-        assets=config["assets"], report_every=t["log_every"],
-    )
-    callbacks: list[L.Callback] = [checkpointer, ProgressPrinter(t["max_steps"], t["log_every"])]
-    logger = CSVLogger(config["log_dir"], name="", version="") if ctx.get_world_rank() == 0 else False
-    trainer = L.Trainer(
-        accelerator="gpu" if use_gpu else "cpu", devices=local_world, num_nodes=world // local_world,
+        # Text batches never touch the image-code parts of the decoder (and masked images the
+        # backbone's outputs): DDP must tolerate parameters without gradients.
+        strategy = DDPStrategy(process_group_backend="nccl" if t["use_gpu"] else "gloo", find_unused_parameters=True)
+    return L.Trainer(
+        accelerator="gpu" if t["use_gpu"] else "cpu", devices=local_world, num_nodes=world // local_world,
         strategy=strategy, plugins=[RayLightningEnvironment()], precision=precision, max_steps=t["max_steps"],
         accumulate_grad_batches=t["grad_accumulation"], logger=logger, callbacks=callbacks,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=t["log_every"], use_distributed_sampler=False,
     )
-    shard = ray.train.get_dataset_shard("train")
-    batches = RepeatingBatches(shard, t["batch_size"], t["seed"] + ctx.get_world_rank(), TRAIN_COLUMNS)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker."""
+    import ray.data
+    import ray.train
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ..data.pipeline import TRAIN_COLUMNS
+    from ..data.stream import ShardStream
+    from .checkpoints import StepCheckpointer, lightning_checkpoint_path
+
+    torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
+    ctx = ray.train.get_context()
+    t = config["trainer"]
+    module = make_module(t, config["model_config"], config.get("init_dir"))
+    checkpointer = StepCheckpointer(
+        every=t["checkpoint_every"], max_steps=t["max_steps"],
+        sharded=t["strategy"] == "fsdp" and t.get("checkpoint_format", "sharded") == "sharded",
+        meta=config["checkpoint_meta"], assets=config["assets"], report_every=t["log_every"],
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    data = config["data"]
+    batches = ShardStream(data["groups"], rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                          batch_size=t["batch_size"], seed=t["seed"], preprocess=data["preprocess"],
+                          columns=TRAIN_COLUMNS, shuffle_buffer=data["shuffle_buffer"])
+    callbacks: list[L.Callback] = [checkpointer, DataPosition(batches), ProgressPrinter(t["max_steps"], t["log_every"])]
+    logger = CSVLogger(config["log_dir"], name="", version="") if ctx.get_world_rank() == 0 else False
+    trainer = make_lightning_trainer(t, callbacks, logger)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         trainer.fit(module, train_dataloaders=batches)
@@ -130,10 +141,10 @@ class ProgressPrinter(L.Callback):
         sys.stdout.flush()
 
 
-def fit(config: dict[str, Any], datasets: dict[str, Any], *, run_name: str, storage: str, workers: int,
+def fit(config: dict[str, Any], *, run_name: str, storage: str, workers: int,
         use_gpu: bool, cpus_per_worker: float, max_failures: int, num_to_keep: int):
     """Run the TorchTrainer; returns Ray's Result (its `.checkpoint` is the latest checkpoint)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..data import storage as st
@@ -152,7 +163,5 @@ def fit(config: dict[str, Any], datasets: dict[str, Any], *, run_name: str, stor
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     return trainer.fit()

@@ -1,0 +1,101 @@
+"""Per-rank training streams: deterministic epoch plans, mixing by weight, equal batches per rank,
+and exact resume (no sample read twice or dropped within an epoch)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from biomedgpt.data.stream import ShardInfo, ShardStream, batches_per_epoch, list_shards, plan_epoch, rank_shards  # noqa: E402
+
+COLUMNS = ("input_ids", "labels", "sample_id")
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    from biomedgpt.data.build import build_shards
+    from tests_paths import REPO
+
+    out = tmp_path_factory.mktemp("small-shards")
+    build_shards("vqa_rad", str(REPO / "datasets_spec" / "samples" / "vqa_rad"), str(out), shard_max_samples=20,
+                 progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def fake(name: str, n: int, samples: int = 10) -> list[ShardInfo]:
+    return [ShardInfo(f"/x/{name}-{i}.tar", name, "train", samples) for i in range(n)]
+
+
+def test_plan_is_deterministic_and_mixes_by_weight():
+    a, b = fake("a", 4), fake("b", 6)
+    plan0 = plan_epoch([(a, 1.0), (b, 0.5)], epoch=0, seed=7)
+    assert plan0 == plan_epoch([(a, 1.0), (b, 0.5)], epoch=0, seed=7)
+    assert plan0 != plan_epoch([(a, 1.0), (b, 0.5)], epoch=1, seed=7), "shard order must change per epoch"
+    counts = Counter(s.dataset for s in plan0)
+    assert counts == {"a": 4, "b": 3}
+    # the fractional weight rotates through b's shards over epochs
+    used = set()
+    for epoch in range(2):
+        used |= {s.url for s in plan_epoch([(a, 1.0), (b, 0.5)], epoch=epoch, seed=7) if s.dataset == "b"}
+    assert len(used) == 6
+    assert Counter(s.dataset for s in plan_epoch([(a, 2.0)], 0, 1)) == {"a": 8}
+
+
+def test_every_rank_gets_the_same_number_of_batches():
+    plan = plan_epoch([(fake("a", 5, samples=13), 1.0)], 0, 0)
+    assert [len(rank_shards(plan, r, 2)) for r in range(2)] == [3, 2]
+    assert batches_per_epoch(plan, 2, 4) == (2 * 13) // 4  # the smaller rank decides
+
+
+def make_stream(small_shards, tokenizer_dir, rank=0, world=2, batch=8):
+    shards = list_shards(small_shards, "vqa_rad", "train")
+    pre = dict(task_name="vqa", tokenizer_dir=tokenizer_dir, image_size=16, max_source_length=24,
+               max_target_length=8)
+    return ShardStream([(shards, 1.0)], rank=rank, world=world, batch_size=batch, seed=3, preprocess=pre,
+                       columns=COLUMNS, shuffle_buffer=32, as_torch=False)
+
+
+def epoch_ids(stream, n_batches):
+    it = iter(stream)
+    return [int(x) for _ in range(n_batches) for x in next(it)["sample_id"]]
+
+
+def test_one_epoch_reads_each_sample_once_across_ranks(small_shards, demo_tokenizer_dir, ray_local):
+    streams = [make_stream(small_shards, demo_tokenizer_dir, rank=r) for r in range(2)]
+    plan = plan_epoch(streams[0].groups, 0, 3)
+    per_epoch = batches_per_epoch(plan, 2, 8)
+    ids = [epoch_ids(s, per_epoch) for s in streams]
+    assert all(s.position == {"epoch": 0, "batches": per_epoch} for s in streams)
+    every = ids[0] + ids[1]
+    assert len(every) == len(set(every)) == 2 * per_epoch * 8
+    # next epoch starts, with another order
+    nxt = next(iter(streams[0]))["sample_id"].tolist()
+    assert streams[0].position == {"epoch": 1, "batches": 1} and nxt != ids[0][:8]
+
+
+def test_resume_continues_exactly_where_the_stream_stopped(small_shards, demo_tokenizer_dir, ray_local):
+    full = make_stream(small_shards, demo_tokenizer_dir)
+    per_epoch = batches_per_epoch(plan_epoch(full.groups, 0, 3), 2, 8)
+    reference = epoch_ids(full, per_epoch + 3)  # into the second epoch
+    for stop in (5, per_epoch + 1):  # inside a shuffle window / inside the next epoch
+        first = make_stream(small_shards, demo_tokenizer_dir)
+        head = epoch_ids(first, stop)
+        position = first.position
+        resumed = make_stream(small_shards, demo_tokenizer_dir)
+        resumed.seek(position)
+        tail = epoch_ids(resumed, per_epoch + 3 - stop)
+        assert head + tail == reference

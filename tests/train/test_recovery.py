@@ -1,0 +1,239 @@
+"""Training survives the failures of a shared cluster (real local Ray, 2 FSDP2 workers over gloo):
+(a) a training worker killed mid-run: the job recovers from the last checkpoint and finishes;
+(b) the whole job stopped and started again: it resumes (weights, optimizer, step, data position);
+(c) a worker lost while a checkpoint is being written: that checkpoint never becomes the latest;
+(d) the 2-worker FSDP2 run and a single-process run of the same model on the same data agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests_paths import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def spec_file(tmp: Path, shards: Path, name: str, **trainer) -> Path:
+    data = yaml.safe_load((REPO / "jobs" / "demo" / "vqa_rad.yaml").read_text())
+    data["name"] = name
+    data["model"]["image_size"] = 16
+    data["model"]["tokenizer"]["train_vocab_size"] = 300
+    data["data"]["shards"] = str(shards)
+    data["data"]["build"] = {"vqa_rad": str(REPO / "datasets_spec" / "samples" / "vqa_rad")}
+    data["data"]["shard_max_samples"] = 16
+    data["trainer"].update(batch_size=4, log_every=5, checkpoint_every=10, max_failures=0)
+    data["trainer"].update(trainer)
+    data["evaluate"]["enabled"] = False
+    data["output"]["storage"] = str(tmp / "runs")
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_dir(tmp: Path, name: str) -> Path:
+    return tmp / "runs" / "demo" / name
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1", **extra)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def start(spec: Path, log: Path, **extra_env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "biomedgpt.cli", "run", str(spec)], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, env=env(**extra_env), start_new_session=True)
+
+
+def registered(run: Path) -> list[str]:
+    """Checkpoints Ray Train has recorded (a checkpoint counts only once every rank reported it)."""
+    snap = run / "checkpoint_manager_snapshot.json"
+    if not snap.is_file():
+        return []
+    try:
+        text = snap.read_text()
+    except OSError:
+        return []
+    return sorted(set(part.split('"')[0] for part in text.split("checkpoint-")[1:] if part[:8].isdigit()))
+
+
+def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before: {what}")
+        if time.time() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.5)
+
+
+def train_workers() -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def data_position(checkpoint: Path) -> dict:
+    meta = torch.load(checkpoint / "lightning" / "meta.pt", map_location="cpu", weights_only=False)
+    return next(v["position"] for k, v in meta["callbacks"].items() if "DataPosition" in k)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("recovery-shards")
+
+
+def test_killed_worker_recovers_from_last_checkpoint(tmp_path, shards):
+    spec = spec_file(tmp_path, shards, "killed", max_steps=120, checkpoint_every=10, max_failures=1)
+    run = run_dir(tmp_path, "killed")
+    proc = start(spec, tmp_path / "log.txt")
+    try:
+        wait_until(lambda: "00000010" in registered(run), 600, "first checkpoint recorded", proc)
+        victims = train_workers()
+        assert len(victims) == 2, victims
+        victims[1].kill()  # SIGKILL one training worker mid-run
+        killed_at = time.time()
+        assert proc.wait(timeout=900) == 0, (tmp_path / "log.txt").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "log.txt").read_text()
+    assert "[train] resuming from" in log and "checkpoint-000000" in log.split("[train] resuming from")[1][:200]
+    assert "[train] step 120/120" in log
+    assert registered(run)[-1] == "00000120"
+    result = json.loads((run / "result.json").read_text())
+    assert result["metrics"]["step"] == 120.0 and time.time() > killed_at
+
+
+def test_stopped_job_resumes_when_started_again(tmp_path, shards):
+    spec = spec_file(tmp_path, shards, "stopped", max_steps=60, checkpoint_every=10)
+    run = run_dir(tmp_path, "stopped")
+    first = start(spec, tmp_path / "first.txt")
+    try:
+        wait_until(lambda: "00000020" in registered(run), 600, "checkpoint 20 recorded", first)
+        os.killpg(first.pid, signal.SIGINT)  # the whole job stops (Ctrl-C)
+        first.wait(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    stopped_at = registered(run)[-1]
+    assert int(stopped_at) < 60, "the first run finished before it was stopped"
+    position = data_position(run / f"checkpoint-{stopped_at}")
+    second = start(spec, tmp_path / "second.txt")
+    assert second.wait(timeout=900) == 0, (tmp_path / "second.txt").read_text()[-4000:]
+    log = (tmp_path / "second.txt").read_text()
+    assert f"[train] resuming from {run}/checkpoint-{stopped_at}" in log
+    # the resumed run trains only the remaining steps
+    steps = [int(line.split("[train] step ")[1].split("/")[0]) for line in log.splitlines() if "[train] step " in line]
+    assert min(steps) > int(stopped_at) and max(steps) == 60
+    # the data position travels with the checkpoint: epoch and batch of the step it was taken at
+    assert position["epoch"] >= 0 and position["batches"] >= 0
+    final = data_position(run / "checkpoint-00000060")
+    assert (final["epoch"], final["batches"]) > (position["epoch"], position["batches"])
+
+
+def test_checkpoint_interrupted_while_written_never_becomes_latest(tmp_path, shards):
+    spec = spec_file(tmp_path, shards, "interrupted", max_steps=30, checkpoint_every=10, max_failures=1)
+    run = run_dir(tmp_path, "interrupted")
+    proc = start(spec, tmp_path / "log.txt", BIOMEDGPT_FAULTS="crash-before-report@20:1",
+                 BIOMEDGPT_FAULTS_ONCE=str(tmp_path / "fault-fired"))
+    assert proc.wait(timeout=900) == 0, (tmp_path / "log.txt").read_text()[-4000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert (tmp_path / "fault-fired").is_file() and "[fault] crash-before-report at step 20 on rank 1" in log
+    # rank 0 had already uploaded its part of checkpoint 20, but the retry resumed from 10
+    assert f"[train] resuming from {run}/checkpoint-00000010" in log
+    assert registered(run)[-1] == "00000030"
+
+
+def test_fsdp_on_two_workers_matches_a_single_process(tmp_path):
+    """The same tiny model and the same global batches: 2 Ray Train workers with FSDP2 (each takes half
+    of every batch) against 1 worker taking whole batches. Equal-length targets make the mean of the
+    ranks' mean losses equal to the mean over the whole batch, so the runs must agree."""
+    from biomedgpt.runner import ensure_ray
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = ensure_ray(num_cpus=2)
+    try:
+        losses = {}
+        for workers in (2, 1):
+            out = tmp_path / f"losses-{workers}"
+            trainer = TorchTrainer(
+                equivalence_loop, train_loop_config={"out": str(out), "steps": 6, "global_batch": 8},
+                scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+                torch_config=TorchConfig(backend="gloo"),
+                run_config=RunConfig(name=f"equiv-{workers}", storage_path=str(tmp_path / "ray")),
+            )
+            trainer.fit()
+            per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
+            losses[workers] = [sum(step) / workers for step in zip(*per_rank)]
+    finally:
+        if started:
+            ray.shutdown()
+    assert len(losses[2]) == 6 and losses[2][0] > losses[2][-1]
+    torch.testing.assert_close(torch.tensor(losses[2]), torch.tensor(losses[1]), atol=1e-4, rtol=0)
+
+
+def equivalence_loop(config: dict) -> None:
+    """Ray Train worker: our LightningModule and Lightning trainer (FSDP2 on 2 ranks, DDP on 1) on fixed
+    synthetic global batches, each rank taking its slice; writes the per-step local losses."""
+    import lightning as L
+    import ray.train
+
+    from biomedgpt.model import BiomedGPTConfig
+    from biomedgpt.train.ray_trainer import make_lightning_trainer, make_module
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = BiomedGPTConfig(vocab_size=200, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, resnet_type="resnet18",
+                          dropout=0.0, encoder_drop_path_rate=0.0, decoder_drop_path_rate=0.0)
+    t = dict(strategy="fsdp" if world > 1 else "ddp", use_gpu=False, precision="32-true", max_steps=config["steps"],
+             grad_accumulation=1, lr=2e-3, weight_decay=0.01, adam_betas=[0.9, 0.999], adam_eps=1e-8, warmup_ratio=0.0,
+             clip_grad_norm=1.0, label_smoothing=0.0, seed=0, log_every=1)
+    module = make_module(t, json.loads(cfg.to_json_string(use_diff=False)), None)
+    g = torch.Generator().manual_seed(123)
+    n, per = config["global_batch"], config["global_batch"] // world
+    batches = []
+    for step in range(config["steps"]):
+        if step % 2 == 0:  # a cycle of four global batches, so the loss can fall in a few steps
+            g.manual_seed(123 + step % 4)
+        full = {"input_ids": torch.randint(4, 200, (n, 10), generator=g),
+                "labels": torch.randint(4, 200, (n, 5), generator=g)}
+        full["decoder_input_ids"] = torch.cat([torch.zeros(n, 1, dtype=torch.long), full["labels"][:, :-1]], 1)
+        full["patch_images"] = torch.zeros(n, 3, 32, 32)  # masked out: BatchNorm sees the same zeros anywhere
+        full["patch_masks"] = torch.zeros(n, dtype=torch.bool)
+        batches.append({k: v[rank * per:(rank + 1) * per] for k, v in full.items()})
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    class Batches:
+        def __iter__(self):
+            return iter(batches)
+
+    trainer = make_lightning_trainer(t, [Record()])
+    trainer.fit(module, train_dataloaders=Batches())
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(losses))
+
+
+# Ray workers cannot import this test module: ship the loop by value.
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
