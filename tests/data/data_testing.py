@@ -28,3 +28,43 @@ def write_images(root: Path, names, data: bytes) -> None:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+
+def write_dicom(path: Path, pixels, *, photometric: str = "MONOCHROME2", bits_stored: int = 16,
+                slope: float | None = None, intercept: float | None = None, window: tuple[float, float] | None = None,
+                modality: str = "CT", uid_suffix: int = 1) -> Path:
+    """A small uncompressed DICOM file (explicit VR little endian) with the given uint16/int16 pixels,
+    written with pydicom the way scanners and TCIA releases store them (fixed UIDs: same bytes)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    pixels = np.asarray(pixels)
+    uid = f"1.2.826.0.1.3680043.8.498.{uid_suffix}"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = uid
+    ds.Modality = modality
+    ds.PatientID = "TEST"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
+    if slope is not None:
+        ds.RescaleSlope = str(slope)
+    if intercept is not None:
+        ds.RescaleIntercept = str(intercept)
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = str(window[0]), str(window[1])
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

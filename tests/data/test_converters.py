@@ -304,8 +304,8 @@ def test_other_malformed_sources(tmp_path: Path):
 
 
 def test_registry_errors(tmp_path: Path):
-    with pytest.raises(KeyError, match="no converter for dataset 'mimic_cxr'; known: .*vqa_rad"):
-        open_converter("mimic_cxr", str(tmp_path))
+    with pytest.raises(KeyError, match="no converter for dataset 'mimic_cxr_lt'; known: .*vqa_rad"):
+        open_converter("mimic_cxr_lt", str(tmp_path))
     with pytest.raises(ValueError, match=r"unknown file role\(s\) \['questions'\]"):
         open_converter("slake", str(tmp_path), {"questions": "q.json"})
     with pytest.raises(ValueError, match="slake: .*unexpected keyword argument 'language'"):

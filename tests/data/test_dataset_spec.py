@@ -15,22 +15,92 @@ SPEC_DIR = Path(__file__).resolve().parents[2] / "datasets_spec"
 SPEC_FILES = sorted(SPEC_DIR.glob("*.yaml"))
 
 
+#: Every dataset the BiomedGPT paper uses: downstream (fine-tuning and zero-shot), then pretraining.
+PAPER_DOWNSTREAM = {"vqa_rad", "slake", "pathvqa", "iu_xray", "peir_gross", "mimic_cxr", "roco", *SUBSETS,
+                    "cbis_ddsm_mass", "cbis_ddsm_calc", "sz_cxr", "mc_cxr", "mednli", "trec_2022", "seer", "mimic_iii",
+                    "healthcaremagic", "meqsum", "rsna_pneumonia"}
+PAPER_PRETRAINING = {"iu_xray", "peir_gross", "medicat", "pathvqa", "slake", "deeplesion", "oia_ddr", "chexpert_small",
+                     "cytoimagenet", "isic_2020", "retinal_fundus", "mimic_iii_notes", "ncbi_bionlp", "pubmed_abstracts"}
+
+
 @pytest.mark.parametrize("path", SPEC_FILES, ids=[p.stem for p in SPEC_FILES])
 def test_every_spec_validates(path: Path):
     spec = load_dataset_spec(path)
+    assert spec.name == path.stem and set(spec.splits) <= {"train", "val", "test"}
+    assert spec.source.obtain.startswith("https://") and spec.citation.strip() and spec.licence.strip()
+    if spec.source.converter is None:
+        assert spec.source.converter_note.strip()
+        return
     converter = CONVERTERS[spec.source.converter]
-    assert spec.name == path.stem and spec.task == converter.task
-    assert spec.access == converter.access
-    assert set(spec.splits) <= {"train", "val", "test"}
+    assert spec.task == converter.task
+    if not converter.generic:  # a generic converter's licence and access come from the spec
+        assert spec.access == converter.access and converter.name == spec.name
 
 
-def test_specs_cover_the_datasets_with_converters():
+def test_specs_cover_every_dataset_of_the_paper():
     specs = load_dataset_specs(SPEC_DIR)
-    assert {"vqa_rad", "slake", "pathvqa", "iu_xray", "roco"} | set(SUBSETS) <= set(specs)
-    assert set(CONVERTERS) <= set(specs)  # every converter is described
+    assert PAPER_DOWNSTREAM | PAPER_PRETRAINING <= set(specs)
+    assert {n for n, s in specs.items() if "pretrain" in s.stages} == PAPER_PRETRAINING
+    assert {n for n, s in specs.items() if s.stages == ["zero_shot"]} == {"rsna_pneumonia"}
+    assert {n for n in specs if specs[n].source.converter is None} == {"trec_2022", "seer", "oia_ddr", "ncbi_bionlp"}
+    assert {n for n in specs if specs[n].access == "credentialed"} >= {"mimic_cxr", "mednli", "mimic_iii",
+                                                                       "mimic_iii_notes", "seer"}
+    # every dataset-specific converter is described by a spec
+    assert {n for n, c in CONVERTERS.items() if not c.generic} <= set(specs)
     assert specs["vqa_rad"].prompt.instruction == " {question}?"
     assert specs["iu_xray"].prompt.instruction == " what does the image describe?"
     assert specs["pneumoniamnist"].answer_candidates.policy == "class_names"
+    assert specs["mednli"].prompt.instruction == ' can text1 " {premise} " imply text2 " {hypothesis} "?'
+    assert specs["mednli"].answer_candidates.values == ["yes", "no", "maybe"]
+    assert specs["meqsum"].prompt.instruction == ' what is the summary of article " {text} "?'
+    assert {specs[n].task for n in PAPER_PRETRAINING} == {"caption", "vqa", "detection", "image", "text"}
+
+
+def test_converter_null_must_be_explicit_and_explained(tmp_path: Path):
+    base = yaml.safe_load((SPEC_DIR / "trec_2022.yaml").read_text())
+    assert base["source"]["converter"] is None
+    for changes, message in [
+        ({"converter": "__delete__"}, r"field 'source\.converter': missing \(expected a string or null\)"),
+        ({"converter_note": "  "}, r"field 'source\.converter_note': a spec with 'converter: null' must say why"),
+        ({"options": {"x": 1}}, r"field 'source\.options': only used with a converter"),
+    ]:
+        data = yaml.safe_load((SPEC_DIR / "trec_2022.yaml").read_text())
+        for key, value in changes.items():
+            if value == "__delete__":
+                del data["source"][key]
+            else:
+                data["source"][key] = value
+        path = tmp_path / "trec_2022.yaml"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(DatasetSpecError, match=message):
+            load_dataset_spec(path)
+    from biomedgpt.data.build import build_shards
+
+    with pytest.raises(ValueError, match=r"trec_2022 has no converter yet \(source\.converter: null\): Not written yet"):
+        build_shards("trec_2022", str(tmp_path), str(tmp_path / "out"), spec=load_dataset_spec(SPEC_DIR / "trec_2022.yaml"))
+
+
+def test_stages_and_generic_converter_rules(tmp_path: Path):
+    cases = [
+        ("mimic_cxr", {"stages": []}, r"field 'stages': at least one of pretrain, finetune, zero_shot"),
+        ("mimic_cxr", {"stages": ["pretrain", "train"]}, r"field 'stages\[1\]': expected one of 'pretrain'"),
+        ("pubmed_abstracts", {"stages": ["finetune"]}, r"field 'stages': 'text' records are a pretraining objective"),
+        ("peir_gross", {"metrics": []}, r"field 'metrics': at least one metric \(only pretraining-only sources"),
+        ("peir_gross", {"source": {"converter": "roco"}}, r"field 'source\.converter': converter 'roco' reads one dataset only"),
+        ("mimic_iii", {"source": {"converter": "ofa_tsv_caption"}}, r"field 'task': 'summarize' but converter 'ofa_tsv_caption'"),
+        ("mimic_iii", {"source": {"options": {"text_colum": "x"}}}, r"field 'source\.options\.text_colum': not an option"),
+    ]
+    for name, changes, message in cases:
+        data = yaml.safe_load((SPEC_DIR / f"{name}.yaml").read_text())
+        for key, value in changes.items():
+            if isinstance(value, dict):
+                data[key].update(value)
+            else:
+                data[key] = value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(DatasetSpecError, match=message):
+            load_dataset_spec(path)
 
 
 def write_spec(tmp_path: Path, name: str = "vqa_rad", **changes) -> Path:

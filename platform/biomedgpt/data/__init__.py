@@ -2,13 +2,15 @@
 
     storage        URLs (local, file://, s3://) -> fsspec / pyarrow filesystems, webdataset s3 opener
     shards         ShardWriter, manifest.json, read_manifest, verify_shards
-    converters/    one module per native dataset format + the registry (CONVERTERS)
+    converters/    one module per native dataset format + the registry (CONVERTERS); dicom (DICOM ->
+                   8-bit PNG), tables (CSV/TSV/JSONL/JSON/XLSX rows), ofa_tsv (the official TSVs)
     build          build_shards: native release -> shards, restartable
+    ray_build      the same build with one Ray task per shard (build_shards(parallel=True))
     inspect        inspect_shards: counts and sample records of built shards
     dataset_spec   typed loader/validator for datasets_spec/*.yaml
 
-Nothing here imports Ray; names below are imported on first use to keep ``import biomedgpt.data``
-cheap.
+Only ``ray_build`` (and the training pipeline) import Ray, on first use; names below are imported
+on first use to keep ``import biomedgpt.data`` cheap.
 """
 
 from __future__ import annotations

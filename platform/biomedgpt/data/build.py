@@ -1,6 +1,6 @@
 """Build WebDataset shards of one dataset from its native release: ``biomedgpt shards build``.
 
-Two steps, so that the second can be fanned out (to Ray tasks, later) one shard per task:
+Two steps, so that the second can be fanned out to Ray tasks, one shard per task:
 
 1. :func:`plan_split` reads a split's records through the dataset's converter and assigns them to
    shards deterministically (record order, ``shard_max_samples``, ``shard_max_bytes`` computed from
@@ -12,6 +12,9 @@ Two steps, so that the second can be fanned out (to Ray tasks, later) one shard 
 has the same ``input_sha256`` and whose file still has the recorded sha256 is kept, not
 rewritten; the manifest is rewritten after every shard, so an interrupted build resumes where it
 stopped; shards left over from a previous, larger plan are deleted.
+
+``parallel=True`` (or ``workers=N``) sends the planned shards to Ray tasks instead
+(:mod:`.ray_build`): same plans, same bytes, same manifests, same restart rules.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import storage
@@ -68,6 +71,8 @@ class SplitPlan:
     url: str
     shards: list[ShardPlan]
     skipped_missing_images: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Source records the converter left out on purpose, per reason (see ``Converter.drop``)."""
 
     @property
     def samples(self) -> int:
@@ -130,6 +135,7 @@ def plan_split(
         dataset=dataset, split=split, native_split=converter.native_split(split),
         url=split_url(out, dataset, split), shards=shards,
         skipped_missing_images=len(converter.skipped.get(split, [])),
+        dropped=dict(converter.dropped.get(split, {})),
     )
 
 
@@ -169,7 +175,10 @@ def build_shards(
     licence: str | None = None,
     access: str | None = None,
     spec: Any = None,
+    converter: str | None = None,
     progress: bool = True,
+    parallel: bool = False,
+    workers: int | None = None,
 ) -> BuildResult:
     """Convert ``dataset`` from its native release at ``source`` into shards under ``out``.
 
@@ -178,68 +187,95 @@ def build_shards(
     (default: all present in the source). ``shard_max_samples``/``shard_max_bytes``: where shards
     are cut (bytes of the tar file). ``files``/``options``: converter file-role overrides and
     options (see the converter). ``licence``/``access`` override the converter's; ``spec`` (a
-    :class:`~biomedgpt.data.dataset_spec.DatasetSpec`) supplies files, options, licence and access.
-    Rerunning with the same input rewrites nothing.
+    :class:`~biomedgpt.data.dataset_spec.DatasetSpec`) supplies the converter, files, options,
+    licence and access. ``converter`` names a generic converter (``ofa_tsv_vqa``, ``summarize_table``,
+    ``dicom_folder`` ...) reading ``dataset``. Rerunning with the same input rewrites nothing.
+
+    ``parallel=True`` writes the shards as Ray tasks (joining the running Ray cluster, or starting a
+    local one); ``workers`` caps the shards in flight (default: twice the cluster's CPUs) and implies
+    ``parallel``. The shards and manifests are byte-identical to the single-process build's.
     """
     if spec is not None:
-        files = {**spec.source.files, **(files or {})}
-        options = {**spec.source.options, **(options or {})}
+        if spec.name != dataset:
+            raise ValueError(f"{spec.path or 'dataset spec'}: describes {spec.name!r}, not {dataset!r}")
+        if spec.source.converter is None and converter is None:
+            raise ValueError(f"{spec.path or dataset}: {dataset} has no converter yet (source.converter: null): "
+                             f"{spec.source.converter_note.strip()}")
+        if converter is None or converter == spec.source.converter:
+            # the spec's file roles and options belong to its converter; another converter
+            # (e.g. --converter ofa_tsv_vqa for the official TSVs) gets only the caller's
+            files = {**spec.source.files, **(files or {})}
+            options = {**spec.source.options, **(options or {})}
         licence = licence or spec.licence
         access = access or spec.access
-    converter = open_converter(dataset, source, files, **(options or {}))
-    licence = licence or converter.licence
-    access = access or converter.access
-    present = converter.splits()
+        converter = converter or spec.source.converter
+    conv = open_converter(dataset, source, files, converter=converter, **(options or {}))
+    licence = licence or conv.licence
+    access = access or conv.access
+    present = conv.splits()
     wanted = list(splits) if splits else present
     unknown = [s for s in wanted if s not in present]
     if unknown:
         raise ValueError(f"{dataset}: split(s) {unknown} not in {source} (present: {present})")
 
     result = BuildResult()
+    if parallel or workers is not None:
+        from .ray_build import SplitJob, write_splits_ray
+
+        jobs = []
+        for split in wanted:
+            plan = plan_split(conv, split, out, shard_max_samples=shard_max_samples,
+                              shard_max_bytes=shard_max_bytes, progress=progress)
+            jobs.append(SplitJob(plan, new_manifest(plan, conv, source, licence, access, options or {},
+                                                    shard_max_samples, shard_max_bytes), previous_entries(plan)))
+        write_splits_ray(jobs, result, workers=workers, progress=progress)
+        return result
     for split in wanted:
-        plan = plan_split(converter, split, out, shard_max_samples=shard_max_samples,
+        plan = plan_split(conv, split, out, shard_max_samples=shard_max_samples,
                           shard_max_bytes=shard_max_bytes, progress=progress)
-        result[split] = _write_split(plan, converter, source, licence, access, options or {},
-                                     shard_max_samples, shard_max_bytes, progress, result)
+        manifest = new_manifest(plan, conv, source, licence, access, options or {}, shard_max_samples, shard_max_bytes)
+        result[split] = _write_split(plan, manifest, previous_entries(plan), progress, result)
     return result
 
 
-def _write_split(plan: SplitPlan, converter: Converter, source: str, licence: str, access: str,
-                 options: Mapping[str, Any], shard_max_samples: int, shard_max_bytes: int, progress: bool,
-                 result: BuildResult) -> Manifest:
+def previous_entries(plan: SplitPlan) -> dict[str, ShardEntry]:
+    """The shard entries of an earlier build's manifest of this split (empty when there is none or
+    it is unreadable, in which case every shard is rebuilt)."""
     try:
         previous = read_manifest(plan.url)
-        old_entries = {e.name: e for e in previous.shards}
     except ShardError as err:
         if storage.exists(storage.join(plan.url, "manifest.json")):
             log.warning("%s; rebuilding every shard of %s/%s", err, plan.dataset, plan.split)
-        old_entries = {}
+        return {}
+    return {e.name: e for e in previous.shards}
+
+
+def new_manifest(plan: SplitPlan, converter: Converter, source: str, licence: str, access: str,
+                 options: Mapping[str, Any], shard_max_samples: int, shard_max_bytes: int) -> Manifest:
+    """The (still empty, incomplete) manifest of a planned split: provenance, licence, converter notes."""
     notes: dict[str, Any] = {"converter": converter.name, "native_format": converter.native_format}
     if options:
         notes["options"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(options.items())}
     if plan.skipped_missing_images:
         notes["skipped_missing_images"] = plan.skipped_missing_images
-    manifest = Manifest(
+    if plan.dropped:
+        notes["dropped"] = dict(sorted(plan.dropped.items()))
+    return Manifest(
         dataset=plan.dataset, split=plan.split, native_split=plan.native_split, task=converter.task,
         source=str(source), licence=licence, access=access, shard_max_samples=shard_max_samples,
         shard_max_bytes=shard_max_bytes, complete=False, notes=notes,
     )
-    storage.makedirs(plan.url)
-    written = kept = 0
-    with _progress(progress, total=plan.samples, desc=f"{plan.dataset}/{plan.split}", unit="sample") as bar:
-        for shard in plan.shards:
-            url = storage.join(plan.url, shard.name)
-            old = old_entries.get(shard.name)
-            if old is not None and old.input_sha256 == shard.input_sha256 and _existing_matches(url, old):
-                manifest.shards.append(old)
-                result.kept.append(url)
-                kept += 1
-            else:
-                manifest.shards.append(write_planned_shard(shard, plan.url))
-                result.written.append(url)
-                written += 1
-                write_manifest(plan.url, manifest)  # progress survives an interruption
-            bar.update(len(shard.samples))
+
+
+def keep_existing(url: str, shard: ShardPlan, old: ShardEntry | None) -> bool:
+    """Whether the shard file at ``url`` can be kept: built from the same input (``input_sha256``)
+    and still the file its manifest entry describes (size and sha256)."""
+    return old is not None and old.input_sha256 == shard.input_sha256 and _existing_matches(url, old)
+
+
+def finish_split(plan: SplitPlan, manifest: Manifest, result: BuildResult, written: int, kept: int,
+                 progress: bool) -> Manifest:
+    """Delete shards no longer in the plan, mark the manifest complete and write it."""
     planned = {s.name for s in plan.shards}
     for rel in storage.list_files(plan.url, recursive=False):
         if rel.endswith(".tar") and rel not in planned:
@@ -250,10 +286,33 @@ def _write_split(plan: SplitPlan, converter: Converter, source: str, licence: st
     write_manifest(plan.url, manifest)
     if progress:
         skipped = f", {plan.skipped_missing_images} records skipped (missing images)" if plan.skipped_missing_images else ""
+        dropped = f", {sum(plan.dropped.values())} dropped ({', '.join(f'{k}: {v}' for k, v in sorted(plan.dropped.items()))})" \
+            if plan.dropped else ""
         print(f"{plan.dataset}/{plan.split}: {manifest.samples} samples in {len(manifest.shards)} shards "
-              f"({manifest.bytes / 2**20:.1f} MiB): {written} written, {kept} kept{skipped} -> {plan.url}",
+              f"({manifest.bytes / 2**20:.1f} MiB): {written} written, {kept} kept{skipped}{dropped} -> {plan.url}",
               file=sys.stderr)
     return manifest
+
+
+def _write_split(plan: SplitPlan, manifest: Manifest, old_entries: Mapping[str, ShardEntry], progress: bool,
+                 result: BuildResult) -> Manifest:
+    storage.makedirs(plan.url)
+    written = kept = 0
+    with _progress(progress, total=plan.samples, desc=f"{plan.dataset}/{plan.split}", unit="sample") as bar:
+        for shard in plan.shards:
+            url = storage.join(plan.url, shard.name)
+            old = old_entries.get(shard.name)
+            if keep_existing(url, shard, old):
+                manifest.shards.append(old)
+                result.kept.append(url)
+                kept += 1
+            else:
+                manifest.shards.append(write_planned_shard(shard, plan.url))
+                result.written.append(url)
+                written += 1
+                write_manifest(plan.url, manifest)  # progress survives an interruption
+            bar.update(len(shard.samples))
+    return finish_split(plan, manifest, result, written, kept, progress)
 
 
 class _progress:

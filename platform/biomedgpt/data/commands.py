@@ -2,7 +2,8 @@
 
     biomedgpt shards build DATASET --source DIR --out URL [--split S]... [--spec YAML]
                            [--shard-max-samples N] [--shard-max-mb N] [--file ROLE=PATH]...
-                           [--option KEY=VALUE]... [--skip-missing-images] [--quiet]
+                           [--option KEY=VALUE]... [--converter NAME] [--skip-missing-images]
+                           [--ray [--workers N]] [--quiet]
     biomedgpt shards inspect URL [-n 3] [--json]
     biomedgpt shards verify URL
     biomedgpt shards datasets
@@ -37,6 +38,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .dataset_spec import load_dataset_spec
 
     spec_path = args.spec
+    if args.workers is not None and not args.ray:
+        raise ValueError("--workers: only with --ray")
     if spec_path is None and Path("datasets_spec", f"{args.dataset}.yaml").is_file():
         spec_path = str(Path("datasets_spec", f"{args.dataset}.yaml"))
     spec = load_dataset_spec(spec_path) if spec_path else None
@@ -49,7 +52,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         args.dataset, args.source, args.out, args.split or None,
         shard_max_samples=args.shard_max_samples, shard_max_bytes=args.shard_max_mb * 2**20,
         files=_pairs(args.file, "--file", parse_values=False), options=options, spec=spec,
-        progress=not args.quiet,
+        converter=args.converter, progress=not args.quiet, parallel=args.ray, workers=args.workers,
     )
     for split, manifest in result.items():
         print(f"{manifest.dataset}/{split}: {manifest.samples} samples, {len(manifest.shards)} shards")
@@ -78,7 +81,8 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
     for name in sorted(CONVERTERS):
         cls = CONVERTERS[name]
-        print(f"{name:16} {cls.task:9} {cls.access:12} {cls.licence}")
+        kind = "generic (reads the dataset named by a spec or --converter)" if getattr(cls, "generic", False) else cls.licence
+        print(f"{name:18} {cls.task:9} {cls.access:12} {kind}")
     return 0
 
 
@@ -108,6 +112,11 @@ def add_shards_commands(subparsers) -> argparse.ArgumentParser:
                        help="where the converter finds one of its files, relative to --source (repeatable)")
     build.add_argument("--option", action="append", metavar="KEY=VALUE",
                        help="converter option, VALUE parsed as YAML, e.g. languages=[en,zh] (repeatable)")
+    build.add_argument("--converter", help="a generic converter reading DATASET (ofa_tsv_vqa, summarize_table, "
+                                           "dicom_folder ...; default: the spec's, else the one named DATASET)")
+    build.add_argument("--ray", action="store_true",
+                       help="write shards as Ray tasks (joins RAY_ADDRESS's cluster, else starts a local Ray)")
+    build.add_argument("--workers", type=int, help="with --ray: shards in flight at most (default: 2 x cluster CPUs)")
     build.add_argument("--skip-missing-images", action="store_true",
                        help="drop records whose image is missing instead of stopping (counted in the manifest)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")

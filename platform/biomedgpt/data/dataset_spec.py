@@ -1,9 +1,14 @@
 """``datasets_spec/*.yaml``: one typed, validated description per dataset.
 
-A dataset spec says what a dataset is (task, native format, where to obtain it, citation, licence,
-access class), how its splits map from the release, the prompt BiomedGPT uses for it, the metrics
-it is reported with, and where answer candidates for constrained decoding come from. The shard
-builder reads ``source.files``/``source.options``, ``licence`` and ``access`` from it.
+A dataset spec says what a dataset is (task, the stages that use it, native format, where to obtain
+it, citation, licence, access class), how its splits map from the release, the prompt BiomedGPT uses
+for it, the metrics it is reported with, and where answer candidates for constrained decoding come
+from. The shard builder reads ``source.converter``, ``source.files``/``source.options``, ``licence``
+and ``access`` from it.
+
+A dataset without a converter yet says so explicitly: ``source.converter: null`` together with
+``source.converter_note`` (why, and what a converter would read). A missing ``converter`` key is an
+error, so a spec can never lack a converter by accident.
 
 Every error names the file, the field path and what was expected; unknown keys are errors.
 
@@ -25,7 +30,13 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-TASKS = ("vqa", "caption", "classify", "nli", "summarize")
+#: Fine-tuning task families, then the pretraining-only record kinds: ``text`` (text infilling),
+#: ``image`` (image infilling / masked image modelling) and ``detection`` (boxes + labels).
+TASKS = ("vqa", "caption", "classify", "nli", "summarize", "text", "image", "detection")
+#: What a dataset is used for: pretraining, fine-tuning (+ evaluation), or evaluation without
+#: fine-tuning on it (zero-shot).
+STAGES = ("pretrain", "finetune", "zero_shot")
+PRETRAINING_TASKS = ("text", "image", "detection")
 ACCESS = ("open", "credentialed")
 SPLITS = ("train", "val", "test")
 SPLIT_ROLES = ("train", "evaluate", "train_and_evaluate")
@@ -38,15 +49,24 @@ METRICS: Mapping[str, tuple[str, ...]] = {
     "classify": ("accuracy", "f1_macro", "auc"),
     "nli": ("accuracy",),
     "summarize": ("rouge1", "rouge2", "rouge_l"),
+    "text": (),
+    "image": (),
+    "detection": (),
 }
 
-#: Record fields a prompt may use, per task (the shard record of that task).
+#: Record fields a prompt may use, per task: the shard record of that task, plus, for the
+#: pretraining objectives, what the objective derives from it (``masked``: the text with BART-style
+#: ``<mask>`` spans; ``codes``: the VQGAN ``<code_i>`` tokens of the image centre; ``objects``: every
+#: box as 4 ``<bin_i>`` tokens + its label).
 PROMPT_FIELDS: Mapping[str, tuple[str, ...]] = {
     "vqa": ("question", "answer", "organ"),
     "caption": ("caption",),
-    "classify": ("label_name",),
+    "classify": ("label_name", "text"),  # text: the input of text-only classification records
     "nli": ("premise", "hypothesis", "label"),
     "summarize": ("text", "summary"),
+    "text": ("text", "masked"),
+    "image": ("codes",),
+    "detection": ("objects",),
 }
 
 
@@ -60,8 +80,9 @@ class SourceSpec:
 
     format: str
     """The native release format, in words (files and their layout)."""
-    converter: str
-    """Registered converter name (``biomedgpt.data.converters.CONVERTERS``)."""
+    converter: str | None
+    """Registered converter name (``biomedgpt.data.converters.CONVERTERS``), or null (explicitly:
+    the key must be present) for a dataset without a converter yet, with ``converter_note``."""
     obtain: str
     """Where to obtain the release (URL)."""
     instructions: str = ""
@@ -70,6 +91,8 @@ class SourceSpec:
     """Converter file-role overrides (role -> path relative to the source)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Converter keyword options (e.g. SLAKE ``languages``)."""
+    converter_note: str = ""
+    """Required when ``converter`` is null: why there is none yet and what one would read."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +134,8 @@ class DatasetSpec:
     """One ``datasets_spec/<name>.yaml``."""
 
     name: str
-    task: Literal["vqa", "caption", "classify", "nli", "summarize"]
+    task: Literal["vqa", "caption", "classify", "nli", "summarize", "text", "image", "detection"]
+    stages: list[Literal["pretrain", "finetune", "zero_shot"]]
     description: str
     source: SourceSpec
     citation: str
@@ -131,6 +155,8 @@ class DatasetSpec:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (list, dict):
@@ -140,6 +166,8 @@ def _type_name(tp: Any) -> str:
         return f"a mapping ({tp.__name__})"
     if tp is Any:
         return "any value"
+    if tp is type(None):
+        return "null"
     return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -150,6 +178,10 @@ def _convert(value: Any, tp: Any, where: str, file: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if tp is type(None):
+        if value is not None:
+            raise fail("null")
+        return None
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise fail(_type_name(tp))
@@ -236,21 +268,40 @@ def _check(spec: DatasetSpec, file: str) -> None:
     if not spec.source.obtain.strip():
         raise error("source.obtain", "must say where to obtain the data")
 
+    if not spec.stages:
+        raise error("stages", f"at least one of {', '.join(STAGES)}")
+    if len(set(spec.stages)) != len(spec.stages):
+        raise error("stages", f"listed twice: {spec.stages}")
+    pretrain_only = set(spec.stages) == {"pretrain"}
+    if spec.task in PRETRAINING_TASKS and not pretrain_only:
+        raise error("stages", f"{spec.task!r} records are a pretraining objective: stages must be [pretrain]")
+
     from .converters import CONVERTERS
 
-    conv = CONVERTERS.get(spec.source.converter)
-    if conv is None:
-        raise error("source.converter", f"no converter named {spec.source.converter!r}; known: {', '.join(sorted(CONVERTERS))}")
-    if conv.task != spec.task:
-        raise error("task", f"{spec.task!r} but converter {conv.name!r} produces {conv.task!r} records")
-    for role in spec.source.files:
-        if role not in conv.file_roles:
-            raise error(f"source.files.{role}", f"unknown file role; converter {conv.name!r} reads {sorted(conv.file_roles)}")
-    params = inspect.signature(conv.__init__).parameters
-    for option in spec.source.options:
-        if option not in params or option in ("self", "source", "files"):
-            allowed = [p for p in params if p not in ("self", "source", "files")]
-            raise error(f"source.options.{option}", f"not an option of converter {conv.name!r}; options: {allowed}")
+    if spec.source.converter is None:
+        if not spec.source.converter_note.strip():
+            raise error("source.converter_note", "a spec with 'converter: null' must say why there is no converter "
+                                                 "yet and what one would read")
+        for key in ("files", "options"):
+            if getattr(spec.source, key):
+                raise error(f"source.{key}", "only used with a converter (source.converter is null)")
+    else:
+        conv = CONVERTERS.get(spec.source.converter)
+        if conv is None:
+            raise error("source.converter", f"no converter named {spec.source.converter!r}; known: {', '.join(sorted(CONVERTERS))}")
+        if conv.task != spec.task:
+            raise error("task", f"{spec.task!r} but converter {conv.name!r} produces {conv.task!r} records")
+        if not getattr(conv, "generic", False) and conv.name != spec.name:
+            raise error("source.converter", f"converter {conv.name!r} reads one dataset only ({conv.name}); a spec "
+                                            "of another dataset must name a generic converter")
+        for role in spec.source.files:
+            if role not in conv.file_roles:
+                raise error(f"source.files.{role}", f"unknown file role; converter {conv.name!r} reads {sorted(conv.file_roles)}")
+        params = inspect.signature(conv.__init__).parameters
+        for option in spec.source.options:
+            if option not in params or option in ("self", "source", "files"):
+                allowed = [p for p in params if p not in ("self", "source", "files")]
+                raise error(f"source.options.{option}", f"not an option of converter {conv.name!r}; options: {allowed}")
 
     if not spec.splits:
         raise error("splits", "at least one split")
@@ -270,8 +321,8 @@ def _check(spec: DatasetSpec, file: str) -> None:
                 raise error(f"prompt.{key}", f"unknown placeholder {{{name}}}; {spec.task} records offer "
                                              f"{', '.join('{' + f + '}' for f in allowed_fields)}")
 
-    if not spec.metrics:
-        raise error("metrics", "at least one metric")
+    if not spec.metrics and not pretrain_only:
+        raise error("metrics", "at least one metric (only pretraining-only sources may have none)")
     for i, metric in enumerate(spec.metrics):
         if metric not in METRICS[spec.task]:
             raise error(f"metrics[{i}]", f"unknown metric {metric!r} for task {spec.task}; known: {', '.join(METRICS[spec.task])}")

@@ -15,11 +15,22 @@ from typing import Any, Mapping
 
 from .base import (ArrayImage, Converter, FileImage, ImageIndex, SourceFormatError, SourceRecord,
                    CANONICAL_SPLITS)
+from .cbis_ddsm import CbisDdsmCalcConverter, CbisDdsmMassConverter
+from .chest_xray import McCxrConverter, RsnaPneumoniaConverter, SzCxrConverter
+from .deeplesion import DeepLesionConverter
+from .dicom import DicomImage, dicom_to_png
+from .image_folder import DicomFolderConverter, ImageFolderConverter
 from .iu_xray import IuXrayConverter
 from .medmnist import SUBSET_CONVERTERS, SUBSETS, MedMnistConverter
+from .mednli import MedNliConverter
+from .mimic_cxr import MimicCxrConverter
+from .ofa_tsv import OFA_TSV_CONVERTERS, TsvImage
 from .pathvqa import PathVqaConverter
+from .peir_gross import PeirGrossConverter
 from .roco import RocoConverter
 from .slake import SlakeConverter
+from .summarize import HealthCareMagicConverter, MeQSumConverter, SummarizeTableConverter
+from .text_corpus import MedicatConverter, TextCorpusConverter
 from .vqa_rad import VqaRadConverter
 
 CONVERTERS: dict[str, type[Converter]] = {
@@ -29,6 +40,23 @@ CONVERTERS: dict[str, type[Converter]] = {
     IuXrayConverter.name: IuXrayConverter,
     RocoConverter.name: RocoConverter,
     **SUBSET_CONVERTERS,
+    MimicCxrConverter.name: MimicCxrConverter,
+    PeirGrossConverter.name: PeirGrossConverter,
+    CbisDdsmMassConverter.name: CbisDdsmMassConverter,
+    CbisDdsmCalcConverter.name: CbisDdsmCalcConverter,
+    MedNliConverter.name: MedNliConverter,
+    MeQSumConverter.name: MeQSumConverter,
+    HealthCareMagicConverter.name: HealthCareMagicConverter,
+    SummarizeTableConverter.name: SummarizeTableConverter,
+    SzCxrConverter.name: SzCxrConverter,
+    McCxrConverter.name: McCxrConverter,
+    RsnaPneumoniaConverter.name: RsnaPneumoniaConverter,
+    MedicatConverter.name: MedicatConverter,
+    DeepLesionConverter.name: DeepLesionConverter,
+    TextCorpusConverter.name: TextCorpusConverter,
+    ImageFolderConverter.name: ImageFolderConverter,
+    DicomFolderConverter.name: DicomFolderConverter,
+    **{cls.name: cls for cls in OFA_TSV_CONVERTERS},
 }
 
 
@@ -48,24 +76,33 @@ def converter_class(dataset: str) -> type[Converter]:
         raise KeyError(f"no converter for dataset {dataset!r}; known: {', '.join(sorted(CONVERTERS))}") from None
 
 
-def open_converter(dataset: str, source: str, files: Mapping[str, str] | None = None, **options: Any) -> Converter:
+def open_converter(dataset: str, source: str, files: Mapping[str, str] | None = None, *,
+                   converter: str | None = None, **options: Any) -> Converter:
     """An instance of ``dataset``'s converter reading ``source`` (a directory URL).
 
     ``files`` overrides file-role paths (see each converter's ``file_roles``); ``options`` are the
     converter's keyword options (e.g. ``languages`` for SLAKE, ``views`` for IU X-ray,
-    ``on_missing_image``).
+    ``on_missing_image``). ``converter`` names a generic converter (``ofa_tsv_vqa``,
+    ``summarize_table``, ``dicom_folder`` ...) that reads ``dataset``: its records and shards are then
+    named ``dataset``.
     """
-    cls = converter_class(dataset)
+    cls = converter_class(converter or dataset)
     try:
-        return cls(source, files, **options)
+        instance = cls(source, files, **options)
     except TypeError as err:
         if "unexpected keyword" in str(err):
-            raise ValueError(f"{dataset}: {err}") from None
+            raise ValueError(f"{converter or dataset}: {err}") from None
         raise
+    if converter and converter != dataset:
+        instance.dataset_name = dataset
+    return instance
 
 
 __all__ = [
-    "ArrayImage", "CANONICAL_SPLITS", "CONVERTERS", "Converter", "FileImage", "ImageIndex", "IuXrayConverter",
+    "ArrayImage", "CANONICAL_SPLITS", "CONVERTERS", "CbisDdsmCalcConverter", "CbisDdsmMassConverter", "Converter",
+    "DicomFolderConverter", "DicomImage", "FileImage", "HealthCareMagicConverter", "ImageFolderConverter", "ImageIndex",
+    "IuXrayConverter", "MeQSumConverter", "MedNliConverter", "MimicCxrConverter", "PeirGrossConverter",
+    "SummarizeTableConverter", "TsvImage", "dicom_to_png",
     "MedMnistConverter", "PathVqaConverter", "RocoConverter", "SUBSETS", "SlakeConverter", "SourceFormatError",
     "SourceRecord", "VqaRadConverter", "converter_class", "open_converter", "register",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -37,12 +38,22 @@ class SourceFormatError(ValueError):
         self.file = file
         self.record = record
         self.field = field
+        self.message = message
         parts = [str(file)]
         if record is not None:
             parts.append(record)
         if field is not None:
             parts.append(f"field '{field}'")
         super().__init__(": ".join(parts + [message]))
+
+    def __reduce__(self):
+        # keyword-only fields: the default exception pickling (cls(*args)) would lose them; shard
+        # writing raises these inside Ray tasks, whose errors travel back to the driver pickled
+        return _rebuild_source_format_error, (type(self), self.file, self.message, self.record, self.field)
+
+
+def _rebuild_source_format_error(cls, file, message, record, field):
+    return cls(file, message, record=record, field=field)
 
 
 # --- image references ----------------------------------------------------------------------------
@@ -173,6 +184,12 @@ class Converter(abc.ABC):
     licence: ClassVar[str]
     access: ClassVar[str] = "open"
     file_roles: ClassVar[Mapping[str, str]] = {}
+    #: True for converters of a format rather than of one dataset (OFA TSV, summarisation tables,
+    #: DICOM folders): their records take the dataset name from ``dataset_name`` (the dataset spec).
+    generic: ClassVar[bool] = False
+    #: The dataset name records and shard paths use when it differs from ``name`` (set by the builder
+    #: from the dataset spec, or by a generic converter's ``dataset`` option).
+    dataset_name: str | None = None
 
     def __init__(self, source: str, files: Mapping[str, str] | None = None, *, on_missing_image: str = "error"):
         self.source = str(source).rstrip("/") if "://" in str(source) else str(source)
@@ -185,6 +202,7 @@ class Converter(abc.ABC):
             raise ValueError(f"on_missing_image must be one of {MISSING_IMAGE_POLICIES}, got {on_missing_image!r}")
         self.on_missing_image = on_missing_image
         self.skipped: dict[str, list[str]] = {}
+        self.dropped: dict[str, dict[str, int]] = {}
 
     # what a subclass provides
     @abc.abstractmethod
@@ -202,7 +220,7 @@ class Converter(abc.ABC):
     @property
     def dataset(self) -> str:
         """Name used for shard paths and the ``dataset`` field."""
-        return self.name
+        return self.dataset_name or self.name
 
     # helpers for subclasses
     def url(self, role: str) -> str:
@@ -224,11 +242,23 @@ class Converter(abc.ABC):
                 where, f"image {image!r} not found (use on_missing_image='skip' to drop such records)")
         self.skipped.setdefault(split, []).append(image)
 
+    def drop(self, split: str, reason: str) -> None:
+        """Count a source record left out on purpose (e.g. a report without a FINDINGS section); the
+        counts per reason are written into the split's manifest (``notes.dropped``)."""
+        counts = self.dropped.setdefault(split, {})
+        counts[reason] = counts.get(reason, 0) + 1
+
 
 def sort_splits(splits) -> list[str]:
     """Canonical split order: train, val, test, then anything else alphabetically."""
     order = {name: i for i, name in enumerate(CANONICAL_SPLITS)}
     return sorted(set(splits), key=lambda s: (order.get(s, len(order)), s))
+
+
+def stable_fraction(key: str) -> float:
+    """A deterministic number in [0, 1) from a key: reproducible pseudo-random splits that do not
+    change when records are added or reordered."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def load_json(url: str) -> Any:

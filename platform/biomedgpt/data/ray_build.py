@@ -1,0 +1,205 @@
+"""Shard building fanned out to Ray tasks: ``build_shards(..., parallel=True)`` and
+``biomedgpt shards build --ray``.
+
+The driver plans every split (:func:`~biomedgpt.data.build.plan_split`: records and image
+references only, no pixels), then:
+
+1. decides which shards to keep: a shard is kept when the previous manifest lists it with the same
+   ``input_sha256`` and its file still has the recorded size and sha256. The sha256 checks run as Ray
+   tasks (a restart of a big build re-reads every kept shard, in parallel, on the cluster); kept
+   shards are never resubmitted for writing;
+2. submits one Ray task per remaining shard (:func:`~biomedgpt.data.build.write_planned_shard`: the
+   task reads its images from the source and writes the tar straight to the output URL, so no image
+   passes through the driver), at most ``workers`` in flight, shards of every split in one queue;
+3. as tasks complete, records their manifest entries and rewrites each split's manifest
+   (``complete: false``, entries in shard order, at most every ``manifest_interval_s`` seconds and
+   whenever a split finishes), so an interrupted build restarts from what was finished;
+4. when a split's shards are all done: deletes stale shards, writes the final manifest
+   (``complete: true``).
+
+The shards and manifests are byte-identical to the single-process build's (same plan, same
+deterministic writer). Progress is a bar of completed/total shards. A failed task stops new
+submissions; the tasks in flight finish and are recorded, then the first error is raised.
+
+Output URLs must be reachable from every worker: ``s3://`` on a cluster, local paths on one machine
+(or a shared file system). The driver's ``AWS_*`` variables are passed to the tasks, so an
+S3-compatible endpoint configured for the driver is the one the workers write to.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import storage
+from .build import BuildResult, ShardPlan, SplitPlan, _progress, finish_split, write_planned_shard
+from .shards import Manifest, ShardEntry, ShardError, file_sha256, write_manifest
+
+FORWARDED_ENV_PREFIXES = ("AWS_",)
+
+
+@dataclass
+class SplitJob:
+    """One planned split: its plan, the manifest being built and the previous build's entries."""
+
+    plan: SplitPlan
+    manifest: Manifest
+    old: dict[str, ShardEntry]
+    entries: dict[int, ShardEntry] = field(default_factory=dict)
+    written: int = 0
+    kept: int = 0
+    remaining: int = 0
+    dirty: bool = False
+
+    def sync_manifest(self) -> None:
+        """The manifest's shard list = the finished entries in shard order."""
+        self.manifest.shards = [self.entries[i] for i in sorted(self.entries)]
+
+
+def _task_env() -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The exception a Ray task raised (``RayTaskError.cause``), or the error itself."""
+    return getattr(err, "cause", None) or err
+
+
+def write_splits_ray(jobs: list[SplitJob], result: BuildResult, *, workers: int | None = None,
+                     progress: bool = True, manifest_interval_s: float = 2.0) -> BuildResult:
+    """Write the planned shards of ``jobs`` as Ray tasks; fills ``result`` (``{split: Manifest}``,
+    ``written``/``kept``/``removed``) and returns it. See the module docstring for the steps."""
+    import ray
+
+    started_here = False
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+        started_here = True
+    try:
+        if workers is None:
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1)) * 2)
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        options = _task_env()
+        write_task = ray.remote(num_cpus=1, max_retries=2)(write_planned_shard).options(**options)
+        sha_task = ray.remote(num_cpus=1, max_retries=2)(file_sha256).options(**options)
+        total = sum(len(job.plan.shards) for job in jobs)
+        with _progress(progress, total=total, desc="shards", unit="shard") as bar:
+            to_write = _keep_existing(jobs, sha_task, workers, result, bar)
+            _write_all(jobs, to_write, write_task, workers, result, bar, manifest_interval_s)
+        for job in jobs:
+            job.sync_manifest()
+            result[job.plan.split] = finish_split(job.plan, job.manifest, result, job.written, job.kept, progress)
+        return result
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _keep_existing(jobs: list[SplitJob], sha_task, workers: int, result: BuildResult, bar) -> deque:
+    """Check the previous build's shards (sha256 in Ray tasks); returns the shards left to write."""
+    candidates: list[tuple[SplitJob, ShardPlan, ShardEntry]] = []
+    to_write: deque = deque()
+    for job in jobs:
+        storage.makedirs(job.plan.url)
+        listing = storage.list_files(job.plan.url, recursive=False)
+        job.remaining = len(job.plan.shards)
+        for shard in job.plan.shards:
+            old = job.old.get(shard.name)
+            # a size mismatch or a missing file needs no hashing to be rebuilt
+            if old is not None and old.input_sha256 == shard.input_sha256 and listing.get(shard.name) == old.bytes:
+                candidates.append((job, shard, old))
+            else:
+                to_write.append((job, shard))
+    checks = _bounded(candidates, lambda c: sha_task.remote(storage.join(c[0].plan.url, c[1].name)), workers)
+    for (job, shard, old), outcome in checks:
+        if isinstance(outcome, BaseException) or tuple(outcome) != (old.sha256, old.bytes):
+            to_write.append((job, shard))
+            continue
+        job.entries[shard.index] = old
+        job.kept += 1
+        job.remaining -= 1
+        result.kept.append(storage.join(job.plan.url, shard.name))
+        bar.update(1)
+    # write in plan order (split by split, shard by shard): the first shards of each split land first
+    order = {id(job): i for i, job in enumerate(jobs)}
+    return deque(sorted(to_write, key=lambda item: (order[id(item[0])], item[1].index)))
+
+
+def _bounded(items: list, submit, limit: int):
+    """Run ``submit(item)`` for every item with at most ``limit`` in flight; yields ``(item, result or
+    exception)`` in completion order."""
+    import ray
+
+    pending = deque(items)
+    in_flight: dict = {}
+    while pending or in_flight:
+        while pending and len(in_flight) < limit:
+            item = pending.popleft()
+            in_flight[submit(item)] = item
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            item = in_flight.pop(ref)
+            try:
+                yield item, ray.get(ref)
+            except Exception as err:  # the task's error, re-raised by ray.get
+                yield item, err
+
+
+def _write_all(jobs: list[SplitJob], to_write: deque, write_task, workers: int, result: BuildResult, bar,
+               manifest_interval_s: float) -> None:
+    first_error: tuple[str, BaseException] | None = None
+    last_write = 0.0
+
+    def flush(force: bool = False) -> None:
+        nonlocal last_write
+        if not force and time.monotonic() - last_write < manifest_interval_s:
+            return
+        for job in jobs:
+            if job.dirty:
+                job.sync_manifest()
+                write_manifest(job.plan.url, job.manifest)
+                job.dirty = False
+        last_write = time.monotonic()
+
+    def submit(item):
+        job, shard = item
+        return write_task.remote(shard, job.plan.url)
+
+    stop = False
+    pending = to_write
+    in_flight: dict = {}
+    import ray
+
+    while (pending and not stop) or in_flight:
+        while pending and not stop and len(in_flight) < workers:
+            item = pending.popleft()
+            in_flight[submit(item)] = item
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            job, shard = in_flight.pop(ref)
+            url = storage.join(job.plan.url, shard.name)
+            try:
+                entry = ray.get(ref)
+            except Exception as err:  # a failed shard: stop submitting, let the others finish
+                if first_error is None:
+                    first_error = (url, _cause(err))
+                stop = True
+                continue
+            job.entries[shard.index] = entry
+            job.written += 1
+            job.remaining -= 1
+            job.dirty = True
+            result.written.append(url)
+            bar.update(1)
+            flush(force=job.remaining == 0)
+    flush(force=True)
+    if first_error is not None:
+        url, cause = first_error
+        print(f"shard build stopped: {url} failed; finished shards are recorded, rerun to continue", file=sys.stderr)
+        raise ShardError(f"{url}: {type(cause).__name__}: {cause}") from cause
