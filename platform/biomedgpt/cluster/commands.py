@@ -1,0 +1,173 @@
+"""The `biomedgpt cluster ...` and `biomedgpt k8s ...` subcommands.
+
+    biomedgpt cluster render [--tenants FILE] [--out DIR]     tenants.yaml -> k8s/ (kustomize)
+    biomedgpt cluster validate [--tenants FILE] [--crds DIR]  tenants, manifests, kustomize, launcher configs
+    biomedgpt cluster api-key TEAM [--tenants FILE]           a new serving key and the hash to store
+    biomedgpt k8s rayjob SPEC [--tenants FILE] [--image IMAGE] [...]    a RayJob for a job spec, on stdout
+
+Wire them into the main parser with `add_cluster_commands(subparsers)`; each sets `func` to a
+function of the parsed arguments that returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _tenants_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenants", metavar="FILE", default=None,
+                        help="the tenants file (default: $BIOMEDGPT_TENANTS, else ./cluster/tenants.yaml, "
+                             "else the checkout's cluster/tenants.yaml)")
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from ..tenancy import load_tenants
+    from .render import render, write_rendered, write_schema
+
+    tenants = load_tenants(args.tenants)
+    out = Path(args.out) if args.out else tenants.path.resolve().parent.parent / "k8s"
+    base = out / "base"
+    if not (base / "raycluster" / "raycluster.yaml").is_file():
+        raise FileNotFoundError(f"{base}: the static base manifests (raycluster/, rayservice/) must be there; "
+                                "overlays refer to them")
+    files = render(tenants, base)
+    written = write_rendered(files, out)
+    schema = write_schema(tenants.path)
+    print(f"rendered {len(written)} files from {tenants.path} into {out} "
+          f"({len(tenants.institutions)} institutions, {len(tenants.teams) - len(tenants.local_teams)} teams); "
+          f"schema: {schema}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .check import check_everything, default_crd_dir
+
+    crds = Path(args.crds) if args.crds else default_crd_dir()
+    if not crds.is_dir():
+        raise FileNotFoundError(f"{crds}: CRD schemas not found; give --crds DIR or set $BIOMEDGPT_CRDS "
+                                "(the KubeRay and Kueue CustomResourceDefinition YAML files)")
+    report = check_everything(args.tenants, k8s_dir=Path(args.k8s) if args.k8s else None, crd_dir=crds)
+    for problem in report.problems:
+        print(problem, file=sys.stderr)
+    if report.problems:
+        print(f"cluster validate: {len(report.problems)} problem(s) in {report.summary()}", file=sys.stderr)
+        return 1
+    print(f"cluster validate: OK: {report.summary()}")
+    return 0
+
+
+def _cmd_api_key(args: argparse.Namespace) -> int:
+    from ..tenancy import hash_api_key, load_tenants, new_api_key
+
+    tenants = load_tenants(args.tenants)
+    team = tenants.team(args.team)
+    if team.local_only:
+        raise ValueError(f"{args.team!r} is a local-only team; serving keys belong to departments")
+    key = new_api_key()
+    print(f"API key for {team.name} (give it to the client once; only its hash is stored):\n  {key}\n"
+          f"Add to {tenants.path} under {team.where}.apiKeys:\n"
+          f"  - id: {args.id or team.department + '-key'}\n    hash: {hash_api_key(key)}")
+    return 0
+
+
+def _cmd_rayjob(args: argparse.Namespace) -> int:
+    from ..spec import load_spec
+    from ..tenancy import load_tenants
+    from .rayjob import RayJobOptions, rayjob_manifests
+    from .render import dump_yaml
+
+    spec = load_spec(args.spec)  # validated before anything else
+    tenants = load_tenants(args.tenants)
+    options = RayJobOptions(image=args.image, gpu_type=args.gpu_type, data_workers=args.data_workers,
+                            ttl_seconds=args.ttl, retries=args.retries, deadline_seconds=args.deadline)
+    docs = rayjob_manifests(spec, args.spec, tenants, options)
+    sys.stdout.write(dump_yaml(docs, f"# biomedgpt k8s rayjob {args.spec}: team {spec.team}, queue "
+                                     f"{docs[1]['metadata']['namespace']}/{docs[1]['metadata']['labels']['kueue.x-k8s.io/queue-name']}\n"))
+    return 0
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_cluster_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `cluster` (render, validate, api-key) and `k8s` (rayjob) to a `biomedgpt` subparsers object."""
+    cluster = subparsers.add_parser(
+        "cluster", help="the shared cluster as data: render k8s/ from cluster/tenants.yaml, validate it",
+        description="cluster/tenants.yaml describes who shares the Kubernetes GPU cluster; these commands turn it "
+                    "into Kubernetes manifests and check everything offline.")
+    csub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND")
+    csub.required = True
+
+    render = csub.add_parser(
+        "render", help="render k8s/ (kustomize) from the tenants file",
+        description="Write k8s/kustomization.yaml, k8s/kueue/ (ResourceFlavors, ClusterQueues in one cohort, "
+                    "WorkloadPriorityClasses), k8s/tenants/<institution>/ (Namespace, ResourceQuota, LimitRange, "
+                    "ServiceAccount, RBAC, LocalQueues) and k8s/overlays/<team>/ (the base RayCluster and "
+                    "RayService in the team's namespace and queue), plus tenants.schema.json beside the tenants "
+                    "file. k8s/base/ is static and left alone.")
+    _tenants_arg(render)
+    render.add_argument("--out", metavar="DIR", default=None,
+                        help="the k8s folder to write (default: k8s/ beside the tenants file's folder)")
+    render.set_defaults(func=_cmd_render)
+
+    validate = csub.add_parser(
+        "validate", help="validate tenants.yaml, every manifest, kustomize builds and launcher configs, offline",
+        description="Check the tenants file, that k8s/ is what it renders, every manifest (core kinds with "
+                    "kubernetes-validate --strict; KubeRay and Kueue kinds against their CRD schemas, strict, with "
+                    "CEL rules), `kubectl kustomize` of every overlay, names between objects, the RayJobs of "
+                    "cluster/jobs/ and the Ray cluster-launcher configs. Exit code 1 when anything is wrong.")
+    _tenants_arg(validate)
+    validate.add_argument("--k8s", metavar="DIR", default=None, help="the k8s folder (default: beside cluster/)")
+    validate.add_argument("--crds", metavar="DIR", default=None,
+                          help="folder of KubeRay and Kueue CRD YAML files (default: $BIOMEDGPT_CRDS, else "
+                               "../shared/schemas/crds beside the checkout)")
+    validate.set_defaults(func=_cmd_validate)
+
+    api_key = csub.add_parser(
+        "api-key", help="make a serving API key for a team and print the hash to store in tenants.yaml",
+        description="Print a fresh random API key and its salted scrypt hash; only the hash goes into "
+                    "tenants.yaml (apiKeys of the department), the key goes to the client.")
+    api_key.add_argument("team", help="the team (<institution>-<department>)")
+    api_key.add_argument("--id", default=None, help="the key's id in tenants.yaml (default: <department>-key)")
+    _tenants_arg(api_key)
+    api_key.set_defaults(func=_cmd_api_key)
+
+    k8s = subparsers.add_parser("k8s", help="Kubernetes manifests for job specs (KubeRay + Kueue)",
+                                description="Print Kubernetes manifests for job specs; pipe them to kubectl.")
+    ksub = k8s.add_subparsers(dest="k8s_command", metavar="SUBCOMMAND")
+    ksub.required = True
+    rayjob = ksub.add_parser(
+        "rayjob", help="print a RayJob (and its spec ConfigMap) for a job spec",
+        description="Admit SPEC for its team as a cluster run, then print a ConfigMap holding the spec and a "
+                    "KubeRay RayJob: queue label of the team's LocalQueue, priority class of the job kind, "
+                    "entrypoint `biomedgpt run SPEC`, worker groups sized from the spec (autoscaling off, as "
+                    "Kueue requires), shut down after it finishes, deleted after --ttl seconds. "
+                    "Use: biomedgpt k8s rayjob SPEC | kubectl apply -f -")
+    rayjob.add_argument("spec", help="job spec YAML")
+    _tenants_arg(rayjob)
+    rayjob.add_argument("--image", default=None, help="container image (default: cluster.image of the tenants file)")
+    rayjob.add_argument("--gpu-type", default=None,
+                        help="GPU type for the trainers (default: the first type the institution has enough quota of)")
+    rayjob.add_argument("--data-workers", type=_non_negative, default=2,
+                        help="cpu-preprocess pods for Ray Data (default 2)")
+    rayjob.add_argument("--ttl", type=_non_negative, default=3600,
+                        help="seconds a finished RayJob is kept before deletion (default 3600)")
+    rayjob.add_argument("--retries", type=_non_negative, default=1,
+                        help="new clusters after a failed one; each resumes the run from its latest checkpoint "
+                             "(default 1)")
+    rayjob.add_argument("--deadline", type=_positive, default=None,
+                        help="activeDeadlineSeconds: stop the job after this many seconds (default: none)")
+    rayjob.set_defaults(func=_cmd_rayjob)

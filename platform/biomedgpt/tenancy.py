@@ -1,0 +1,618 @@
+"""Who may use which data, storage prefix, queue and model: `cluster/tenants.yaml`.
+
+One file describes everyone who shares the cluster. Institutions hold GPU quotas (per GPU type,
+nominal / borrowable / lendable) and a Kubernetes namespace; their departments are the *teams* a job
+spec names, spelled `<institution>-<department>` (`stanford-like-radiology`). A team has storage
+prefixes (the only places it may write, and where it reads its own shards and models), dataset grants
+(open datasets; credentialed ones only with a credential the team holds, such as `physionet`) and the
+salted hashes of its serving API keys. Teams under `local.teams` (the demo's `demo`) exist only for
+runs outside the cluster.
+
+    tenants = load_tenants()                    # $BIOMEDGPT_TENANTS, ./cluster/tenants.yaml, or the repo's
+    admit(load_spec("jobs/x.yaml"), tenants)    # raises AdmissionError naming file, team, subject, rule
+    verify_api_key("stanford-like-radiology", key, tenants)
+
+Admission is a policy check at the doors (`biomedgpt run`, `submit`, `k8s rayjob`): the hard
+boundaries on the cluster are the namespace's RBAC, ResourceQuota and the storage credentials of the
+namespace's ServiceAccount, all rendered from this same file.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import posixpath
+import re
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import yaml
+
+from .cluster.quantity import parse_quantity
+
+TENANTS_ENV = "BIOMEDGPT_TENANTS"
+#: Set to 1 in every Ray pod the manifests describe: admission then refuses undeclared local paths.
+ON_CLUSTER_ENV = "BIOMEDGPT_ON_CLUSTER"
+JOB_KINDS = ("serve", "finetune", "evaluate", "pretrain")
+REPO = Path(__file__).resolve().parents[2]
+
+
+class TenancyError(ValueError):
+    """tenants.yaml is malformed or inconsistent; the message names the file and the field path."""
+
+
+class AdmissionError(ValueError):
+    """A job spec asks for something its team may not use. The message names the spec file, the team,
+    the dataset or storage location, and the rule."""
+
+    def __init__(self, spec_file: str, team: str, subject: str, rule: str, tenants_file: str = "") -> None:
+        self.spec_file, self.team, self.subject, self.rule = spec_file, team, subject, rule
+        where = f" (policy: {tenants_file})" if tenants_file else ""
+        super().__init__(f"{spec_file}: team {team!r} may not {subject}: {rule}{where}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model of the file
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Kueue quota of one resource: nominal, and how much may be borrowed / lent (None: unlimited)."""
+
+    nominal: Fraction
+    borrowing: Fraction | None = None
+    lending: Fraction | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class GpuType:
+    name: str
+    gpus: int
+    gpus_per_node: int
+    node_labels: Mapping[str, str]
+    cpus_per_gpu: int
+    memory_per_gpu: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Credential:
+    name: str
+    description: str
+    datasets: tuple[str, ...]
+    read_prefixes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Priority:
+    name: str
+    value: int
+    kinds: tuple[str, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    hash: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Serving:
+    model: str
+    gpu_type: str
+    min_replicas: int = 1
+    max_replicas: int = 1
+
+
+@dataclass(frozen=True)
+class Team:
+    """A department (or a local-only team): the `team` of a job spec."""
+
+    name: str
+    institution: str | None
+    department: str
+    storage: tuple[str, ...] = ()
+    credentials: tuple[str, ...] = ()
+    open_datasets: Literal["all"] | tuple[str, ...] = ()
+    credentialed_datasets: tuple[str, ...] = ()
+    serving: Serving | None = None
+    api_keys: tuple[ApiKey, ...] = ()
+    description: str = ""
+    where: str = ""
+
+    @property
+    def local_only(self) -> bool:
+        return self.institution is None
+
+    @property
+    def namespace(self) -> str | None:
+        """The Kubernetes namespace of the team's institution (None for local-only teams)."""
+        return self.institution
+
+    @property
+    def queue(self) -> str:
+        """The team's Kueue LocalQueue (in the institution's namespace)."""
+        return self.department
+
+
+@dataclass(frozen=True)
+class Institution:
+    name: str
+    display_name: str
+    groups: tuple[str, ...]
+    cpu: Limit
+    memory: Limit
+    gpus: Mapping[str, Limit]
+    departments: Mapping[str, Team]
+    fair_share_weight: float = 1.0
+    service_account_annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        return self.name
+
+
+@dataclass
+class Tenants:
+    path: Path
+    cluster_name: str
+    cohort: str
+    image: str
+    ray_version: str
+    cpu_flavor: str
+    cpus: Fraction
+    memory: Fraction
+    container_defaults: Mapping[str, str]
+    gpu_types: dict[str, GpuType]
+    shared_read_prefixes: tuple[str, ...]
+    priorities: dict[str, Priority]
+    credentials: dict[str, Credential]
+    institutions: dict[str, Institution]
+    local_any_path: bool
+    local_teams: dict[str, Team]
+    dataset_access: dict[str, str]
+    datasets_dir: Path | None
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def teams(self) -> dict[str, Team]:
+        """Every team by name: departments (`<institution>-<department>`) and local-only teams."""
+        out = {t.name: t for inst in self.institutions.values() for t in inst.departments.values()}
+        out.update(self.local_teams)
+        return out
+
+    def team(self, name: str) -> Team:
+        try:
+            return self.teams[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no team {name!r}; teams: {', '.join(sorted(self.teams))}") from None
+
+    def priority_for(self, kind: str) -> Priority:
+        """The WorkloadPriorityClass a job of this kind runs with."""
+        for p in self.priorities.values():
+            if kind in p.kinds:
+                return p
+        raise KeyError(f"{self.path}: priorities: no class for job kind {kind!r}")
+
+    def credentials_unlocking(self, dataset: str) -> list[str]:
+        return sorted(c.name for c in self.credentials.values() if dataset in c.datasets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def default_tenants_path() -> Path:
+    """$BIOMEDGPT_TENANTS, else ./cluster/tenants.yaml, else the checkout's cluster/tenants.yaml."""
+    if os.environ.get(TENANTS_ENV):
+        return Path(os.environ[TENANTS_ENV])
+    here = Path("cluster") / "tenants.yaml"
+    if here.is_file():
+        return here
+    return REPO / "cluster" / "tenants.yaml"
+
+
+def load_tenants(path: str | Path | None = None) -> Tenants:
+    """Read, schema-validate and cross-check tenants.yaml (raises TenancyError naming file and field)."""
+    p = Path(path) if path is not None else default_tenants_path()
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise TenancyError(f"{p}: cannot read tenants file: {err.strerror} (set ${TENANTS_ENV} to its path)") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        raise TenancyError(f"{p}: not valid YAML: {err}") from None
+    return tenants_from_dict(data, p)
+
+
+def _schema_errors(data: Any) -> list[str]:
+    import jsonschema
+
+    from .cluster.tenants_schema import SCHEMA
+
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    out = []
+    for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+        where = ".".join(str(p) for p in err.absolute_path) or "top level"
+        message = err.message
+        if err.validator == "additionalProperties" and err.validator_value is False:
+            message = message.replace("Additional properties are not allowed", "unknown key")
+        out.append(f"{where}: {message}")
+    return out
+
+
+def tenants_from_dict(data: Any, path: str | Path = "<tenants>") -> Tenants:
+    """Validate an already-parsed tenants document (see load_tenants)."""
+    p = Path(path)
+    errors = _schema_errors(data)
+    if errors:
+        raise TenancyError(f"{p}: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+
+    def fail(where: str, message: str) -> TenancyError:
+        return TenancyError(f"{p}: {where}: {message}")
+
+    def limit(d: Mapping[str, Any], where: str) -> Limit:
+        lim = Limit(parse_quantity(d["nominal"]),
+                    parse_quantity(d["borrowingLimit"]) if "borrowingLimit" in d else None,
+                    parse_quantity(d["lendingLimit"]) if "lendingLimit" in d else None, raw=d)
+        if lim.lending is not None and lim.lending > lim.nominal:
+            raise fail(f"{where}.lendingLimit", f"{d['lendingLimit']} exceeds the nominal quota {d['nominal']}")
+        return lim
+
+    c = data["cluster"]
+    gpu_types = {name: GpuType(name, g["gpus"], g["gpusPerNode"], dict(g["nodeLabels"]), g["cpusPerGpu"],
+                               str(g["memoryPerGpu"]), g.get("description", ""))
+                 for name, g in c["gpuTypes"].items()}
+    for g in gpu_types.values():
+        parse_quantity(g.memory_per_gpu)
+    credentials = {name: Credential(name, cr["description"], tuple(cr["datasets"]), tuple(cr.get("readPrefixes", ())))
+                   for name, cr in data["credentials"].items()}
+    datasets_dir = (p.parent / data["datasetSpecs"]).resolve() if "datasetSpecs" in data else None
+    access = _dataset_access(datasets_dir) if datasets_dir else {}
+    for name, cls in access.items():
+        unlocking = [cr.name for cr in credentials.values() if name in cr.datasets]
+        if cls == "open" and unlocking:
+            raise fail(f"credentials.{unlocking[0]}.datasets", f"{name!r} is open in {datasets_dir}/{name}.yaml")
+
+    priorities = {name: Priority(name, pr["value"], tuple(pr["kinds"]), pr.get("description", ""))
+                  for name, pr in data["priorities"].items()}
+    for kind in JOB_KINDS:
+        holders = [pr.name for pr in priorities.values() if kind in pr.kinds]
+        if len(holders) != 1:
+            raise fail("priorities", f"job kind {kind!r} must map to exactly one class, got {holders or 'none'}")
+    values = [pr.value for pr in priorities.values()]
+    if len(set(values)) != len(values):
+        raise fail("priorities", f"values must differ (Kueue orders by them), got {values}")
+
+    def grants(d: Mapping[str, Any], where: str, held: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
+        open_ = d["open"] if d["open"] == "all" else tuple(d["open"])
+        for name in () if open_ == "all" else open_:
+            if any(name in cr.datasets for cr in credentials.values()):
+                raise fail(f"{where}.open", f"{name!r} is credentialed (listed under credential "
+                                            f"{[cr.name for cr in credentials.values() if name in cr.datasets]}); "
+                                            "grant it under `credentialed`")
+        cred = tuple(d.get("credentialed", ()))
+        for name in cred:
+            unlocking = [cr.name for cr in credentials.values() if name in cr.datasets]
+            if not unlocking:
+                raise fail(f"{where}.credentialed", f"{name!r} is listed under no credential in `credentials`")
+            if not set(unlocking) & set(held):
+                raise fail(f"{where}.credentialed", f"{name!r} needs credential {' or '.join(unlocking)!s}, "
+                                                    f"which this team does not hold (credentials: {list(held)})")
+        return open_, cred
+
+    institutions: dict[str, Institution] = {}
+    team_names: dict[str, str] = {}
+    for iname, inst in data["institutions"].items():
+        iwhere = f"institutions.{iname}"
+        q = inst["quota"]
+        gpus = {}
+        for gname, gl in q["gpus"].items():
+            if gname not in gpu_types:
+                raise fail(f"{iwhere}.quota.gpus.{gname}", f"unknown GPU type; cluster.gpuTypes: {sorted(gpu_types)}")
+            gpus[gname] = limit(gl, f"{iwhere}.quota.gpus.{gname}")
+        departments = {}
+        for dname, dep in inst["departments"].items():
+            dwhere = f"{iwhere}.departments.{dname}"
+            team = f"{iname}-{dname}"
+            if len(team) > 63:
+                raise fail(dwhere, f"team name {team!r} is longer than 63 characters")
+            held = tuple(dep.get("credentials", ()))
+            for cname in held:
+                if cname not in credentials:
+                    raise fail(f"{dwhere}.credentials", f"unknown credential {cname!r}; known: {sorted(credentials)}")
+            open_, cred = grants(dep["datasets"], f"{dwhere}.datasets", held)
+            serving = None
+            if "serving" in dep:
+                s = dep["serving"]
+                serving = Serving(s["model"], s["gpuType"], s.get("minReplicas", 1), s.get("maxReplicas", 1))
+                if serving.gpu_type not in gpus:
+                    raise fail(f"{dwhere}.serving.gpuType", f"{serving.gpu_type!r}: the institution has no quota "
+                                                           f"for it (quota.gpus: {sorted(gpus)})")
+                if serving.min_replicas > serving.max_replicas:
+                    raise fail(f"{dwhere}.serving", "minReplicas exceeds maxReplicas")
+                readable = list(dep["storage"]) + list(c.get("sharedReadPrefixes", ()))
+                if not under(serving.model, readable):
+                    raise fail(f"{dwhere}.serving.model", f"{serving.model} is under none of the department's "
+                                                         f"storage prefixes nor the shared read prefixes")
+            keys = tuple(ApiKey(k["id"], k["hash"], k.get("description", "")) for k in dep.get("apiKeys", ()))
+            if len({k.id for k in keys}) != len(keys):
+                raise fail(f"{dwhere}.apiKeys", "key ids must be unique")
+            departments[dname] = Team(team, iname, dname, tuple(dep["storage"]), held, open_, cred, serving, keys,
+                                      dep.get("description", ""), dwhere)
+            if team in team_names:
+                raise fail(dwhere, f"team name {team!r} is also {team_names[team]}")
+            team_names[team] = dwhere
+        institutions[iname] = Institution(iname, inst["displayName"], tuple(inst["groups"]),
+                                          limit(q["cpu"], f"{iwhere}.quota.cpu"),
+                                          limit(q["memory"], f"{iwhere}.quota.memory"), gpus, departments,
+                                          float(inst.get("fairShareWeight", 1)),
+                                          dict(inst.get("serviceAccountAnnotations", {})))
+
+    # The quota arithmetic: the nominal quotas share out exactly the cluster's inventory.
+    cpus, memory = parse_quantity(c["cpu"]["cpus"]), parse_quantity(c["cpu"]["memory"])
+    for what, total, got in (("cpus", cpus, sum((i.cpu.nominal for i in institutions.values()), Fraction(0))),
+                             ("memory", memory, sum((i.memory.nominal for i in institutions.values()), Fraction(0)))):
+        if got != total:
+            raise fail(f"cluster.cpu.{what}", f"the institutions' nominal quotas add up to {_num(got)}, "
+                                              f"not the inventory {c['cpu'][what]}")
+    for g in gpu_types.values():
+        got = sum((i.gpus[g.name].nominal for i in institutions.values() if g.name in i.gpus), Fraction(0))
+        if got != g.gpus:
+            raise fail(f"cluster.gpuTypes.{g.name}.gpus", f"the institutions' nominal quotas add up to {_num(got)} "
+                                                          f"GPUs, not the inventory {g.gpus}")
+
+    local = data.get("local", {"anyLocalPath": False})
+    local_teams = {}
+    for tname, t in local.get("teams", {}).items():
+        where = f"local.teams.{tname}"
+        if tname in team_names:
+            raise fail(where, f"team name {tname!r} is also {team_names[tname]}")
+        open_, cred = grants(t["datasets"], f"{where}.datasets", ())
+        local_teams[tname] = Team(tname, None, tname, (), (), open_, cred, description=t.get("description", ""),
+                                  where=where)
+
+    # Prefixes of different teams must not nest, or one team could write into another's area.
+    owners = [(pre, t.name) for inst in institutions.values() for t in inst.departments.values() for pre in t.storage]
+    for i, (a, ta) in enumerate(owners):
+        for b, tb in owners[i + 1:]:
+            if ta != tb and (_norm(a).startswith(_norm(b)) or _norm(b).startswith(_norm(a))):
+                raise fail("institutions", f"storage prefixes overlap: {a} ({ta}) and {b} ({tb})")
+
+    return Tenants(
+        path=p, cluster_name=c["name"], cohort=c["cohort"], image=c["image"], ray_version=c["rayVersion"],
+        cpu_flavor=c["cpu"]["flavor"], cpus=cpus, memory=memory,
+        container_defaults={k: str(v) for k, v in c.get("containerDefaults", {"cpu": "500m", "memory": "1Gi"}).items()},
+        gpu_types=gpu_types, shared_read_prefixes=tuple(c.get("sharedReadPrefixes", ())), priorities=priorities,
+        credentials=credentials, institutions=institutions, local_any_path=bool(local["anyLocalPath"]),
+        local_teams=local_teams, dataset_access=access, datasets_dir=datasets_dir, raw=data)
+
+
+def _num(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else str(float(x))
+
+
+def _dataset_access(directory: Path) -> dict[str, str]:
+    """Access class (open | credentialed) of every datasets_spec/*.yaml, read from the `access` key only."""
+    out = {}
+    for f in sorted(directory.glob("*.yaml")):
+        try:
+            d = yaml.safe_load(f.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise TenancyError(f"{f}: cannot read the dataset's access class: {err}") from None
+        if isinstance(d, dict) and d.get("access") in ("open", "credentialed"):
+            out[str(d.get("name", f.stem))] = d["access"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage locations
+# ----------------------------------------------------------------------------------------------
+
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.I)
+
+
+def _norm(location: str) -> str:
+    """A comparable form of a location, ending with "/": `s3://bucket/a/b/`, `/abs/path/`; `..` resolved."""
+    m = _SCHEME.match(location)
+    if m and m.group(1).lower() != "file":
+        scheme, rest = m.group(1).lower(), m.group(2)
+        bucket, _, key = rest.partition("/")
+        key = posixpath.normpath("/" + key).lstrip("/")
+        return f"{scheme}://{bucket}/{key + '/' if key else ''}"
+    path = m.group(2) if m else location
+    path = os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+    return path.rstrip("/") + "/"
+
+
+def is_local_location(location: str) -> bool:
+    m = _SCHEME.match(location)
+    return m is None or m.group(1).lower() == "file"
+
+
+def under(location: str, prefixes: Iterable[str]) -> str | None:
+    """The first prefix that contains location, or None."""
+    loc = _norm(location)
+    for pre in prefixes:
+        if loc.startswith(_norm(pre)):
+            return pre
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Admission
+# ----------------------------------------------------------------------------------------------
+
+
+def on_cluster_from_env() -> bool:
+    return os.environ.get(ON_CLUSTER_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def admit(spec: Any, tenants: Tenants, *, on_cluster: bool | None = None) -> None:
+    """Refuse (AdmissionError) a job spec whose team may not read one of its datasets, read its shards
+    or initial model, or write its run directory (`<storage>/<team>/<name>`) or the shards it builds.
+
+    `on_cluster` (default: $BIOMEDGPT_ON_CLUSTER, which the cluster's Ray pods set): on the cluster,
+    local paths are allowed only under a team's declared prefixes; outside it, any local path is
+    allowed when tenants.yaml says `local.anyLocalPath: true`.
+    """
+    on_cluster = on_cluster_from_env() if on_cluster is None else on_cluster
+    src, policy = getattr(spec, "source", "<spec>"), str(tenants.path)
+
+    def refuse(subject: str, rule: str) -> AdmissionError:
+        return AdmissionError(src, spec.team, subject, rule, policy)
+
+    team = tenants.teams.get(spec.team)
+    if team is None:
+        raise refuse("run jobs", "the team is not a department in tenants.yaml (teams are named "
+                                 f"<institution>-<department>: {', '.join(sorted(tenants.teams))})")
+    if team.local_only and on_cluster:
+        raise refuse("run on the cluster", f"{team.name!r} is a local-only team ({team.where}); name a department")
+
+    data = getattr(spec, "data", None)
+    if data is not None:
+        seen = set()
+        for ref in list(data.train) + list(data.eval):
+            if ref.dataset not in seen:
+                seen.add(ref.dataset)
+                _admit_dataset(team, ref.dataset, tenants, refuse)
+    _admit_location(team, spec.run_dir, "write", "output (run directory)", tenants, on_cluster, refuse)
+    if data is not None:
+        if data.build:
+            _admit_location(team, data.shards, "write", "shards it builds", tenants, on_cluster, refuse)
+        else:
+            _admit_location(team, data.shards, "read", "shards", tenants, on_cluster, refuse)
+    init = getattr(getattr(spec, "model", None), "init", None)
+    if init:
+        _admit_location(team, init, "read", "initial model", tenants, on_cluster, refuse)
+
+
+def _admit_dataset(team: Team, dataset: str, tenants: Tenants, refuse) -> None:
+    access = tenants.dataset_access.get(dataset)
+    unlocking = tenants.credentials_unlocking(dataset)
+    subject = f"read dataset {dataset!r}"
+    if access is None and not unlocking:
+        raise refuse(subject, "it is not described in datasets_spec/ nor listed under a credential, so its access "
+                              "class is unknown")
+    if access == "credentialed" or unlocking:
+        if not unlocking:
+            raise refuse(subject, "it is credentialed and no credential in tenants.yaml unlocks it")
+        if not set(unlocking) & set(team.credentials):
+            raise refuse(subject, f"credentialed datasets need a credential the team holds: {dataset} needs "
+                                  f"{' or '.join(unlocking)}, the team holds {list(team.credentials) or 'none'}")
+        if dataset not in team.credentialed_datasets:
+            raise refuse(subject, f"credentialed dataset not granted to the team ({team.where}.datasets.credentialed: "
+                                  f"{list(team.credentialed_datasets)})")
+        return
+    if team.open_datasets != "all" and dataset not in team.open_datasets:
+        raise refuse(subject, f"open dataset not granted to the team ({team.where}.datasets.open: "
+                              f"{list(team.open_datasets)})")
+
+
+def _admit_location(team: Team, location: str, mode: str, what: str, tenants: Tenants, on_cluster: bool,
+                    refuse) -> None:
+    prefixes = list(team.storage)
+    if mode == "read":
+        prefixes += list(tenants.shared_read_prefixes)
+        for cname in team.credentials:
+            prefixes += list(tenants.credentials[cname].read_prefixes)
+    if under(location, prefixes):
+        return
+    subject = f"{mode} {location} ({what})"
+    if is_local_location(location):
+        if on_cluster:
+            raise refuse(subject, "on the cluster a local path is allowed only under one of the team's storage "
+                                  f"prefixes ({', '.join(prefixes) or 'none'})")
+        if tenants.local_any_path:
+            return
+        raise refuse(subject, "tenants.yaml does not allow local paths (local.anyLocalPath is false) and the path is "
+                              f"under none of the team's prefixes ({', '.join(prefixes) or 'none'})")
+    rule = (f"a team may {mode} only under its storage prefixes" + (", the shared read prefixes and its "
+            "credentials' prefixes" if mode == "read" else "") + f": {', '.join(prefixes) or 'none'}")
+    raise refuse(subject, rule)
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving API keys
+# ----------------------------------------------------------------------------------------------
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+MIN_KEY_CHARS = 20
+_HASH = re.compile(r"^scrypt\$n=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
+_cache: OrderedDict[tuple[str, bytes], bool] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def new_api_key() -> str:
+    """A fresh random API key (43 URL-safe characters, 256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P, salt: bytes | None = None) -> str:
+    """`scrypt$n=..,r=..,p=..$<salt>$<digest>` (base64) of an API key, with a fresh 16-byte salt: the form
+    tenants.yaml stores. Keys shorter than 20 characters are refused."""
+    if len(key) < MIN_KEY_CHARS:
+        raise ValueError(f"API keys must have at least {MIN_KEY_CHARS} characters (use new_api_key())")
+    salt = os.urandom(16) if salt is None else salt
+    digest = hashlib.scrypt(key.encode(), salt=salt, n=n, r=r, p=p, dklen=32, maxmem=128 * r * (n + p + 2))
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"scrypt$n={n},r={r},p={p}${b64(salt)}${b64(digest)}"
+
+
+def _key_matches(stored: str, key: str) -> bool:
+    m = _HASH.match(stored)
+    if not m:
+        return False
+    n, r, p = (int(m.group(i)) for i in (1, 2, 3))
+    fingerprint = hashlib.sha256(key.encode()).digest()
+    with _cache_lock:
+        if (stored, fingerprint) in _cache:
+            _cache.move_to_end((stored, fingerprint))
+            return _cache[(stored, fingerprint)]
+    salt, digest = base64.b64decode(m.group(4)), base64.b64decode(m.group(5))
+    got = hashlib.scrypt(key.encode(), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=128 * r * (n + p + 2))
+    ok = hmac.compare_digest(got, digest)
+    with _cache_lock:  # scrypt costs ~50 ms; a serving replica sees the same keys again and again
+        _cache[(stored, fingerprint)] = ok
+        while len(_cache) > 4096:
+            _cache.popitem(last=False)
+    return ok
+
+
+def verify_api_key(department: str, key: str, tenants: Tenants) -> bool:
+    """True when `key` is one of the team's serving API keys (team named as in job specs,
+    `<institution>-<department>`). Unknown teams and malformed keys are simply False."""
+    team = tenants.teams.get(department)
+    if team is None or not isinstance(key, str) or not key:
+        return False
+    return any(_key_matches(k.hash, key) for k in team.api_keys)
