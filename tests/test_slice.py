@@ -62,7 +62,9 @@ def test_demo_command_runs_the_whole_slice(tmp_path):
     assert set(summary["evaluation"]["vqa_rad/test"]) >= {"accuracy", "closed_accuracy", "open_accuracy",
                                                           "majority_baseline"}
     assert "[train] step 4/4" in log and "A: " in log and "serving " in log
-    assert (run_dir / "logs" / "metrics.csv").is_file()
+    assert (run_dir / "logs" / "metrics.csv").is_file() and (run_dir / "loss.png").is_file()
+    assert json.loads((run_dir / "report.json").read_text())["steps"] == 4
+    assert list((run_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -73,11 +75,12 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(1)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     """`ray start --head --block` on 127.0.0.1; stopping that process stops exactly this head."""
     from biomedgpt.runner import free_port
 
+    tmp_path = tmp_path_factory.mktemp("head")
     port, dash = free_port(), free_port()
     log = open(tmp_path / "head.log", "w")
     # Ray's socket paths must stay under 107 bytes: a short temp dir, not pytest's long one.
@@ -98,11 +101,13 @@ def ray_head(tmp_path):
             return True
         try:
             urllib.request.urlopen(address + "/api/version", timeout=5)
-            return True
         except urllib.error.HTTPError:
-            return True
+            pass  # answering at all (it may ask for the token) is enough here
         except OSError:
             return False
+        check = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
+                               text=True, timeout=60, env=dict(env(), RAY_AUTH_MODE="token"))
+        return check.returncode == 0
 
     try:
         wait_for(up, 180, "the Ray head's job API did not come up")
@@ -123,13 +128,55 @@ def test_ray_job_submit_runs_a_spec_against_a_local_head(ray_head, tmp_path):
     spec = mini_spec(tmp_path, name="submitted")
     e = env()
     e["RAY_AUTH_MODE"] = "token"
-    proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
-         "biomedgpt", "run", str(spec)],
-        capture_output=True, text=True, timeout=900, env=e, cwd=REPO)
-    log = proc.stdout + proc.stderr
+    for _ in range(6):  # a head that just started may have no job agent yet
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
+             "biomedgpt", "run", str(spec)],
+            capture_output=True, text=True, timeout=900, env=e, cwd=REPO)
+        log = proc.stdout + proc.stderr
+        if "No available agent" not in log:
+            break
+        time.sleep(5)
     assert proc.returncode == 0, log[-5000:]
     assert "succeeded" in log.lower()
     run_dir = tmp_path / "runs" / "demo" / "submitted"
     assert (run_dir / "export" / "model.safetensors").is_file()
     assert json.loads((run_dir / "result.json").read_text())["evaluation"]["vqa_rad/test"]["count"] == 8
+
+
+def test_biomedgpt_submit_follows_the_job_to_success(ray_head, tmp_path):
+    spec = mini_spec(tmp_path, name="wrapped")
+    spec_in_repo = REPO / "tests" / "submitted-specs" / spec.name  # uploaded with the working dir (not ignored)
+    spec_in_repo.parent.mkdir(parents=True, exist_ok=True)
+    spec_in_repo.write_text(spec.read_text())
+    try:
+        proc = subprocess.run([sys.executable, "-m", "biomedgpt.cli", "submit", str(spec_in_repo.relative_to(REPO)),
+                               "--address", ray_head], capture_output=True, text=True, timeout=900, env=env(), cwd=REPO)
+    finally:
+        spec_in_repo.unlink()
+        spec_in_repo.parent.rmdir()
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "[submit] job demo-wrapped-" in log and "SUCCEEDED" in log
+    assert "[train] step 4/4" in log  # the job's own log, followed
+    assert (tmp_path / "runs" / "demo" / "wrapped" / "export" / "model.safetensors").is_file()
+
+
+def test_submit_refuses_a_spec_that_would_not_be_uploaded():
+    ignored = REPO / "runs" / "ignored-spec.yaml"  # runs/ is git-ignored
+    ignored.parent.mkdir(exist_ok=True)
+    ignored.write_text((REPO / "jobs" / "demo" / "vqa_rad.yaml").read_text())
+    try:
+        proc = subprocess.run([sys.executable, "-m", "biomedgpt.cli", "submit", "runs/ignored-spec.yaml", "--address",
+                               "http://127.0.0.1:9"], capture_output=True, text=True, timeout=120, env=env(), cwd=REPO)
+    finally:
+        ignored.unlink()
+    assert proc.returncode == 2 and "ignored by .gitignore" in proc.stderr
+
+
+def test_submit_refuses_a_bad_spec_before_contacting_the_cluster(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "jobs" / "demo" / "vqa_rad.yaml").read_text().replace("workers: 2", "wrokers: 2"))
+    proc = subprocess.run([sys.executable, "-m", "biomedgpt.cli", "submit", str(bad), "--address", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=120, env=env())
+    assert proc.returncode == 2 and "trainer.wrokers: unknown field (did you mean 'workers'?)" in proc.stderr

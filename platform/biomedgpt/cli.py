@@ -5,11 +5,14 @@
     biomedgpt shards inspect|verify URL        counts and samples / checksums of built shards
     biomedgpt shards datasets                  the datasets with a converter
     biomedgpt run SPEC                         run a job spec (locally, or under `ray job submit`)
+    biomedgpt submit SPEC --address URL        submit a job spec to a Ray cluster, follow its log
     biomedgpt serve MODEL_DIR                  serve an exported model over HTTP (Ray Serve)
     biomedgpt export CHECKPOINT OUT            a training checkpoint -> model directory
     biomedgpt model info SIZE [--json]         config and parameter count of a named size
     biomedgpt convert SRC DST [--config C]     official checkpoint -> our model directory
     biomedgpt score --task T --predictions P --references R    metrics as JSON
+    biomedgpt cluster render|validate|api-key  the shared cluster from cluster/tenants.yaml
+    biomedgpt k8s rayjob SPEC                  a KubeRay RayJob (Kueue-queued) for a job spec
 
 Every subcommand has `--help`. Errors are printed as one line naming the file or field, exit code 2.
 """
@@ -66,6 +69,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(json.dumps({"run_dir": result.run_dir, "checkpoint": result.checkpoint, "export": result.export_dir,
                       "evaluation": result.evaluation}, indent=2, default=str))
     return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .submit import submit
+
+    return submit(args.spec, args.address, working_dir=args.working_dir, follow=not args.no_wait)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -126,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="job spec YAML (see jobs/)")
     run.set_defaults(func=_cmd_run)
 
+    submit = sub.add_parser("submit", help="submit a job spec to a Ray cluster and follow its log",
+                            description="Validates SPEC, then submits `biomedgpt run SPEC` through the Ray job API "
+                                        "(the working dir uploaded as the runtime env; token auth when the cluster "
+                                        "uses it; job id <team>-<name>-<time>) and prints the job's log until it "
+                                        "ends. Exit code 0 only when the job succeeded.")
+    submit.add_argument("spec", help="job spec YAML (inside --working-dir)")
+    submit.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
+    submit.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: .)")
+    submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    submit.set_defaults(func=_cmd_submit)
+
     serve = sub.add_parser("serve", help="serve an exported model directory over HTTP with Ray Serve")
     serve.add_argument("model_dir", help="model directory (from `biomedgpt export` or a run's export/)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -163,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate.score import add_score_parser
 
     add_score_parser(sub)
+
+    from .cluster.commands import add_cluster_commands
+
+    add_cluster_commands(sub)
     return parser
 
 

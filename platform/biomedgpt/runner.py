@@ -180,7 +180,7 @@ def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
             "model_config": model_config,
             "init_dir": spec.model.init,
             "log_dir": str((run_dir / "logs").resolve()),
-            "torch_threads": max(1, int(t.cpus_per_worker)) if not t.use_gpu else 4,
+            "torch_threads": t.torch_threads or (max(1, int(t.cpus_per_worker)) if not t.use_gpu else 4),
             "data": {
                 "groups": groups,
                 "shuffle_buffer": spec.data.shuffle_buffer,
@@ -207,7 +207,13 @@ def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
         raise RuntimeError(f"training failed: {result.error}")
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    say(f"training done in {time.time() - t0:.0f} s; latest checkpoint {result.checkpoint.path}")
+    train_seconds = time.time() - t0
+    say(f"training done in {train_seconds:.0f} s; latest checkpoint {result.checkpoint.path}")
+    from .train.report import write_report
+
+    final = write_report(run_dir, extra={"seconds": round(train_seconds, 1)})
+    say(f"report: {run_dir / 'report.md'} (loss {final.get('first_loss', float('nan')):.3f} -> "
+        f"{final.get('train/loss', float('nan')):.3f}; curves in loss.png, lr.png)")
     export_dir = run_dir / "export"
     with result.checkpoint.as_directory() as ckpt_dir:
         if export_dir.exists():
@@ -225,6 +231,11 @@ def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
 
 
 def run(spec: JobSpec) -> RunResult:
+    """Admit the spec (cluster/tenants.yaml: datasets the team may read, prefixes it may write),
+    then run it."""
+    from .tenancy import admit, load_tenants
+
+    admit(spec, load_tenants())
     if spec.kind in ("finetune", "pretrain"):
         return run_training(spec)
     if spec.kind == "evaluate":

@@ -117,12 +117,14 @@ training rank reads whole shards, so a dataset needs at least as many shards as 
 @dataclass
 class TrainerSpec:
     """How to train: workers, strategy, precision, batch, schedule (AdamW, linear warmup then linear
-    decay to 0, as the official recipes), checkpointing and retries. With FSDP, checkpoints are
+    decay to 0, as the official recipes), checkpointing and retries. `torch_threads` (default: the
+    whole CPUs reserved per worker, 4 on GPUs) sets each worker's intra-op threads. With FSDP, checkpoints are
     `sharded` (one file per rank, written in parallel) or `full` (one file gathered on rank 0)."""
 
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    torch_threads: int | None = None
     strategy: Literal["fsdp", "ddp"] = "fsdp"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     batch_size: int = 8
@@ -147,6 +149,7 @@ class TrainerSpec:
         checks = [
             (self.workers >= 1, "workers", "must be >= 1"),
             (self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0"),
+            (self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
             (self.grad_accumulation >= 1, "grad_accumulation", "must be >= 1"),
             (self.max_steps >= 1, "max_steps", "must be >= 1"),

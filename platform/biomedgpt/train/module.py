@@ -21,6 +21,22 @@ from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from .schedule import warmup_linear_decay
 
 
+# Dense bf16 peak FLOP/s per GPU, for model FLOPs utilisation (MFU); matched on the device name.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12,
+                   "A5000": 111e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak FLOP/s, or None on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
 class BiomedGPTModule(L.LightningModule):
     def __init__(
         self,
@@ -70,6 +86,7 @@ class BiomedGPTModule(L.LightningModule):
             dtype = getattr(torch, self.hparams.param_dtype) if self.hparams.param_dtype else None
             apply_fsdp(model, self.device_mesh["data_parallel"], param_dtype=dtype)
         self.model = model
+        self._n_params = sum(p.numel() for p in model.parameters())
 
     # -- training --------------------------------------------------------------------------------
 
@@ -103,6 +120,11 @@ class BiomedGPTModule(L.LightningModule):
                 world = self.trainer.world_size
                 self.log("train/samples_per_s", self._samples * world / dt, on_step=True)
                 self.log("train/tokens_per_s", self._tokens * world / dt, on_step=True)
+                peak = peak_flops(self.device)
+                if peak:
+                    # model FLOPs utilisation: ~6 FLOPs per parameter per token (forward + backward)
+                    flops = 6 * self._n_params * self._tokens * world / dt
+                    self.log("train/mfu", flops / (peak * world), on_step=True)
             self._t_last, self._samples, self._tokens = now, 0, 0
 
     def on_train_start(self) -> None:

@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.data
     import ray.train
     import torch
-    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from ..data.pipeline import TRAIN_COLUMNS
     from ..data.stream import ShardStream
@@ -103,7 +103,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           batch_size=t["batch_size"], seed=t["seed"], preprocess=data["preprocess"],
                           columns=TRAIN_COLUMNS, shuffle_buffer=data["shuffle_buffer"])
     callbacks: list[L.Callback] = [checkpointer, DataPosition(batches), ProgressPrinter(t["max_steps"], t["log_every"])]
-    logger = CSVLogger(config["log_dir"], name="", version="") if ctx.get_world_rank() == 0 else False
+    logger: Any = False
+    if ctx.get_world_rank() == 0:  # metrics.csv for the report, TensorBoard events for people
+        logger = [CSVLogger(config["log_dir"], name="", version=""),
+                  TensorBoardLogger(config["log_dir"], name="", version="tensorboard", default_hp_metric=False)]
     trainer = make_lightning_trainer(t, callbacks, logger)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
