@@ -61,12 +61,12 @@ def test_every_rank_gets_the_same_number_of_batches():
     assert batches_per_epoch(plan, 2, 4) == (2 * 13) // 4  # the smaller rank decides
 
 
-def make_stream(small_shards, tokenizer_dir, rank=0, world=2, batch=8):
+def make_stream(small_shards, tokenizer_dir, rank=0, world=2, batch=8, min_rows=4096):
     shards = list_shards(small_shards, "vqa_rad", "train")
     pre = dict(task_name="vqa", tokenizer_dir=tokenizer_dir, image_size=16, max_source_length=24,
                max_target_length=8)
     return ShardStream([(shards, 1.0)], rank=rank, world=world, batch_size=batch, seed=3, preprocess=pre,
-                       columns=COLUMNS, shuffle_buffer=32, as_torch=False)
+                       columns=COLUMNS, shuffle_buffer=32, as_torch=False, min_rows_per_read=min_rows)
 
 
 def epoch_ids(stream, n_batches):
@@ -87,15 +87,16 @@ def test_one_epoch_reads_each_sample_once_across_ranks(small_shards, demo_tokeni
     assert streams[0].position == {"epoch": 1, "batches": 1} and nxt != ids[0][:8]
 
 
-def test_resume_continues_exactly_where_the_stream_stopped(small_shards, demo_tokenizer_dir, ray_local):
-    full = make_stream(small_shards, demo_tokenizer_dir)
+@pytest.mark.parametrize("min_rows", [1, 4096], ids=["epoch-per-read", "epochs-grouped"])
+def test_resume_continues_exactly_where_the_stream_stopped(small_shards, demo_tokenizer_dir, ray_local, min_rows):
+    full = make_stream(small_shards, demo_tokenizer_dir, min_rows=min_rows)
     per_epoch = batches_per_epoch(plan_epoch(full.groups, 0, 3), 2, 8)
     reference = epoch_ids(full, per_epoch + 3)  # into the second epoch
     for stop in (5, per_epoch + 1):  # inside a shuffle window / inside the next epoch
-        first = make_stream(small_shards, demo_tokenizer_dir)
+        first = make_stream(small_shards, demo_tokenizer_dir, min_rows=min_rows)
         head = epoch_ids(first, stop)
         position = first.position
-        resumed = make_stream(small_shards, demo_tokenizer_dir)
+        resumed = make_stream(small_shards, demo_tokenizer_dir, min_rows=min_rows)
         resumed.seek(position)
         tail = epoch_ids(resumed, per_epoch + 3 - stop)
         assert head + tail == reference

@@ -76,7 +76,7 @@ class ShardStream:
 
     def __init__(self, groups: Sequence[tuple[Sequence[ShardInfo], float]], *, rank: int, world: int,
                  batch_size: int, seed: int, preprocess: dict[str, Any], columns: Sequence[str],
-                 shuffle_buffer: int = 256, as_torch: bool = True) -> None:
+                 shuffle_buffer: int = 256, as_torch: bool = True, min_rows_per_read: int = 4096) -> None:
         self.groups = [(list(s), float(w)) for s, w in groups]
         self.rank, self.world = rank, world
         self.batch_size = batch_size
@@ -85,6 +85,7 @@ class ShardStream:
         self.columns = list(columns)
         self.shuffle_buffer = shuffle_buffer
         self.as_torch = as_torch
+        self.min_rows_per_read = min_rows_per_read
         self.epoch = 0
         self.batches_in_epoch = 0
         plan = plan_epoch(self.groups, 0, seed)
@@ -110,16 +111,12 @@ class ShardStream:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _rows(self, shards: Sequence[ShardInfo], skip_rows: int) -> Iterator[dict[str, np.ndarray]]:
-        """Preprocessed rows of `shards` in order, as numpy batches, minus the first `skip_rows`."""
+    def _read(self, shards: Sequence[ShardInfo]) -> Iterator[dict[str, np.ndarray]]:
+        """Preprocessed rows of `shards`, in order, as numpy batches (one Ray Data execution)."""
         import ray.data
 
         from .pipeline import preprocess_batch
 
-        # Whole shards inside the skipped region are not read at all.
-        while shards and skip_rows >= shards[0].samples:
-            skip_rows -= shards[0].samples
-            shards = shards[1:]
         if not shards:
             return
         fs, _ = storage.pyarrow_filesystem(shards[0].url)
@@ -128,62 +125,7 @@ class ShardStream:
         ctx.execution_options.preserve_order = True  # plan order is what the position refers to
         ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, override_num_blocks=len(paths))
         ds = ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=64, fn_kwargs=self.preprocess)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            n = len(batch[self.columns[0]])
-            if skip_rows >= n:
-                skip_rows -= n
-                continue
-            if skip_rows:
-                batch = {k: v[skip_rows:] for k, v in batch.items()}
-                skip_rows = 0
-            yield batch
-
-    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
-        """This epoch's batches from the current position on.
-
-        Rows are shuffled within fixed windows of `window` rows (a multiple of the batch size), each
-        permuted by (seed, epoch, rank, window index): the position (batches done) then names a window
-        and an offset in it, so a resumed epoch yields exactly the batches the interrupted one had not.
-        """
-        plan = plan_epoch(self.groups, self.epoch, self.seed)
-        per_epoch = batches_per_epoch(plan, self.world, self.batch_size)
-        if self.batches_in_epoch >= per_epoch:
-            return
-        mine = rank_shards(plan, self.rank, self.world)
-        window = max(1, self.shuffle_buffer // self.batch_size) * self.batch_size
-        per_window = window // self.batch_size
-        w_index = self.batches_in_epoch // per_window
-        skip_in_window = self.batches_in_epoch % per_window
-        pending: dict[str, list[np.ndarray]] = {c: [] for c in self.columns}
-        n_pending = 0
-
-        def flush(rows: dict[str, np.ndarray], n: int, index: int, skip: int) -> Iterator[dict[str, Any]]:
-            order = np.random.default_rng([self.seed, self.epoch, self.rank, index]).permutation(n)
-            for i in range(skip, n // self.batch_size):
-                if self.batches_in_epoch >= per_epoch:
-                    return
-                sel = order[i * self.batch_size:(i + 1) * self.batch_size]
-                yield self._emit({c: rows[c][sel] for c in self.columns})
-
-        for rows in self._rows(mine, w_index * window):
-            for c in self.columns:
-                pending[c].append(rows[c])
-            n_pending += len(rows[self.columns[0]])
-            while n_pending >= window:
-                cat = {c: np.concatenate(pending[c]) for c in self.columns}
-                yield from flush({c: cat[c][:window] for c in self.columns}, window, w_index, skip_in_window)
-                pending = {c: [cat[c][window:]] for c in self.columns}
-                n_pending -= window
-                w_index += 1
-                skip_in_window = 0
-                if self.batches_in_epoch >= per_epoch:
-                    return
-        if n_pending:
-            cat = {c: np.concatenate(pending[c]) for c in self.columns}
-            yield from flush(cat, n_pending, w_index, skip_in_window)
-        if self.batches_in_epoch < per_epoch:
-            raise RuntimeError(f"rank {self.rank} read fewer rows than its {per_epoch} batches of epoch {self.epoch} "
-                               "need; a shard holds fewer samples than its manifest says")
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
     def _emit(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         self.batches_in_epoch += 1
@@ -194,7 +136,90 @@ class ShardStream:
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batches from the current position on, forever.
+
+        Rows are shuffled within fixed windows of `window` rows (a multiple of the batch size), each
+        permuted by (seed, epoch, rank, window index): the position (batches done) names a window and
+        an offset in it, so a resumed stream yields exactly the batches the interrupted one had not.
+        Short epochs are read several at a time (at least `min_rows_per_read` rows per Ray Data
+        execution) so that small datasets do not pay a pipeline start-up every few steps.
+        """
+        window = max(1, self.shuffle_buffer // self.batch_size) * self.batch_size
+        per_window = window // self.batch_size
         while True:
-            yield from self._epoch_batches()
-            self.epoch += 1
-            self.batches_in_epoch = 0
+            epochs, rows = [], 0
+            e = self.epoch
+            while not epochs or (rows < self.min_rows_per_read and len(epochs) < 1000):
+                plan = plan_epoch(self.groups, e, self.seed)
+                mine = rank_shards(plan, self.rank, self.world)
+                epochs.append((e, batches_per_epoch(plan, self.world, self.batch_size), mine))
+                rows += sum(sh.samples for sh in mine)
+                e += 1
+            # Resume inside the first epoch: skip its consumed windows, whole shards unread.
+            w_index = self.batches_in_epoch // per_window
+            skip_rows = w_index * window
+            first = list(epochs[0][2])
+            while first and skip_rows >= first[0].samples:
+                skip_rows -= first[0].samples
+                first = first[1:]
+            skipped_whole = sum(sh.samples for sh in epochs[0][2]) - sum(sh.samples for sh in first)
+            reader = _RowReader(self._read(first + [sh for _, _, mine in epochs[1:] for sh in mine]), self.columns)
+            reader.skip(skip_rows)
+            for i, (epoch, per_epoch, mine) in enumerate(epochs):
+                epoch_rows = sum(sh.samples for sh in mine)
+                if i == 0:
+                    epoch_rows -= skipped_whole + skip_rows
+                    skip_in_window = self.batches_in_epoch % per_window
+                else:
+                    w_index, skip_in_window = 0, 0
+                while self.batches_in_epoch < per_epoch:
+                    n = min(window, epoch_rows)
+                    if n < self.batch_size:
+                        raise RuntimeError(f"rank {self.rank} ran out of rows in epoch {epoch} before its {per_epoch} "
+                                           "batches; a shard holds fewer samples than its manifest says")
+                    chunk = reader.take(n)
+                    epoch_rows -= n
+                    order = np.random.default_rng([self.seed, epoch, self.rank, w_index]).permutation(n)
+                    for j in range(skip_in_window, n // self.batch_size):
+                        if self.batches_in_epoch >= per_epoch:
+                            break
+                        sel = order[j * self.batch_size:(j + 1) * self.batch_size]
+                        yield self._emit({c: chunk[c][sel] for c in self.columns})
+                    w_index += 1
+                    skip_in_window = 0
+                reader.skip(epoch_rows)  # the tail every rank drops so that ranks stay equal
+                self.epoch, self.batches_in_epoch = epoch + 1, 0
+
+
+class _RowReader:
+    """Takes and skips exact numbers of rows from a stream of numpy batches."""
+
+    def __init__(self, batches: Iterator[dict[str, np.ndarray]], columns: Sequence[str]) -> None:
+        self.batches = batches
+        self.columns = list(columns)
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.count = 0
+
+    def _fill(self, n: int) -> None:
+        while self.count < n:
+            try:
+                batch = next(self.batches)
+            except StopIteration:
+                raise RuntimeError(f"the shards ended {n - self.count} rows early; a shard holds fewer samples "
+                                   "than its manifest says") from None
+            batch = {c: batch[c] for c in self.columns}
+            self.pending.append(batch)
+            self.count += len(batch[self.columns[0]])
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        self._fill(n)
+        cat = {c: np.concatenate([b[c] for b in self.pending]) if len(self.pending) > 1 else self.pending[0][c]
+               for c in self.columns}
+        rest = {c: cat[c][n:] for c in self.columns}
+        self.pending = [rest] if len(rest[self.columns[0]]) else []
+        self.count -= n
+        return {c: cat[c][:n] for c in self.columns}
+
+    def skip(self, n: int) -> None:
+        if n > 0:
+            self.take(n)

@@ -61,7 +61,9 @@ def make_lightning_trainer(t: dict[str, Any], callbacks: list[L.Callback], logge
     precision = t["precision"]
     if fsdp and precision == "bf16-mixed":
         precision = "32-true"  # FSDP2's MixedPrecisionPolicy does the casting (see make_module)
-    if fsdp:
+    if world == 1 and not fsdp:
+        strategy = "auto"  # one process: nothing to all-reduce, no DDP wrapper
+    elif fsdp:
         strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
                                          save_distributed_checkpoint=t.get("checkpoint_format", "sharded") == "sharded")
     else:
