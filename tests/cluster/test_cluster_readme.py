@@ -1,5 +1,5 @@
-"""cluster/README.md ("Running on a cluster"): its commands are the ones we built, with files and
-names that exist (as tests/test_readme.py does for the top-level README)."""
+"""The README's section "Running on a cluster": its commands are the ones we built, with files and
+names that exist (as tests/test_readme.py does for the rest of the README)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from cluster_testing import cluster_parser
 from biomedgpt.cluster.validate import load_documents
 
 REPO = Path(__file__).resolve().parents[2]
-README = (REPO / "cluster" / "README.md").read_text()
+_TEXT = (REPO / "README.md").read_text()
+README = _TEXT[_TEXT.index("## Running on a cluster"):]
+README = README[:README.index("\n## ", 1)]
 
 
 def commands() -> list[str]:
