@@ -41,6 +41,8 @@ def mini_spec(tmp: Path, name: str = "mini-vqa-rad") -> Path:
 def env() -> dict[str, str]:
     e = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1")
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # a Ray of an earlier test is not this one
+        e.pop(var, None)
     return e
 
 

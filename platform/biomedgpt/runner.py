@@ -49,8 +49,8 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return True
     port = free_port()
-    # Train workers ask the dashboard's state API whether the controller lives (FIELD_NOTES).
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # Train workers ask the dashboard's state API whether the controller lives (FIELD_NOTES): they get
+    # its address through the runtime env only, so nothing started later by this process inherits it.
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},

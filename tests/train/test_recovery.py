@@ -47,6 +47,8 @@ def run_dir(tmp: Path, name: str) -> Path:
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1", **extra)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # a Ray of an earlier test is not this one
+        e.pop(var, None)
     return e
 
 
