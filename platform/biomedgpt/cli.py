@@ -84,7 +84,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve.app import start, stop
 
     ensure_ray()
-    url = start(args.model_dir, host=args.host, port=args.port)
+    url = start(args.model_dir, host=args.host, port=args.port, team=args.team, tenants_path=args.tenants)
     print(f"serving {args.model_dir} at {url} (POST /v1/vqa, GET /healthz); Ctrl-C stops", flush=True)
     try:
         while True:
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model_dir", help="model directory (from `biomedgpt export` or a run's export/)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument("--team", help="serve for this department: requests need one of its API keys")
+    serve.add_argument("--tenants", help="tenants file with the API-key hashes (default cluster/tenants.yaml)")
     serve.set_defaults(func=_cmd_serve)
 
     export = sub.add_parser("export", help="turn a training checkpoint into a model directory")

@@ -58,13 +58,20 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
+# Ports Ray components take by default; an ephemeral port handed to Ray must not be one of them.
+RAY_DEFAULT_PORTS = frozenset({6379, 8076, 8265, 10001, 44217, 44227, 52365, 52366, 62365})
+
+
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
+    """A free TCP port on 127.0.0.1 that no Ray component claims by default."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 # -- data -----------------------------------------------------------------------------------------

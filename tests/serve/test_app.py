@@ -86,3 +86,53 @@ def test_bad_requests_get_4xx_and_the_replica_keeps_serving(served, body, status
         assert payload["detail"].startswith(detail), payload
     with urllib.request.urlopen(served + "/healthz", timeout=30) as resp:
         assert resp.status == 200
+
+
+@pytest.fixture(scope="module")
+def team_served(served, model_dir, tmp_path_factory):
+    """A second application on the running Serve, serving for one department, with a fresh key added
+    to a copy of cluster/tenants.yaml."""
+    import yaml
+    from ray import serve
+
+    from biomedgpt.demo import wait_healthy
+    from biomedgpt.serve.app import build_app
+    from biomedgpt.tenancy import hash_api_key, new_api_key
+    from tests_paths import REPO
+
+    key = new_api_key()
+    data = yaml.safe_load((REPO / "cluster" / "tenants.yaml").read_text())
+    radiology = data["institutions"]["stanford-like"]["departments"]["radiology"]
+    radiology["apiKeys"].append({"id": "test-client", "hash": hash_api_key(key)})
+    tenants = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
+    tenants.write_text(yaml.safe_dump(data, sort_keys=False))
+    serve.run(build_app(str(model_dir), team="stanford-like-radiology", tenants_path=str(tenants)),
+              name="radiology", route_prefix="/radiology", blocking=False)
+    url = served + "/radiology"
+    try:
+        wait_healthy(url)
+        yield url, key
+    finally:
+        serve.delete("radiology")
+
+
+def test_a_served_department_needs_one_of_its_api_keys(team_served, demo_shards):
+    from biomedgpt.runner import records
+
+    url, key = team_served
+    rec = next(records(demo_shards, "vqa_rad", "test"))
+    body = json.dumps({"question": rec["question"], "image": base64.b64encode(rec["_image"]).decode()}).encode()
+
+    def ask(headers: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(url + "/v1/vqa", data=body, headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    assert ask({})[0] == 401
+    code, payload = ask({"Authorization": "Bearer " + "x" * 43})
+    assert code == 401 and "not one of team 'stanford-like-radiology'" in payload["detail"]
+    assert ask({"Authorization": f"Bearer {key}"})[0] == 200
+    assert ask({"X-API-Key": key})[0] == 200

@@ -44,4 +44,4 @@ def app_builder(args: dict[str, Any]):
 
     if not isinstance(args, dict) or not args.get("model"):
         raise ValueError("serveConfigV2 args: `model` (an exported model directory URL) is required")
-    return build_app(str(local_model_dir(str(args["model"]))))
+    return build_app(str(local_model_dir(str(args["model"]))), team=args.get("team"))
