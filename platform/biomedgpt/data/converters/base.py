@@ -231,6 +231,15 @@ class Converter(abc.ABC):
     def make_record(self, split: str, record_id: str, **fields: Any) -> dict[str, Any]:
         return {"task": self.task, "dataset": self.dataset, "split": split, "id": record_id, **fields}
 
+    def split_files_present(self, native_splits: Mapping[str, str], what: str) -> list[str]:
+        """The canonical splits (keys of `native_splits`, also their file roles) whose files exist;
+        none at all is an error naming `what` and the files expected."""
+        present = [s for s in native_splits if storage.exists(self.url(s))]
+        if not present:
+            expected = ", ".join(self.files[s] for s in native_splits)
+            raise SourceFormatError(self.source, f"no {what} found (expected {expected})")
+        return sort_splits(present)
+
     def require_split(self, split: str) -> None:
         if split not in self.splits():
             raise ValueError(f"{self.name}: no split {split!r} in {self.source} (present: {self.splits()})")
@@ -247,6 +256,25 @@ class Converter(abc.ABC):
         counts per reason are written into the split's manifest (``notes.dropped``)."""
         counts = self.dropped.setdefault(split, {})
         counts[reason] = counts.get(reason, 0) + 1
+
+
+def vqa_fields(raw: Mapping[str, Any], file: str, where: str) -> tuple[str, Any, str, str]:
+    """(question, raw answer, normalised answer, answer type CLOSED|OPEN) of a VQA-RAD/SLAKE-style record;
+    an empty question or answer or an unknown answer type is an error naming the record and field."""
+    from .normalise import clean_text, normalise_answer
+
+    question = clean_text(require(raw, "question", str, file, where))
+    if not question:
+        raise SourceFormatError(file, "empty question", record=where, field="question")
+    answer_raw = require(raw, "answer", (str, int, float), file, where)
+    answer = normalise_answer(answer_raw)
+    if not answer:
+        raise SourceFormatError(file, "empty answer", record=where, field="answer")
+    answer_type = clean_text(require(raw, "answer_type", str, file, where)).upper()
+    if answer_type not in ("CLOSED", "OPEN"):
+        raise SourceFormatError(file, f"expected CLOSED or OPEN, got {raw['answer_type']!r}",
+                                record=where, field="answer_type")
+    return question, answer_raw, answer, answer_type
 
 
 def sort_splits(splits) -> list[str]:

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .. import storage
-from .base import Converter, SourceFormatError, SourceRecord, sort_splits
+from .base import Converter, SourceFormatError, SourceRecord
 from .normalise import clean_text
 from .tables import cell_text, read_rows
 
@@ -34,11 +33,7 @@ class MedNliConverter(Converter):
     file_roles = {split: f"mli_{native}_v1.jsonl" for split, native in NATIVE_SPLITS.items()}
 
     def splits(self) -> list[str]:
-        present = [s for s in NATIVE_SPLITS if storage.exists(self.url(s))]
-        if not present:
-            expected = ", ".join(self.files[s] for s in NATIVE_SPLITS)
-            raise SourceFormatError(self.source, f"no MedNLI files found (expected {expected})")
-        return sort_splits(present)
+        return self.split_files_present(NATIVE_SPLITS, "MedNLI files")
 
     def native_split(self, split: str) -> str:
         return NATIVE_SPLITS.get(split, split)

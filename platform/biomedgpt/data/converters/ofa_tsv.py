@@ -43,6 +43,7 @@ and the shard writer reads and decodes just that range.
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import io
@@ -194,8 +195,9 @@ class _OfaTsvConverter(Converter):
         cell, offset = row["image"]
         return TsvImage(file, offset, len(cell), base64_decoded_size(cell))
 
+    @abc.abstractmethod
     def convert_row(self, row: dict, file: str, where: str, split: str, index: int) -> tuple[str, dict[str, Any], Any]:
-        raise NotImplementedError
+        """One TSV row -> (record id, record fields, image or None); each task's layout defines it."""
 
 
 def _tsv_lines(url: str, n_columns: int) -> Iterator[tuple[int, int, list[tuple[bytes, int]]]]:

@@ -17,7 +17,7 @@ import re
 from typing import Iterator
 
 from .. import storage
-from .base import Converter, ImageIndex, SourceFormatError, SourceRecord, sort_splits
+from .base import Converter, ImageIndex, SourceFormatError, SourceRecord
 from .normalise import clean_text
 
 NATIVE_SPLITS = {"train": "train", "val": "validation", "test": "test"}
@@ -44,11 +44,7 @@ class RocoConverter(Converter):
                 self.files[role] = rel.removeprefix("data/")
 
     def splits(self) -> list[str]:
-        present = [s for s in NATIVE_SPLITS if storage.exists(self.url(s))]
-        if not present:
-            expected = ", ".join(self.files[s] for s in NATIVE_SPLITS)
-            raise SourceFormatError(self.source, f"no ROCO captions files found (expected {expected})")
-        return sort_splits(present)
+        return self.split_files_present(NATIVE_SPLITS, "ROCO captions files")
 
     def native_split(self, split: str) -> str:
         return NATIVE_SPLITS.get(split, split)

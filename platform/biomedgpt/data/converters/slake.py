@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from .. import storage
-from .base import Converter, ImageIndex, SourceFormatError, SourceRecord, load_json, require, sort_splits
-from .normalise import answer_text, clean_text, normalise_answer
+from .base import Converter, ImageIndex, SourceFormatError, SourceRecord, load_json, require, vqa_fields
+from .normalise import answer_text, clean_text
 
 NATIVE_SPLITS = {"train": "train", "val": "validate", "test": "test"}
 LANGUAGES = ("en", "zh")
@@ -43,11 +42,7 @@ class SlakeConverter(Converter):
         self._images = ImageIndex(self.url("images"))
 
     def splits(self) -> list[str]:
-        present = [s for s in NATIVE_SPLITS if storage.exists(self.url(s))]
-        if not present:
-            expected = ", ".join(self.files[s] for s in NATIVE_SPLITS)
-            raise SourceFormatError(self.source, f"no SLAKE split files found (expected {expected})")
-        return sort_splits(present)
+        return self.split_files_present(NATIVE_SPLITS, "SLAKE split files")
 
     def native_split(self, split: str) -> str:
         return NATIVE_SPLITS.get(split, split)
@@ -72,17 +67,7 @@ class SlakeConverter(Converter):
                 raise SourceFormatError(file, f"expected one of {LANGUAGES}, got {raw['q_lang']!r}", record=where, field="q_lang")
             if language not in self.languages:
                 continue
-            question = clean_text(require(raw, "question", str, file, where))
-            if not question:
-                raise SourceFormatError(file, "empty question", record=where, field="question")
-            answer_raw = require(raw, "answer", (str, int, float), file, where)
-            answer = normalise_answer(answer_raw)
-            if not answer:
-                raise SourceFormatError(file, "empty answer", record=where, field="answer")
-            answer_type = clean_text(require(raw, "answer_type", str, file, where)).upper()
-            if answer_type not in ("CLOSED", "OPEN"):
-                raise SourceFormatError(file, f"expected CLOSED or OPEN, got {raw['answer_type']!r}",
-                                        record=where, field="answer_type")
+            question, answer_raw, answer, answer_type = vqa_fields(raw, file, where)
             image_name = clean_text(require(raw, "img_name", str, file, where))
             image = self._images.get(image_name)
             if image is None:

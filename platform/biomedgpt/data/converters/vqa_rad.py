@@ -24,8 +24,8 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from .. import storage
-from .base import Converter, ImageIndex, SourceFormatError, SourceRecord, load_json, require
-from .normalise import answer_text, clean_text, normalise_answer
+from .base import Converter, ImageIndex, SourceFormatError, SourceRecord, load_json, require, vqa_fields
+from .normalise import answer_text, clean_text
 
 OSF_TRAIN_PHRASES = ("freeform", "para")
 OSF_TEST_PHRASES = ("test_freeform", "test_para")
@@ -137,17 +137,7 @@ class VqaRadConverter(Converter):
         if record_id in seen:
             raise SourceFormatError(file, f"duplicate qid (also record {seen[record_id]})", record=where, field="qid")
         seen[record_id] = i
-        question = clean_text(require(raw, "question", str, file, where))
-        if not question:
-            raise SourceFormatError(file, "empty question", record=where, field="question")
-        answer_raw = require(raw, "answer", (str, int, float), file, where)
-        answer = normalise_answer(answer_raw)
-        if not answer:
-            raise SourceFormatError(file, "empty answer", record=where, field="answer")
-        answer_type = clean_text(require(raw, "answer_type", str, file, where)).upper()
-        if answer_type not in ("CLOSED", "OPEN"):
-            raise SourceFormatError(file, f"expected CLOSED or OPEN, got {raw['answer_type']!r}",
-                                    record=where, field="answer_type")
+        question, answer_raw, answer, answer_type = vqa_fields(raw, file, where)
         image_name = clean_text(require(raw, "image_name", str, file, where))
         organ = raw.get("image_organ")
         image = images.get(image_name)
