@@ -47,12 +47,23 @@ def _record(row_json: Any) -> dict[str, Any]:
     return dict(row_json)
 
 
-def preprocess_batch(batch: dict[str, np.ndarray], *, task_name: str, tokenizer_dir: str, image_size: int,
+def preprocess_batch(batch: dict[str, np.ndarray], *, task_name: str | None, tokenizer_dir: str, image_size: int,
                      max_source_length: int, max_target_length: int) -> dict[str, np.ndarray]:
-    """Raw WebDataset rows (json + jpg/png bytes) -> model inputs (numpy, padded to the max lengths)."""
+    """Raw WebDataset rows (json + jpg/png bytes) -> model inputs (numpy, padded to the max lengths).
+    Each record is turned into an example by `task_name`'s family, or, when that is None, by the family
+    its own `task` field names (mixtures of datasets of different tasks)."""
     from ..tasks import get_task
 
-    task = get_task(task_name)
+    tasks: dict[str, Any] = {}
+
+    def task_of(record: dict[str, Any]) -> Any:
+        name = task_name or record.get("task")
+        if not name:
+            raise ValueError(f"record {record.get('id')!r} of {record.get('dataset')}: no 'task' field and no task given")
+        if name not in tasks:
+            tasks[name] = get_task(name)
+        return tasks[name]
+
     tok = tokenizer_from_dir(tokenizer_dir)
     n = len(batch["json"])
     images = np.zeros((n, 3, image_size, image_size), dtype=np.float32)
@@ -62,7 +73,7 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, task_name: str, tokenizer_
     for i in range(n):
         record = _record(batch["json"][i])
         ids[i] = sample_id(record)
-        ex = task.example(record)
+        ex = task_of(record).example(record)
         data = None
         for ext in ("jpg", "png"):
             col = batch.get(ext)

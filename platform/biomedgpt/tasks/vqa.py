@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .base import Example, register
+from .base import Decoding, Example, register, require
 
 
 def pre_question(question: str, max_words: int) -> str:
@@ -31,12 +31,21 @@ def normalize_answer(answer: str) -> str:
 @register
 class VQATask:
     name = "vqa"
+    has_image = True
+    decoding = Decoding(constrained=True, beam_size=1, max_new_tokens=16)
+    metrics = ("accuracy", "closed_accuracy", "open_accuracy")
+    input_fields = ("question",)
 
     def __init__(self, max_question_words: int = 128, add_organ: bool = False) -> None:
         self.max_question_words = max_question_words
         self.add_organ = add_organ
 
-    def instruction(self, question: str, organ: str | None = None) -> str:
+    def instruction(self, record: dict[str, Any]) -> str:
+        """` {question}?` (and ` object: {organ}` with add_organ)."""
+        require(record, "VQA", "question")
+        return self.prompt(record["question"], record.get("organ"))
+
+    def prompt(self, question: str, organ: str | None = None) -> str:
         q = pre_question(question, self.max_question_words)
         if not q.endswith("?"):
             q += "?"
@@ -45,13 +54,13 @@ class VQATask:
         return " " + q
 
     def example(self, record: dict[str, Any]) -> Example:
-        for key in ("question", "answer"):
-            if key not in record:
-                raise ValueError(f"VQA record {record.get('id', '?')!r} has no {key!r} field")
+        require(record, "VQA", "question")
+        if record.get("answer") is None:
+            require(record, "VQA", "answer")
         answer = normalize_answer(record["answer"])
         answer_type = str(record.get("answer_type", "open")).strip().lower()
         return Example(
-            instruction=self.instruction(record["question"], record.get("organ")),
+            instruction=self.prompt(record["question"], record.get("organ")),
             target=" " + answer,
             has_image=True,
             meta={"id": str(record.get("id", "")), "answer": answer, "answer_type": answer_type,

@@ -1,0 +1,49 @@
+"""Clinical natural language inference (MedNLI), OFA's MNLI prompt.
+
+Instruction: ` can text1 " {premise} " imply text2 " {hypothesis} "?` with both sentences normalised
+as OFA does (lower-cased, whitespace collapsed). Target: ` yes` (entailment), ` no` (contradiction)
+or ` maybe` (neutral); decoding is constrained to these three answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Decoding, Example, pre_caption, register, require
+
+ANSWERS = ("yes", "no", "maybe")
+GOLD_TO_ANSWER = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
+
+
+@register
+class NLITask:
+    name = "nli"
+    has_image = False
+    decoding = Decoding(constrained=True, beam_size=1, max_new_tokens=4)
+    metrics = ("accuracy", "macro_f1")
+    input_fields = ("premise", "hypothesis")
+
+    def __init__(self, max_sentence_words: int = 512) -> None:
+        self.max_sentence_words = max_sentence_words
+
+    def instruction(self, record: dict[str, Any]) -> str:
+        require(record, "NLI", "premise", "hypothesis")
+        s1 = pre_caption(record["premise"], self.max_sentence_words)
+        s2 = pre_caption(record["hypothesis"], self.max_sentence_words)
+        return f' can text1 " {s1} " imply text2 " {s2} "?'
+
+    def example(self, record: dict[str, Any]) -> Example:
+        instruction = self.instruction(record)
+        require(record, "NLI", "label")
+        label = str(record["label"]).strip().lower()
+        answer = GOLD_TO_ANSWER.get(label, label)
+        if answer not in ANSWERS:
+            raise ValueError(f"NLI record {record.get('id', '?')!r}: label {record['label']!r} is not one of "
+                             f"{', '.join(ANSWERS)} or entailment/contradiction/neutral")
+        return Example(
+            instruction=instruction,
+            target=" " + answer,
+            has_image=False,
+            meta={"id": str(record.get("id", "")), "answer": answer},
+            candidates=ANSWERS,
+        )

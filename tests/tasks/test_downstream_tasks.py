@@ -1,0 +1,63 @@
+"""The downstream task families: exact instruction and target text of the official prompts."""
+
+from __future__ import annotations
+
+import pytest
+
+from biomedgpt.tasks import MissingFieldError, get_task, task_names
+
+
+def test_all_families_registered():
+    assert {"vqa", "caption", "classify", "nli", "summarize"} <= set(task_names())
+
+
+def test_caption_prompt_and_target():
+    task = get_task("caption")
+    ex = task.example({"id": "c1", "caption": "The heart is normal in size.\tLungs  CLEAR, no effusion."})
+    assert ex.instruction == " what does the image describe?"
+    assert ex.target == " the heart is normal in size lungs clear no effusion"
+    assert ex.has_image and ex.meta["references"] == ["The heart is normal in size. Lungs CLEAR, no effusion."]
+    long = get_task("caption", max_target_words=3).example({"caption": "one two three four five"})
+    assert long.target == " one two three"
+    multi = task.example({"captions": ["A b.", "c d"]})
+    assert multi.target == " a b" and multi.meta["references"] == ["A b.", "c d"]
+    assert task.decoding.beam_size == 10 and task.decoding.no_repeat_ngram_size == 3 and not task.decoding.constrained
+
+
+def test_classify_prompt_and_target():
+    task = get_task("classify", labels=["Normal", "Pneumonia"])
+    ex = task.example({"id": "m1", "label": 1, "label_name": "Pneumonia"})
+    assert (ex.instruction, ex.target) == (" what does the image describe?", " pneumonia")
+    assert ex.candidates == ("normal", "pneumonia") and task.decoding.constrained
+
+
+def test_nli_prompt_and_target():
+    task = get_task("nli")
+    ex = task.example({"id": "n1", "premise": "Patient has  HTN.", "hypothesis": "The patient is well-controlled",
+                       "label": "neutral"})
+    assert ex.instruction == ' can text1 " patient has htn. " imply text2 " the patient is well controlled "?'
+    assert ex.target == " maybe" and not ex.has_image and ex.candidates == ("yes", "no", "maybe")
+    assert task.example({"premise": "a", "hypothesis": "b", "label": "yes"}).target == " yes"
+    with pytest.raises(ValueError, match="label 'unsure'"):
+        task.example({"premise": "a", "hypothesis": "b", "label": "unsure"})
+
+
+def test_summarize_prompt_and_target():
+    task = get_task("summarize")
+    ex = task.example({"id": "s1", "text": "What is the dose of\nIbuprofen for kids?", "summary": "Ibuprofen dose, children."})
+    assert ex.instruction == ' what is the summary of article " what is the dose of ibuprofen for kids? "?'
+    assert ex.target == " ibuprofen dose, children."
+    d = task.decoding
+    assert (d.beam_size, d.length_penalty, d.no_repeat_ngram_size) == (5, 0.7, 3)
+
+
+@pytest.mark.parametrize("task,record,field", [
+    ("caption", {"id": "x"}, "caption"),
+    ("classify", {"id": "x", "label": 0}, "label_name"),
+    ("nli", {"id": "x", "premise": "a"}, "hypothesis"),
+    ("summarize", {"id": "x", "text": "   "}, "text"),
+    ("vqa", {"id": "x", "answer": "yes"}, "question"),
+])
+def test_missing_fields_are_named(task, record, field):
+    with pytest.raises(MissingFieldError, match=f"record 'x' has no '{field}' field"):
+        get_task(task).example(record)
