@@ -24,7 +24,9 @@ class Example:
     and the record fields evaluation needs (id, reference answer, answer type). `weight` scales the
     example's loss (pretraining weights its second group of objectives 2x); `image_op` names a change
     the image transform makes before the model sees it (``"mask_center"`` for image infilling);
-    `candidates` restricts label smoothing and decoding to these target texts (constrained tasks)."""
+    `candidates` restricts label smoothing and decoding to these target texts (constrained tasks);
+    `decoder_codes` marks a target of image-code tokens (`<code_i>`), which the decoder embeds with
+    image positions (the model's per-sample `code_masks` flag; image infilling)."""
 
     instruction: str
     target: str
@@ -33,6 +35,7 @@ class Example:
     weight: float = 1.0
     image_op: str | None = None
     candidates: tuple[str, ...] | None = None
+    decoder_codes: bool = False
 
 
 @dataclass(frozen=True)
