@@ -1,0 +1,123 @@
+"""Base-size BiomedGPT training throughput and model FLOPs utilisation on one GPU: our LightningModule
+sharded with FSDP2 (`fully_shard` per encoder/decoder layer and the image backbone, bf16 parameters,
+float32 gradient reduction) under Lightning's ModelParallelStrategy, the same code path the Ray Train
+workers run, on synthetic batches of the pretraining shape (256 px images = 256 patches, 80 source and
+30 target tokens). No Ray and no shards: the GPU machines lent here have PyTorch, Lightning and
+transformers but cannot install Ray, and the data path is measured on CPUs by data_pipeline.py.
+
+    python3 benchmarks/gpu_step.py                 # on a GPU: base size, batch 32, 300 steps
+    python3 benchmarks/gpu_step.py --smoke         # anywhere: demo size on CPU, 4 steps (checks the script)
+
+Prints a table and, as its last line, one JSON object (samples/s, tokens/s, MFU, GPU name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="base")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=20, help="steps left out of the figures")
+    ap.add_argument("--image", type=int, default=256)
+    ap.add_argument("--smoke", action="store_true", help="demo size on CPU, batch 2, 4 steps, 64 px")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.size, args.batch, args.steps, args.warmup, args.image = "demo", 2, 4, 1, 64
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from biomedgpt.model import BiomedGPTConfig
+    from biomedgpt.train.module import BiomedGPTModule, peak_flops
+
+    gpu = torch.cuda.is_available() and not args.smoke
+    cfg = BiomedGPTConfig.from_size(args.size)
+    module = BiomedGPTModule(model_config=json.loads(cfg.to_json_string(use_diff=False)), lr=5e-5,
+                             warmup_ratio=0.04, max_steps=args.steps, clip_grad_norm=5.0, fsdp=True,
+                             param_dtype="bfloat16" if gpu else None, log_every=10**9)
+    n_src, n_tgt, vocab = 80, 30, cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(4):  # a cycle of distinct batches, made once (the data path is not measured here)
+        labels = torch.randint(4, vocab, (args.batch, n_tgt), generator=g)
+        batches.append({
+            "input_ids": torch.randint(4, vocab, (args.batch, n_src), generator=g),
+            "patch_images": torch.randn(args.batch, 3, args.image, args.image, generator=g),
+            "patch_masks": torch.ones(args.batch, dtype=torch.bool),
+            "decoder_input_ids": torch.cat([torch.zeros(args.batch, 1, dtype=torch.long), labels[:, :-1]], 1),
+            "labels": labels,
+        })
+
+    class Cycle:
+        def __iter__(self):
+            for i in range(args.steps):
+                yield batches[i % len(batches)]
+
+    times: list[float] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if gpu:
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if gpu:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=1, max_steps=args.steps,
+                        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+                        precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Clock()], use_distributed_sampler=False)
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=Cycle())
+    wall = time.perf_counter() - t0
+    step_s = statistics.median(times[args.warmup:] or times)
+    n_params = sum(p.numel() for p in module.model.parameters())
+    patches = (args.image // 16) ** 2
+    tokens = args.batch * (n_src + patches + n_tgt)  # encoder text + image patches + decoder tokens
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    peak = peak_flops(device)
+    out = {"benchmark": "gpu_step", "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+           "size": args.size, "params": n_params, "batch": args.batch, "image_px": args.image,
+           "steps": args.steps, "step_ms": round(step_s * 1000, 2),
+           "samples_per_s": round(args.batch / step_s, 2), "tokens_per_s": round(tokens / step_s, 1),
+           # ~6 FLOPs per parameter per token (forward + backward), against the GPU's dense bf16 peak
+           "mfu": round(6 * n_params * tokens / step_s / peak, 4) if peak else None,
+           "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
+           "wall_s": round(wall, 1)}
+    print(f"BiomedGPT-{args.size} ({n_params / 1e6:.1f}M), FSDP2 {'bf16' if gpu else 'fp32'}, 1 x {out['device']}, "
+          f"batch {args.batch}, {args.image} px, median of steps {args.warmup + 1}..{args.steps}")
+    print(f"| {'figure':<14} | {'value':>12} |\n|{'-' * 16}|{'-' * 14}|")
+    for k in ("step_ms", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gib", "wall_s"):
+        print(f"| {k:<14} | {str(out[k]):>12} |")
+    print(json.dumps(out))
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
