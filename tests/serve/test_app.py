@@ -1,4 +1,5 @@
-"""The Ray Serve application on 127.0.0.1: health, answers, and 4xx errors for bad requests."""
+"""`biomedgpt serve MODEL_DIR` / serve.app.start(): one model directory on Ray Serve at 127.0.0.1 (what the
+demo runs): health, the demo's JSON /v1/vqa request, 4xx errors for bad requests, and a department's keys."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ ANSWERS = ["yes", "no", "left lung", "ct"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, demo_tokenizer_dir) -> Path:
+    """A model directory without a run name: it is served as local/<directory name>@1."""
     out = tmp_path_factory.mktemp("served-model")
     tok = BiomedGPTTokenizer.from_pretrained(demo_tokenizer_dir)
     torch.manual_seed(0)
@@ -62,12 +64,18 @@ def post(url: str, body: object) -> tuple[int, dict]:
 def test_health_and_an_answer_from_the_candidates(served, model_dir, demo_shards):
     from biomedgpt.runner import records
 
+    from biomedgpt.demo import ask
+
+    model_id = f"local/{model_dir.name}@1"
     with urllib.request.urlopen(served + "/healthz", timeout=30) as resp:
-        assert json.loads(resp.read()) == {"status": "ok", "model": model_dir.name}
+        health = json.loads(resp.read())
+    assert health["status"] == "ok" and health["model"] == model_id
     rec = next(records(demo_shards, "vqa_rad", "test"))
     status, body = post(served, {"question": rec["question"], "image": base64.b64encode(rec["_image"]).decode()})
     assert status == 200, body
-    assert body["answer"] in ANSWERS and body["decoding"] == "trie" and body["model"] == model_dir.name
+    assert body["answer"] in ANSWERS and body["decoding"] == "trie" and body["model"] == model_id
+    assert body["version"] == 1 and [s["candidate"] for s in body["scores"]][0] == body["answer"]
+    assert ask(served, rec["question"], rec["_image"])["answer"] == body["answer"]  # the demo's client
 
 
 @pytest.mark.parametrize("body, status, detail", [
@@ -76,8 +84,9 @@ def test_health_and_an_answer_from_the_candidates(served, model_dir, demo_shards
      "image: cannot decode image"),
     ({"question": "   ", "image": base64.b64encode(b"x").decode()}, 400, "question: empty"),
     ({"question": "q" * 1001, "image": base64.b64encode(b"x").decode()}, 400, "question: longer than"),
-    ({"image": "aGk="}, 422, None),
-    (b"{not json", 422, None),
+    ({"image": "aGk="}, 422, "question: field required"),
+    (b"{not json", 422, "body: not valid JSON"),
+    ({"question": "what?", "image": "aGk=", "model": "local/other@1"}, 404, "model: no model"),
 ])
 def test_bad_requests_get_4xx_and_the_replica_keeps_serving(served, body, status, detail):
     code, payload = post(served, body)
@@ -134,5 +143,6 @@ def test_a_served_department_needs_one_of_its_api_keys(team_served, demo_shards)
     assert ask({})[0] == 401
     code, payload = ask({"Authorization": "Bearer " + "x" * 43})
     assert code == 401 and "not one of team 'stanford-like-radiology'" in payload["detail"]
-    assert ask({"Authorization": f"Bearer {key}"})[0] == 200
+    code, payload = ask({"Authorization": f"Bearer {key}"})
+    assert code == 200 and payload["model"].startswith("stanford-like-radiology/")
     assert ask({"X-API-Key": key})[0] == 200

@@ -1,0 +1,279 @@
+"""Load on the serving application (Ray Serve on 127.0.0.1, started and stopped here): throughput and latency
+at concurrency 1, 8 and 32, batched against unbatched at concurrency 32, and the latency of a model swap.
+
+Setup: a fresh registry with demo-size VQA models (64 px images) of one department, a tenants file with a
+fresh API key for it, and two applications on the same Serve:
+- `batched`: the serving spec's defaults for this benchmark: `@serve.batch(max_batch_size=32,
+  wait 10 ms)`, two models per replica (LRU), one model replica (0.5 CPU, 1 torch thread);
+- `unbatched`: the same with `max_batch_size: 1`.
+Clients are asyncio HTTP connections (aiohttp) in this process, each sending `POST /v1/vqa` (JSON, a
+64x64 PNG in base64, a question, the model id) back to back for `--seconds` per level after a warm-up.
+The main workload is open-ended VQA: models without an answer list decode by beam search (5 beams, up
+to 16 tokens), the decoding of open questions and, like captioning and summarisation, generation.
+The closed-set workload (a model with 4 candidate answers, scored under the trie: one encoder pass and
+one decoder pass over the candidates) is measured too at concurrency 32, batched and unbatched.
+Errors are non-200 answers and failed connections. Model swap: with models A and B resident, a request
+for C must load C (evicting the least recently used), then A again; its latency against a warm request.
+
+The table is printed first; the LAST line is one JSON object:
+    {"1": {"throughput", "p50_ms", "p99_ms", "errors", "batched_speedup"}, "8": {...}, "32": {...},
+     "unbatched_32": {...}, "batched_speedup": x, "closed_set_32": {"batched", "unbatched", "batched_speedup"},
+     "model_swap": {...}, "setup": {...}}
+(batched_speedup at concurrency 32 = batched throughput / unbatched throughput; null at 1 and 8, where only
+the batched app is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+DEPARTMENT = "stanford-like-radiology"
+ANSWERS = ["yes", "no", "left lung", "ct"]
+
+
+def make_models(root: Path) -> tuple[str, list[str]]:
+    """A registry with three demo-size open-ended VQA models and one closed-set one (answers.json); returns
+    (registry URL, [open a, open b, open c, closed])."""
+    import torch
+
+    from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+    from biomedgpt.model.tokenizer import BiomedGPTTokenizer
+    from biomedgpt.serve.registry import Registry
+    from biomedgpt.tasks import get_task
+
+    task = get_task("vqa")
+    texts = [task.instruction({"question": q}) for q in
+             ("is there a fracture?", "which lung is affected?", "is this a ct scan?", "is the heart enlarged?")]
+    tok = BiomedGPTTokenizer.train(texts * 20 + [" " + a for a in ANSWERS] * 20, vocab_size=300)
+    reg = Registry(str(root / "registry"))
+    ids = []
+    for i, name in enumerate(("vqa-a", "vqa-b", "vqa-c", "vqa-closed")):
+        out = root / "src" / name
+        torch.manual_seed(i)
+        cfg = BiomedGPTConfig.from_size("demo", vocab_size=len(tok))
+        BiomedGPTForConditionalGeneration(cfg).save_pretrained(out)
+        tok.save_pretrained(out)
+        if name == "vqa-closed":
+            (out / "answers.json").write_text(json.dumps(ANSWERS))
+        (out / "training.json").write_text(json.dumps({"run": name, "task": "vqa", "size": "demo", "image_size": 64,
+                                                       "max_source_length": 32, "train_data": ["vqa_rad/train"]}))
+        ids.append(reg.export(out, DEPARTMENT, name).id)
+    return reg.url, ids
+
+
+def make_tenants(root: Path) -> tuple[Path, str]:
+    import yaml
+
+    from biomedgpt.tenancy import hash_api_key, new_api_key
+
+    key = new_api_key()
+    data = yaml.safe_load((REPO / "cluster" / "tenants.yaml").read_text())
+    data["institutions"]["stanford-like"]["departments"]["radiology"]["apiKeys"].append(
+        {"id": "serve-load", "hash": hash_api_key(key)})
+    path = root / "tenants.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path, key
+
+
+def spec_dict(name: str, registry: str, tenants: Path, port: int, max_batch: int, route: str, threads: int) -> dict:
+    return {"kind": "serve", "name": name, "registry": registry, "tenants": str(tenants), "route_prefix": route,
+            "http": {"host": "127.0.0.1", "port": port}, "ingress": {"replicas": 1, "num_cpus": 0.25},
+            "models": {"max_models_per_replica": 2, "num_cpus": 0.5, "torch_threads": threads, "max_ongoing_requests": 128,
+                       "batch": {"max_batch_size": max_batch, "wait_timeout_s": 0.01},
+                       "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}
+
+
+def request_bodies(model: str, n: int = 64) -> list[bytes]:
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)).save(buf, "PNG")
+        out.append(json.dumps({"question": f"is there an abnormality in region {i}?", "model": model,
+                               "image": base64.b64encode(buf.getvalue()).decode()}).encode())
+    return out
+
+
+async def one(session, url: str, body: bytes, headers: dict) -> tuple[bool, float]:
+    t0 = time.perf_counter()
+    try:
+        async with session.post(url, data=body, headers=headers) as resp:
+            await resp.read()
+            ok = resp.status == 200
+    except Exception:  # connection failures count as errors
+        ok = False
+    return ok, (time.perf_counter() - t0) * 1000
+
+
+async def load(url: str, key: str, bodies: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    conn = aiohttp.TCPConnector(limit=concurrency + 4)
+    timeout = aiohttp.ClientTimeout(total=120)
+    lat: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        state = {"measure": False, "stop": False}
+
+        async def worker(w: int) -> None:
+            nonlocal errors
+            i = w
+            while not state["stop"]:
+                ok, ms = await one(session, url, bodies[i % len(bodies)], headers)
+                i += concurrency
+                if state["measure"] and not state["stop"]:
+                    if ok:
+                        lat.append(ms)
+                    else:
+                        errors += 1
+
+        tasks = [asyncio.create_task(worker(w)) for w in range(concurrency)]
+        await asyncio.sleep(warmup)
+        state["measure"] = True
+        t0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        state["stop"] = True
+        elapsed = time.perf_counter() - t0
+        await asyncio.gather(*tasks)
+    lat.sort()
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else float("nan")
+
+    return {"throughput": round(len(lat) / elapsed, 2), "p50_ms": pct(0.50), "p99_ms": pct(0.99), "errors": errors,
+            "requests": len(lat)}
+
+
+def timed_post(url: str, key: str, body: bytes) -> float:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers={"Authorization": f"Bearer {key}",
+                                                          "Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        resp.read()
+        assert resp.status == 200
+    return (time.perf_counter() - t0) * 1000
+
+
+def model_swap(base: str, key: str, ids: list[str], rounds: int) -> dict:
+    """Latency of requests that must load a model (not among the replica's 2 resident ones) against warm ones."""
+    a, b, c = ids[:3]
+    body = {m: request_bodies(m, 1)[0] for m in (a, b, c)}
+    url = base + "/v1/vqa"
+    swaps, warm = [], []
+    for _ in range(rounds):
+        timed_post(url, key, body[a])
+        timed_post(url, key, body[b])               # resident: a, b
+        warm += [timed_post(url, key, body[b]) for _ in range(3)]
+        swaps.append(timed_post(url, key, body[c]))  # loads c, evicts a
+        swaps.append(timed_post(url, key, body[a]))  # loads a again, evicts b
+    return {"swap_ms_median": round(statistics.median(swaps), 1), "swap_ms_max": round(max(swaps), 1),
+            "warm_ms_median": round(statistics.median(warm), 1), "swaps": len(swaps)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=12.0, help="measured seconds per level (default 12)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level (default 3)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="compute threads of each model replica (default 1)")
+    parser.add_argument("--swap-rounds", type=int, default=3, help="model-swap rounds (2 swaps each)")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from biomedgpt.demo import wait_healthy
+    from biomedgpt.runner import ensure_ray, free_port
+    from biomedgpt.serve.app import build_app_from_spec
+    from biomedgpt.serve.spec import serve_spec_from_dict
+
+    t_start = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    registry, ids = make_models(tmp)
+    tenants, key = make_tenants(tmp)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    ensure_ray(num_cpus=2)
+    results: dict = {}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for name, batch, route in (("batched", 32, "/"), ("unbatched", 1, "/unbatched")):
+            spec = serve_spec_from_dict(spec_dict(name, registry, tenants, port, batch, route, args.torch_threads), f"<serve_load {name}>")
+            serve.run(build_app_from_spec(spec), name=name, route_prefix=route, blocking=False)
+        wait_healthy(base, timeout=300)
+        wait_healthy(base + "/unbatched", timeout=300)
+        model = ids[0]
+        bodies = request_bodies(model)
+        for url in (base, base + "/unbatched"):  # load the model in both apps' replicas
+            timed_post(url + "/v1/vqa", key, bodies[0])
+        for c in (1, 8, 32):
+            results[str(c)] = asyncio.run(load(base + "/v1/vqa", key, bodies, c, args.seconds, args.warmup))
+            print(f"  batched   c={c:<3} {results[str(c)]}", file=sys.stderr, flush=True)
+        results["unbatched_32"] = asyncio.run(load(base + "/unbatched/v1/vqa", key, bodies, 32, args.seconds,
+                                                   args.warmup))
+        print(f"  unbatched c=32  {results['unbatched_32']}", file=sys.stderr, flush=True)
+        closed = request_bodies(ids[3])
+        closed_runs = {}
+        for label, url in (("batched", base), ("unbatched", base + "/unbatched")):
+            closed_runs[label] = asyncio.run(load(url + "/v1/vqa", key, closed, 32, args.seconds, args.warmup))
+            print(f"  closed-set {label} c=32  {closed_runs[label]}", file=sys.stderr, flush=True)
+        closed_runs["batched_speedup"] = round(closed_runs["batched"]["throughput"] /
+                                               max(closed_runs["unbatched"]["throughput"], 1e-9), 2)
+        results["closed_set_32"] = closed_runs
+        stats = serve.get_deployment_handle("BiomedGPTModels", app_name="batched").stats.remote().result()
+        results["model_swap"] = model_swap(base, key, ids, args.swap_rounds)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    speedup = round(results["32"]["throughput"] / max(results["unbatched_32"]["throughput"], 1e-9), 2)
+    for c in ("1", "8"):
+        results[c]["batched_speedup"] = None
+    results["32"]["batched_speedup"] = speedup
+    results["batched_speedup"] = speedup
+    results["setup"] = {"model": "demo size, 64 px; open-ended VQA (beam 5, <= 16 tokens)",
+                        "endpoint": "POST /v1/vqa (JSON)",
+                        "max_batch_size": 32, "batch_wait_ms": 10, "max_models_per_replica": 2,
+                        "model_replicas": 1, "torch_threads": args.torch_threads, "largest_batch_seen": stats["max_batch"],
+                        "seconds_per_level": args.seconds, "wall_s": round(time.time() - t_start, 1)}
+
+    rows = [("app", "concurrency", "req/s", "p50 ms", "p99 ms", "errors")]
+    for c in ("1", "8", "32"):
+        r = results[c]
+        rows.append(("batched", c, f"{r['throughput']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", str(r["errors"])))
+    r = results["unbatched_32"]
+    rows.append(("unbatched", "32", f"{r['throughput']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", str(r["errors"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print("\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows))
+    cs = results["closed_set_32"]
+    rows2 = [("closed-set (4 answers, scored)", "32", f"{cs['batched']['throughput']:.1f}",
+              f"{cs['unbatched']['throughput']:.1f}", f"{cs['batched_speedup']:.2f}x",
+              str(cs["batched"]["errors"] + cs["unbatched"]["errors"]))]
+    print("  ".join(rows2[0][:1]) + f": batched {rows2[0][2]} req/s, unbatched {rows2[0][3]} req/s at concurrency 32 "
+          f"({rows2[0][4]}), errors {rows2[0][5]}")
+    sw = results["model_swap"]
+    print(f"batched / unbatched throughput at concurrency 32: {speedup:.2f}x (target >= 3x: "
+          f"{'met' if speedup >= 3 else 'NOT met'}); largest batch {stats['max_batch']}")
+    print(f"model swap (load a model not in the replica's LRU): median {sw['swap_ms_median']:.0f} ms, max "
+          f"{sw['swap_ms_max']:.0f} ms, against {sw['warm_ms_median']:.0f} ms warm ({sw['swaps']} swaps)")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,465 @@
+"""The model registry: versioned, immutable model directories on object storage.
+
+Layout under the registry URL (a local path, ``file://`` or ``s3://``; `--registry`, else
+``$BIOMEDGPT_REGISTRY``, else ``registry/`` under the current directory)::
+
+    <registry>/<department>/<name>/<version>/
+        config.json  model.safetensors  tokenizer files  answers.json (candidate answers / labels)
+        training.json   what the run recorded (task, image size, training data, step)
+        model_card.json the model card as data: id, training data, metrics, licences, files
+        README.md       the same card for people
+        .claim          who claimed this version (written first, exclusively)
+        manifest.json   every file with its size and sha256, written LAST: the version exists from then on
+
+A model id is ``<department>/<name>@<version>`` (``stanford-like-radiology/vqa-rad@3``); ``@latest``
+(or no ``@``) resolves to the highest published version. The department is the team name of
+cluster/tenants.yaml, whose API keys may use the models.
+
+Publishing never overwrites: an export first claims the next free version number by creating
+``<version>/.claim`` exclusively (``open(..., "x")`` locally, a conditional ``If-None-Match: *`` PUT on
+S3), so concurrent exports get distinct versions; it then writes the files and finally
+``manifest.json`` (to a temporary name, then linked into place without replacing; on S3 again a
+conditional PUT). Readers see a version only once its manifest exists, so a half-written or crashed
+export is never served (its number stays burned).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..data import storage
+
+REGISTRY_ENV = "BIOMEDGPT_REGISTRY"
+CACHE_ENV = "BIOMEDGPT_MODEL_CACHE"
+DEFAULT_REGISTRY = "registry"
+MANIFEST = "manifest.json"
+CLAIM = ".claim"
+CARD_JSON = "model_card.json"
+CARD_MD = "README.md"
+CHECKPOINT_META = "biomedgpt.json"  # what marks a run checkpoint (train/checkpoints.py)
+DEFAULT_LICENCE = "Apache-2.0"
+NAME = r"[a-z0-9][a-z0-9._-]{0,62}"
+_ID = re.compile(rf"^(?:(?P<department>{NAME})/)?(?P<name>{NAME})(?:@(?P<version>latest|[1-9][0-9]{{0,8}}))?$")
+REPO = Path(__file__).resolve().parents[3]
+
+
+class RegistryError(ValueError):
+    """A registry operation failed; the message names the registry location and the model."""
+
+
+class UnknownModel(RegistryError):
+    """No such model or version in the registry."""
+
+
+class BadModelId(RegistryError):
+    """A string that is not a model id."""
+
+
+def registry_url(url: str | None = None) -> str:
+    """The registry location: `url`, else $BIOMEDGPT_REGISTRY, else ./registry."""
+    return url or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model id: department, name and version (None = latest)."""
+
+    department: str
+    name: str
+    version: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, default_department: str | None = None) -> "ModelRef":
+        """`dept/name@3`, `dept/name@latest`, `dept/name`; `name@3` / `name` when a default department is given."""
+        m = _ID.match(text.strip()) if isinstance(text, str) else None
+        if not m or (m.group("department") is None and default_department is None):
+            raise BadModelId(f"{text!r} is not a model id (expected <department>/<name>[@<version>|@latest], "
+                             "lower-case letters, digits, '.', '_' or '-')")
+        version = m.group("version")
+        return cls(m.group("department") or default_department, m.group("name"),
+                   None if version in (None, "latest") else int(version))
+
+    def __str__(self) -> str:
+        return f"{self.department}/{self.name}@{'latest' if self.version is None else self.version}"
+
+
+@dataclass
+class ModelEntry:
+    """One published version: where it lives and its manifest and model card."""
+
+    department: str
+    name: str
+    version: int
+    url: str
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+    card: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def id(self) -> str:
+        return f"{self.department}/{self.name}@{self.version}"
+
+    @property
+    def image_size(self) -> int:
+        return int(self.card.get("image_size") or 256)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.card.get("tasks") or [])
+
+    @property
+    def answers(self) -> list[str] | None:
+        return self.card.get("answers")
+
+    def summary(self) -> dict[str, Any]:
+        """What `GET /v1/models` and `biomedgpt registry list --json` show."""
+        c = self.card
+        return {"id": self.id, "department": self.department, "name": self.name, "version": self.version,
+                "created": self.manifest.get("created"), "tasks": self.tasks, "size": c.get("size"),
+                "image_size": self.image_size, "answers": len(self.answers) if self.answers else 0,
+                "training_data": [d.get("dataset") for d in c.get("training_data", [])],
+                "metrics": c.get("metrics", {}), "licence": c.get("licence")}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write `data` to `url` only if nothing is there yet (atomically); False if it already exists."""
+    if storage.is_local(url):
+        path = storage.local_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, path)  # fails if the name exists: never replaces
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+    fs, path = storage.filesystem(url)
+    try:
+        fs.pipe_file(path, data, mode="create")  # S3: PUT with If-None-Match: *
+        return True
+    except FileExistsError:
+        return False
+    except OSError as err:  # some s3fs versions surface 412 Precondition Failed as a plain OSError
+        if "PreconditionFailed" in str(err) or "412" in str(err):
+            return False
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Model cards
+# ----------------------------------------------------------------------------------------------
+
+
+def _dataset_info(dataset: str) -> dict[str, Any]:
+    """Licence, access class and citation of a dataset from datasets_spec/<name>.yaml (if described)."""
+    path = REPO / "datasets_spec" / f"{dataset}.yaml"
+    if not path.is_file():
+        return {"dataset": dataset, "licence": "unknown (no datasets_spec entry)"}
+    from ..data.dataset_spec import load_dataset_spec
+
+    spec = load_dataset_spec(path)
+    return {"dataset": dataset, "licence": spec.licence, "access": spec.access, "citation": spec.citation.strip()}
+
+
+def build_card(model_dir: Path, training: dict[str, Any], metrics: dict[str, Any], licence: str,
+               source: str, description: str = "", tasks: list[str] | None = None) -> dict[str, Any]:
+    """The model card (as data) of a model directory."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    answers_file = model_dir / "answers.json"
+    answers = json.loads(answers_file.read_text()) if answers_file.is_file() else None
+    train_data = []
+    for item in training.get("train_data", []) or []:
+        dataset, _, split = str(item).partition("/")
+        train_data.append(dict(_dataset_info(dataset), split=split or None))
+    task = training.get("task")
+    return {
+        "description": description or (f"BiomedGPT fine-tuned by run {training['run']!r}" if training.get("run")
+                                       else "BiomedGPT model"),
+        "tasks": tasks or ([task] if task else ["vqa"]),
+        "size": training.get("size") or cfg.get("size") or "custom",
+        "image_size": int(training.get("image_size") or 256),
+        "max_source_length": int(training.get("max_source_length") or 80),
+        "run": training.get("run"), "team": training.get("team"), "step": training.get("step"),
+        "training_data": train_data,
+        "metrics": metrics,
+        "licence": licence,
+        "data_licences": {d["dataset"]: d["licence"] for d in train_data},
+        "credentialed_data": sorted(d["dataset"] for d in train_data if d.get("access") == "credentialed"),
+        "answers": answers,
+        "model_config": {k: cfg.get(k) for k in ("d_model", "encoder_layers", "decoder_layers", "vocab_size",
+                                                  "resnet_type") if k in cfg},
+        "source": source,
+        "exported_by": f"{getpass.getuser()}@{socket.gethostname()}",
+    }
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    lines = [f"# {card['id']}", "", card.get("description", ""), "",
+             f"- tasks: {', '.join(card.get('tasks', []))}",
+             f"- size: {card.get('size')} (image size {card.get('image_size')} px)",
+             f"- created: {card.get('created')} from `{card.get('source')}`",
+             f"- licence of the model: {card.get('licence')}", "", "## Training data", ""]
+    if card.get("training_data"):
+        lines += ["| dataset | split | licence | access |", "|---|---|---|---|"]
+        lines += [f"| {d['dataset']} | {d.get('split') or '-'} | {d.get('licence')} | {d.get('access', '-')} |"
+                  for d in card["training_data"]]
+        if card.get("credentialed_data"):
+            lines += ["", "Trained on credentialed data (" + ", ".join(card["credentialed_data"]) +
+                      "): use is bound by those data-use agreements."]
+    else:
+        lines.append("Not recorded (the source carried no training.json).")
+    lines += ["", "## Metrics", ""]
+    if card.get("metrics"):
+        lines += ["```json", json.dumps(card["metrics"], indent=2, sort_keys=True), "```"]
+    else:
+        lines.append("No evaluation found beside the source.")
+    answers = card.get("answers")
+    lines += ["", "## Candidate answers", "",
+              f"{len(answers)} (closed-set decoding over answers.json)" if answers else "none (free generation)"]
+    return "\n".join(lines) + "\n"
+
+
+def _find_metrics(source: Path, is_checkpoint: bool) -> dict[str, Any]:
+    """The evaluation of the run beside a source: `<run>/eval/metrics.json` (runner.py's layout: a checkpoint
+    is `<run>/checkpoint-N`, the exported model `<run>/export`), or metrics.json inside a model directory."""
+    candidates = [source / "metrics.json"] if not is_checkpoint else []
+    candidates.append(source.parent / "eval" / "metrics.json")
+    for path in candidates:
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------
+
+
+class Registry:
+    """Model directories under one URL (see the module docstring for the layout and the protocol)."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = registry_url(url).rstrip("/") or "/"
+
+    def __repr__(self) -> str:
+        return f"Registry({self.url!r})"
+
+    def _url(self, *parts: str) -> str:
+        return storage.join(self.url, *parts)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _scan(self) -> dict[tuple[str, str], dict[int, set[str]]]:
+        """{(department, name): {version: names of the marker files present}} in one listing."""
+        out: dict[tuple[str, str], dict[int, set[str]]] = {}
+        for rel in storage.list_files(self.url):
+            parts = rel.split("/")
+            if len(parts) != 4 or not parts[2].isdigit():
+                continue
+            dept, name, ver, fname = parts
+            out.setdefault((dept, name), {}).setdefault(int(ver), set()).add(fname)
+        return out
+
+    def versions(self, department: str, name: str, *, published_only: bool = True) -> list[int]:
+        prefix = self._url(department, name)
+        found: dict[int, set[str]] = {}
+        for rel in storage.list_files(prefix):
+            ver, _, fname = rel.partition("/")
+            if ver.isdigit() and "/" not in fname:
+                found.setdefault(int(ver), set()).add(fname)
+        return sorted(v for v, names in found.items() if MANIFEST in names or not published_only)
+
+    def entry(self, department: str, name: str, version: int) -> ModelEntry:
+        url = self._url(department, name, str(version))
+        try:
+            manifest = json.loads(storage.read_text(storage.join(url, MANIFEST)))
+            card = json.loads(storage.read_text(storage.join(url, CARD_JSON)))
+        except FileNotFoundError:
+            raise UnknownModel(f"{self.url}: no model {department}/{name}@{version}") from None
+        return ModelEntry(department, name, version, url, manifest, card)
+
+    def resolve(self, ref: str | ModelRef, default_department: str | None = None) -> ModelEntry:
+        """The published version a model id names (`@latest` or no version: the highest)."""
+        if not isinstance(ref, ModelRef):
+            ref = ModelRef.parse(ref, default_department)
+        if ref.version is None:
+            versions = self.versions(ref.department, ref.name)
+            if not versions:
+                raise UnknownModel(f"{self.url}: no model {ref.department}/{ref.name}")
+            return self.entry(ref.department, ref.name, versions[-1])
+        return self.entry(ref.department, ref.name, ref.version)
+
+    def list(self, department: str | None = None, *, all_versions: bool = True) -> list[ModelEntry]:
+        """Published models (of one department), sorted by id; only the latest of each with all_versions=False."""
+        out = []
+        for (dept, name), versions in sorted(self._scan().items()):
+            if department is not None and dept != department:
+                continue
+            published = sorted(v for v, names in versions.items() if MANIFEST in names)
+            for v in (published if all_versions else published[-1:]):
+                out.append(self.entry(dept, name, v))
+        return out
+
+    def local_dir(self, entry: ModelEntry, cache_dir: str | Path | None = None) -> Path:
+        """A local directory with the version's files: the registry path itself when the registry is local,
+        else a verified copy in the cache (versions are immutable, so a cached copy never goes stale)."""
+        if storage.is_local(entry.url):
+            return storage.local_path(entry.url)
+        cache = Path(cache_dir or os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "biomedgpt-models")
+        key = hashlib.sha256(self.url.encode()).hexdigest()[:12]
+        target = cache / key / entry.department / entry.name / str(entry.version)
+        if (target / MANIFEST).is_file():
+            return target
+        partial = target.with_name(f".{entry.version}.{uuid.uuid4().hex[:8]}.partial")
+        partial.mkdir(parents=True)
+        try:
+            for rel, info in entry.manifest["files"].items():
+                dest = partial / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(storage.read_bytes(storage.join(entry.url, rel)))
+                if _sha256(dest) != info["sha256"]:
+                    raise RegistryError(f"{entry.url}/{rel}: sha256 differs from the manifest (corrupt copy)")
+            (partial / MANIFEST).write_text(json.dumps(entry.manifest, indent=2, sort_keys=True))
+            try:
+                partial.rename(target)
+            except OSError:  # another process finished the same copy first
+                if not (target / MANIFEST).is_file():
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        return target
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def export(self, source: str | Path, department: str, name: str, *, licence: str | None = None,
+               metrics: dict[str, Any] | None = None, description: str = "", tasks: list[str] | None = None
+               ) -> ModelEntry:
+        """Publish a new version of `department/name` from a run checkpoint (`<run>/checkpoint-N`) or a model
+        directory (with config.json, from `biomedgpt convert`/`export`); returns the published entry."""
+        for what, value in (("department", department), ("name", name)):
+            if not re.fullmatch(NAME, value or ""):
+                raise RegistryError(f"{what} {value!r}: must be lower-case letters, digits, '.', '_' or '-' "
+                                    "(at most 63 characters, starting with a letter or digit)")
+        if tasks:
+            from ..tasks import task_names
+
+            unknown = [t for t in tasks if t not in task_names()]
+            if unknown:
+                raise RegistryError(f"task {unknown[0]!r}: not a task family ({', '.join(task_names())})")
+        with tempfile.TemporaryDirectory(prefix="biomedgpt-registry-") as tmp:
+            staged, training, found_metrics, source_desc = self._stage(str(source), Path(tmp))
+            card = build_card(staged, training, metrics if metrics is not None else found_metrics,
+                              licence or DEFAULT_LICENCE, source_desc, description, tasks)
+            return self._publish(staged, department, name, card)
+
+    def _stage(self, source: str, tmp: Path) -> tuple[Path, dict[str, Any], dict[str, Any], str]:
+        """A local model directory for the source (exported if it is a checkpoint), its training.json and
+        the metrics found beside it."""
+        local: Path
+        if storage.is_local(source):
+            local = storage.local_path(source)
+            if not local.is_dir():
+                raise RegistryError(f"{source}: no such directory (expected a run checkpoint or a model directory)")
+        else:  # a checkpoint or model directory on object storage: copy it (and the run's eval) first
+            fs, path = storage.filesystem(source)
+            if not fs.isdir(path):
+                raise RegistryError(f"{source}: no such directory (expected a run checkpoint or a model directory)")
+            local = tmp / "source" / storage.basename(source)
+            fs.get(path.rstrip("/") + "/", str(local), recursive=True)
+            parent = path.rstrip("/").rsplit("/", 1)[0]
+            if fs.exists(parent + "/eval/metrics.json"):
+                (local.parent / "eval").mkdir(parents=True, exist_ok=True)
+                fs.get(parent + "/eval/metrics.json", str(local.parent / "eval" / "metrics.json"))
+        if (local / CHECKPOINT_META).is_file():
+            from ..train.checkpoints import export_checkpoint  # imports Lightning: only for checkpoints
+
+            model_dir = tmp / "model"
+            export_checkpoint(local, model_dir)
+            is_checkpoint = True
+        elif (local / "config.json").is_file():
+            model_dir = tmp / "model"
+            shutil.copytree(local, model_dir, ignore=shutil.ignore_patterns(MANIFEST, CLAIM, CARD_JSON, ".*"))
+            is_checkpoint = False
+        else:
+            raise RegistryError(f"{source}: neither a run checkpoint ({CHECKPOINT_META}) nor a model directory "
+                                "(config.json); see `biomedgpt export` and `biomedgpt convert`")
+        if not (model_dir / "model.safetensors").is_file():
+            raise RegistryError(f"{source}: no model.safetensors in the model directory")
+        if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
+            raise RegistryError(f"{source}: no tokenizer files in the model directory (a served model needs them)")
+        training_file = model_dir / "training.json"
+        training = json.loads(training_file.read_text()) if training_file.is_file() else {}
+        return model_dir, training, _find_metrics(local, is_checkpoint), source
+
+    def _publish(self, staged: Path, department: str, name: str, card: dict[str, Any]) -> ModelEntry:
+        claim = json.dumps({"by": card["exported_by"], "pid": os.getpid(), "at": _now(),
+                            "nonce": uuid.uuid4().hex}).encode()
+        existing = self.versions(department, name, published_only=False)
+        version = (existing[-1] if existing else 0) + 1
+        for _ in range(1000):
+            if create_exclusive(self._url(department, name, str(version), CLAIM), claim):
+                break
+            version += 1  # taken by a concurrent export: the next one
+        else:
+            raise RegistryError(f"{self.url}: could not claim a version of {department}/{name}")
+        url = self._url(department, name, str(version))
+        card = dict(card, id=f"{department}/{name}@{version}", department=department, name=name, version=version,
+                    created=_now())
+        (staged / CARD_JSON).write_text(json.dumps(card, indent=2, sort_keys=True))
+        (staged / CARD_MD).write_text(card_markdown(card))
+        files = {}
+        for path in sorted(p for p in staged.rglob("*") if p.is_file()):
+            rel = path.relative_to(staged).as_posix()
+            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            storage.write_bytes(storage.join(url, rel), path.read_bytes())
+        manifest = {"format": 1, "id": card["id"], "department": department, "name": name, "version": version,
+                    "created": card["created"], "files": files}
+        if not create_exclusive(storage.join(url, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode()):
+            raise RegistryError(f"{url}: {MANIFEST} appeared while this export held the claim; the registry is being "
+                                "written by something that does not follow the protocol")
+        return ModelEntry(department, name, version, url, manifest, card)
+
+
+def format_table(entries: Iterable[ModelEntry]) -> str:
+    rows = [("MODEL", "TASKS", "SIZE", "CREATED", "TRAINING DATA", "METRICS")]
+    for e in entries:
+        s = e.summary()
+        metrics = s["metrics"]
+        brief = ""
+        if isinstance(metrics, dict) and metrics:
+            first_key = next(iter(metrics))
+            first = metrics[first_key]
+            if isinstance(first, dict):
+                nums = {k: v for k, v in first.items() if isinstance(v, (int, float)) and k != "count"}
+                brief = f"{first_key}: " + ", ".join(f"{k} {v:.3f}" for k, v in list(nums.items())[:2])
+            elif isinstance(first, (int, float)):
+                brief = f"{first_key} {first:.3f}"
+        rows.append((s["id"], ",".join(s["tasks"]), str(s["size"]), str(s["created"] or "-"),
+                     ",".join(x for x in s["training_data"] if x) or "-", brief or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
