@@ -142,3 +142,92 @@ def coco_tokenized(caption_pairs) -> tuple[dict, dict]:
     res = {i: [{"caption": pred}] for i, (pred, _) in enumerate(caption_pairs)}
     tokenizer = PTBTokenizer()
     return tokenizer.tokenize(gts), tokenizer.tokenize(res)
+
+
+# --- the evaluation job: shards of five task families and a demo-size model --------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+VQA_RAD_SAMPLE = REPO / "datasets_spec" / "samples" / "vqa_rad"
+
+# MedNLI is credentialed (PhysioNet): records in its release format (mli_*_v1.jsonl), written here.
+MEDNLI_ROWS = [
+    ("Labs were notable for Cr 1.7 (baseline 0.5 per old records) and lactate 2.4.", "Patient has elevated Cr", "entailment"),
+    ("No history of blood clots.", "Patient has a DVT", "contradiction"),
+    ("Family history of diabetes.", "Patient is obese", "neutral"),
+    ("He was febrile to 102.4 on admission.", "The patient had a fever", "entailment"),
+    ("Chest x-ray showed no infiltrate.", "The patient has pneumonia", "contradiction"),
+    ("She takes metformin for type 2 diabetes.", "The patient has high blood pressure", "neutral"),
+]
+# MeQSum in BiomedGPT's headerless test.tsv layout (question<TAB>summary).
+MEQSUM_ROWS = [
+    ("SUBJECT: lupus. MESSAGE: I was diagnosed with lupus last year, what are the side effects of hydroxychloroquine?",
+     "What are the side effects of hydroxychloroquine?"),
+    ("My father has Parkinson's disease. Is there any new treatment that can slow it down?",
+     "What are the treatments for Parkinson's disease?"),
+    ("SUBJECT: metformin. MESSAGE: can metformin cause vitamin b12 deficiency? I have been taking it for 5 years.",
+     "Can metformin cause vitamin B12 deficiency?"),
+    ("Hello, my son has a peanut allergy. How do I know if he is having anaphylaxis?",
+     "What are the signs of anaphylaxis?"),
+    ("I have had a dry cough for three weeks after a cold. When should I worry and see a doctor?",
+     "When should a persistent cough be evaluated by a doctor?"),
+    ("SUBJECT: shingles vaccine. MESSAGE: I am 62 and had chickenpox as a child. Should I get the shingles vaccine?",
+     "Who should get the shingles vaccine?"),
+]
+
+
+@pytest.fixture(scope="session")
+def eval_shards(tmp_path_factory, shared: Path) -> str:
+    """One shard root with five task families from real small data: VQA-RAD (vqa, the shipped sample),
+    IU X-ray (caption: the first 12 test studies of the shared R2Gen annotation, with PNG views made
+    from the VQA-RAD sample's radiographs), PneumoniaMNIST (classify, the shared .npz), MedNLI (nli)
+    and MeQSum (summarize). Small shards, so that datasets span several."""
+    from PIL import Image
+
+    from biomedgpt.data.build import build_shards
+
+    root = tmp_path_factory.mktemp("eval-shards")
+    src = tmp_path_factory.mktemp("eval-sources")
+    build_shards("vqa_rad", str(VQA_RAD_SAMPLE), str(root), shard_max_samples=40, progress=False)
+
+    studies = json.loads((shared / "data" / "iu_xray" / "dev.json").read_text())["test"][:12]
+    (src / "iu_xray").mkdir()
+    (src / "iu_xray" / "annotation.json").write_text(json.dumps({"test": studies}))
+    jpgs = sorted((VQA_RAD_SAMPLE / "VQA_RAD Image Folder").glob("*.jpg"))
+    for i, rel in enumerate(p for s in studies for p in s["image_path"]):
+        target = src / "iu_xray" / "images" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(jpgs[i % len(jpgs)]) as img:
+            img.convert("L").resize((64, 64)).save(target, format="PNG")
+    build_shards("iu_xray", str(src / "iu_xray"), str(root), ["test"], shard_max_samples=5, progress=False)
+
+    build_shards("pneumoniamnist", str(shared / "data" / "medmnist"), str(root), ["val"], files={"npz": "dev.npz"},
+                 shard_max_samples=100, progress=False)
+
+    (src / "mednli").mkdir()
+    (src / "mednli" / "mli_test_v1.jsonl").write_text("".join(
+        json.dumps({"sentence1": a, "sentence2": b, "gold_label": g, "pairID": f"p{i}"}) + "\n"
+        for i, (a, b, g) in enumerate(MEDNLI_ROWS)))
+    build_shards("mednli", str(src / "mednli"), str(root), progress=False)
+
+    (src / "meqsum").mkdir()
+    (src / "meqsum" / "test.tsv").write_text("".join(f"{q}\t{s}\n" for q, s in MEQSUM_ROWS))
+    build_shards("meqsum", str(src / "meqsum"), str(root), progress=False)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def eval_model_dir(demo_tokenizer_dir, tmp_path_factory) -> str:
+    """A demo-size model (random weights, seed 0) saved with the demo tokenizer, as `biomedgpt export`
+    lays a model directory out."""
+    import torch
+
+    from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+    from biomedgpt.model.tokenizer import BiomedGPTTokenizer
+
+    tok = BiomedGPTTokenizer.from_pretrained(demo_tokenizer_dir)
+    torch.manual_seed(0)
+    model = BiomedGPTForConditionalGeneration(BiomedGPTConfig.from_size("demo", vocab_size=len(tok)))
+    out = tmp_path_factory.mktemp("eval-model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

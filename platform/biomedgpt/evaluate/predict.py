@@ -1,16 +1,20 @@
-"""Predictions of a model directory on shard records, and the evaluation of a job's splits.
+"""Predictions of a model on shard records.
 
-VQA decoding follows the official recipe: generation under a prefix tree over the candidate answers
-(the answers seen in training, shipped with the model as answers.json), beam 1; or free beam search.
-Writes `<out>/<dataset>-<split>.jsonl` (one prediction per line), `metrics.json` and `report.md`.
+`Predictor` decodes any task family (tasks/) the official way (`decode_plan`): generation under a
+prefix tree (trie) over the answer candidates for VQA and NLI (beam 1), every class name scored
+under the trie for classification (argmax), beam search with the official beam size, no-repeat
+n-gram size and length penalty for captioning and summarisation; or freely for every task
+(zero-shot). `predict_vqa` is the single-task path serving uses. The evaluation job that runs
+Predictors on Ray and writes the results is `biomedgpt.evaluate.job`.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -87,43 +91,156 @@ def majority_baseline(train_answers: list[str], preds: list[dict[str, Any]]) -> 
     return sum(normalize_answer(p["answer"]) == majority for p in preds) / len(preds)
 
 
+# -- every task: the official decoding of each task family, or free (zero-shot) generation ---------
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How one dataset is decoded. `method`: `trie` (generation under a prefix tree over `candidates`:
+    only a candidate can come out), `score` (every candidate scored under the trie, the best taken: the
+    official classification decoding) or `free` (beam search with these settings)."""
+
+    task: str
+    method: str
+    beam_size: int
+    max_new_tokens: int
+    no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0
+    candidates: tuple[str, ...] | None = None
+
+
+def decode_plan(task_name: str, candidates: Sequence[str] | None, *, mode: str = "official",
+                decoding: str | None = None, beam_size: int | None = None,
+                max_new_tokens: int | None = None) -> DecodePlan:
+    """The decoding of `task_name` (tasks/: its official `Decoding`) for `mode` official | zero_shot;
+    `decoding` (trie | beam) overrides how constrained tasks decode in official mode, `beam_size` /
+    `max_new_tokens` override the official values. A constrained task without candidates (dataset
+    policy `none`) generates freely."""
+    from ..tasks import get_task
+
+    official = get_task(task_name).decoding
+    beams = beam_size or official.beam_size
+    max_new = max_new_tokens or official.max_new_tokens
+    cands = tuple(candidates) if candidates else None
+    if mode == "official" and official.constrained and cands and decoding != "beam":
+        method = "score" if task_name == "classify" else "trie"
+        return DecodePlan(task_name, method, beams, max_new, candidates=cands)
+    return DecodePlan(task_name, "free", beams, max_new, official.no_repeat_ngram_size, official.length_penalty,
+                      candidates=cands)
+
+
+def reference_fields(task_name: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The fields `biomedgpt score` reads from a references line, from an Example's meta."""
+    if task_name == "vqa":
+        return {"references": meta["answer"], "answer_type": meta["answer_type"]}
+    if task_name in ("caption", "summarize"):
+        return {"references": list(meta["references"])}
+    return {"references": meta["answer"]}
+
+
+class Predictor:
+    """Predictions of one model for shard records of any task family, batch by batch (no Ray, no
+    files): used by the evaluation's Ray actors and by the evaluation during training."""
+
+    def __init__(self, model, tokenizer, *, image_size: int, max_source_length: int, batch_size: int = 16) -> None:
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.image_size = image_size
+        self.max_source_length = max_source_length
+        self.batch_size = batch_size
+        self._tries: dict[tuple[str, ...], tuple[Any, dict[tuple[int, ...], str]]] = {}
+
+    def trie(self, candidates: tuple[str, ...]):
+        """(AnswerTrie over the candidates, candidate token sequence -> text), cached."""
+        from ..model.constrained import AnswerTrie
+
+        if candidates not in self._tries:
+            seqs = {}
+            for text in candidates:
+                seq = tuple(self.tok.encode_text(text)) + (self.tok.eos_token_id,)
+                seqs.setdefault(seq, text)
+            trie = AnswerTrie(list(seqs), eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)
+            self._tries[candidates] = (trie, seqs)
+        return self._tries[candidates]
+
+    @torch.no_grad()
+    def predict(self, plan: DecodePlan, records: list[dict[str, Any]], image_size: int | None = None
+                ) -> list[dict[str, Any]]:
+        """One dict per record: id, prediction, the reference fields of `biomedgpt score`, and what the
+        report shows (instruction; class probabilities for `score`). `image_size` overrides the
+        predictor's input resolution for these records."""
+        from ..tasks import get_task
+
+        task = get_task(plan.task)
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(records), self.batch_size):
+            chunk = records[start:start + self.batch_size]
+            exs = []
+            for r in chunk:
+                try:
+                    exs.append(task.example(r))
+                except ValueError as err:
+                    raise ValueError(f"{r.get('dataset', '?')}/{r.get('split', '?')}: {err}") from None
+            texts, extras = self._decode(plan, chunk, exs, image_size or self.image_size)
+            for r, e, text, extra in zip(chunk, exs, texts, extras):
+                pred = {"id": e.meta["id"], "prediction": text, "instruction": e.instruction.strip()}
+                pred.update(reference_fields(plan.task, e.meta))
+                pred.update(extra)
+                out.append(pred)
+        return out
+
+    def _inputs(self, chunk: list[dict[str, Any]], exs: list[Any], size: int) -> dict[str, torch.Tensor]:
+        from ..data.transforms import load_image, pad_sequences
+
+        device = next(self.model.parameters()).device
+        ids = torch.from_numpy(pad_sequences([self.tok.encode_source(e.instruction, max_length=self.max_source_length)
+                                              for e in exs], self.tok.pad_token_id))
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids.to(device)}
+        if any(e.has_image and r.get("_image") for r, e in zip(chunk, exs)):
+            images = np.zeros((len(chunk), 3, size, size), dtype=np.float32)
+            masks = np.zeros(len(chunk), dtype=bool)
+            for i, (r, e) in enumerate(zip(chunk, exs)):
+                if e.has_image and r.get("_image"):
+                    images[i] = load_image(r["_image"], size)
+                    masks[i] = True
+            inputs["patch_images"] = torch.from_numpy(images).to(device)
+            inputs["patch_masks"] = torch.from_numpy(masks).to(device)
+        return inputs
+
+    def _decode(self, plan: DecodePlan, chunk, exs, size: int) -> tuple[list[str], list[dict[str, Any]]]:
+        inputs = self._inputs(chunk, exs, size)
+        if plan.method == "score":
+            from ..model.constrained import score_candidates
+
+            trie, texts = self.trie(plan.candidates)
+            scores = score_candidates(self.model, trie, inputs["input_ids"], patch_images=inputs.get("patch_images"),
+                                      patch_masks=inputs.get("patch_masks"))
+            probs = torch.softmax(scores.float(), dim=-1).cpu()
+            names = [texts[c] for c in trie.candidates]
+            preds = [names[i] for i in probs.argmax(-1).tolist()]
+            return preds, [{"scores": {n: round(float(p), 6) for n, p in zip(names, row)}} for row in probs]
+        kwargs: dict[str, Any] = dict(inputs, num_beams=plan.beam_size, max_new_tokens=plan.max_new_tokens,
+                                      do_sample=False)
+        if plan.beam_size > 1:
+            kwargs.update(length_penalty=plan.length_penalty, early_stopping=True)
+        if plan.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = plan.no_repeat_ngram_size
+        if plan.method == "trie":
+            kwargs["prefix_allowed_tokens_fn"] = self.trie(plan.candidates)[0].prefix_allowed_tokens_fn()
+        seqs = self.model.generate(**kwargs)
+        texts = [t.strip() for t in self.tok.batch_decode(seqs[:, 1:], skip_special_tokens=True)]
+        if plan.method == "trie":
+            # the trie's tokens decode to the candidate's text; map back exactly (no re-normalisation drift)
+            _, by_seq = self.trie(plan.candidates)
+            by_text = {" ".join(v.split()).lower(): v for v in by_seq.values()}
+            texts = [by_text.get(" ".join(t.split()).lower(), t) for t in texts]
+        return texts, [{} for _ in texts]
+
+
 def evaluate_model_dir(model_dir: str | Path, spec, out_dir: str | Path) -> dict[str, Any]:
-    """Evaluate on the spec's `evaluate.splits` ("train" = the training datasets, other names = the
-    `data.eval` entries with that split); writes predictions, metrics.json and report.md."""
-    from ..runner import records, say
+    """Evaluate a model directory on the spec's `evaluate.splits` (see `biomedgpt.evaluate.job`):
+    every dataset with its task's official decoding on Ray actors; writes predictions, results.json,
+    results.md, report.html and metrics.json to out_dir. Returns {"<dataset>/<split>": metrics}."""
+    from .job import run_evaluation
 
-    ev = spec.evaluate
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tok, answers = load_model_dir(model_dir)
-    train_answers = [str(r.get("answer", "")).strip().lower()
-                     for ref in spec.data.train for r in records(spec.data.shards, ref.dataset, ref.split)]
-    results: dict[str, Any] = {}
-    lines = [f"# Evaluation of {model_dir}", "",
-             "| dataset | split | n | overall | closed | open | majority baseline |", "|---|---|---|---|---|---|---|"]
-    for split in ev.splits:
-        refs = spec.data.train if split == "train" else [r for r in spec.data.eval if r.split == split]
-        for ref in refs:
-            recs = list(records(spec.data.shards, ref.dataset, ref.split))
-            if ev.max_samples:
-                recs = recs[: ev.max_samples]
-            say(f"evaluate: {ref.dataset}/{ref.split} ({len(recs)} questions, {ev.decoding} decoding)")
-            preds = predict_vqa(model, tok, recs, image_size=spec.model.image_size,
-                                max_source_length=spec.data.max_source_length, answers=answers,
-                                decoding=ev.decoding, beam_size=ev.beam_size, max_new_tokens=ev.max_new_tokens,
-                                batch_size=ev.batch_size)
-            with open(out / f"{ref.dataset}-{ref.split}.jsonl", "w") as fh:
-                for p in preds:
-                    fh.write(json.dumps(p) + "\n")
-            m = vqa_scores(preds)
-            m["majority_baseline"] = majority_baseline(train_answers, preds)
-            results[f"{ref.dataset}/{ref.split}"] = m
-
-            def fmt(v: float | None) -> str:
-                return "-" if v is None else f"{v:.3f}"
-
-            lines.append(f"| {ref.dataset} | {ref.split} | {len(preds)} | {fmt(m['accuracy'])} | "
-                         f"{fmt(m['closed_accuracy'])} | {fmt(m['open_accuracy'])} | {fmt(m['majority_baseline'])} |")
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return results
+    return run_evaluation(spec, str(model_dir), out_dir)

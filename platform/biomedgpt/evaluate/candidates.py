@@ -1,0 +1,177 @@
+"""What each evaluated dataset is: its task, the metrics its dataset spec reports, and the answer
+candidates of constrained decoding, from `datasets_spec/<name>.yaml`'s `answer_candidates` policy:
+
+| policy              | candidates                                                                  |
+|---------------------|-----------------------------------------------------------------------------|
+| `answers_of_splits` | every distinct normalised answer of the records of those splits' shards     |
+| `class_names`       | the dataset's class names (the converter's list, else the `label_name`s of all its shards) |
+| `fixed`             | the listed values                                                           |
+| `none`              | none: free generation                                                       |
+
+Candidates are written as the task's targets are (VQA answers stripped and lower-cased, class names
+lower-cased with '_' read as a space), so that decoding under the trie can produce exactly them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+DATASETS_SPEC_ENV = "BIOMEDGPT_DATASETS_SPEC"
+REPO = Path(__file__).resolve().parents[3]
+
+#: dataset-spec metric name -> the key `biomedgpt score` (and the evaluation) reports it under, per task
+SPEC_METRIC_KEYS: dict[str, dict[str, str]] = {
+    "vqa": {"vqa_accuracy": "accuracy", "vqa_accuracy_closed": "closed_accuracy", "vqa_accuracy_open": "open_accuracy"},
+    "caption": {"bleu4": "bleu_4", "rouge_l": "rouge_l", "meteor": "meteor", "cider": "cider_d"},
+    "classify": {"accuracy": "accuracy", "f1_macro": "macro_f1", "auc": "auc"},
+    "nli": {"accuracy": "accuracy", "f1_macro": "macro_f1"},
+    "summarize": {"rouge1": "rouge1", "rouge2": "rouge2", "rouge_l": "rougeL"},
+}
+#: what a task reports when its dataset has no spec (the same keys)
+DEFAULT_METRICS: dict[str, list[str]] = {
+    "vqa": ["vqa_accuracy", "vqa_accuracy_closed", "vqa_accuracy_open"],
+    "caption": ["bleu4", "rouge_l", "meteor", "cider"],
+    "classify": ["accuracy", "f1_macro"],
+    "nli": ["accuracy", "f1_macro"],
+    "summarize": ["rouge1", "rouge2", "rouge_l"],
+}
+EVAL_TASKS = tuple(SPEC_METRIC_KEYS)
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run as asked; the message names the dataset, split or file."""
+
+
+def datasets_spec_dir() -> Path:
+    """$BIOMEDGPT_DATASETS_SPEC, else ./datasets_spec, else the checkout's datasets_spec/."""
+    if os.environ.get(DATASETS_SPEC_ENV):
+        return Path(os.environ[DATASETS_SPEC_ENV])
+    here = Path("datasets_spec")
+    if here.is_dir() and any(here.glob("*.yaml")):
+        return here
+    return REPO / "datasets_spec"
+
+
+def load_dataset_spec_or_none(dataset: str, directory: Path | None = None):
+    """The dataset's spec, or None when `datasets_spec/<dataset>.yaml` does not exist."""
+    from ..data.dataset_spec import load_dataset_spec
+
+    path = (directory or datasets_spec_dir()) / f"{dataset}.yaml"
+    return load_dataset_spec(path) if path.is_file() else None
+
+
+def shard_records(shards_root: str, dataset: str, split: str, *, images: bool = True) -> Iterator[dict[str, Any]]:
+    """The records of one split (json fields, plus `_image` bytes when present and `images`)."""
+    from ..data.shards import read_shard
+
+    for shard in list_split_shards(shards_root, dataset, split):
+        for sample in read_shard(shard.url):
+            rec = json.loads(sample["json"])
+            if images:
+                rec["_image"] = sample.get("jpg") or sample.get("png")
+            yield rec
+
+
+def list_split_shards(shards_root: str, dataset: str, split: str):
+    """`list_shards`, with an error that names the dataset, the split and the shard root."""
+    from ..data.shards import ShardError
+    from ..data.stream import list_shards
+
+    try:
+        return list_shards(shards_root, dataset, split)
+    except (FileNotFoundError, ShardError) as err:
+        raise EvaluationError(f"{dataset}/{split}: no shards under {shards_root} ({err}); build them with "
+                              f"`biomedgpt shards build {dataset} --source DIR --out {shards_root}`") from None
+
+
+def normalise_candidate(task: str, text: Any) -> str:
+    if task == "classify":
+        from ..tasks.classify import label_text
+
+        return label_text(text)
+    from ..tasks.vqa import normalize_answer
+
+    return normalize_answer(str(text))
+
+
+@dataclass
+class Candidates:
+    """Answer candidates of one dataset (None: free generation) and, for answers_of_splits, how often
+    each answer occurs in those splits (for the majority-answer baseline)."""
+
+    values: list[str] | None
+    policy: str
+    counts: Counter = field(default_factory=Counter)
+
+
+def answer_candidates(dataset: str, task: str, spec: Any, shards_root: str,
+                      model_answers: list[str] | None = None) -> Candidates:
+    """The candidates of `dataset` by its dataset spec's policy (see the module docstring). Without a
+    spec, a VQA dataset decodes over the model's own answer list (answers.json) when it has one, a
+    classification dataset over the label names in its shards; NLI uses yes/no/maybe."""
+    if spec is None:
+        if task == "vqa" and model_answers:
+            return Candidates(sorted({normalise_candidate(task, a) for a in model_answers}), "model_answers")
+        if task == "nli":
+            from ..tasks.nli import ANSWERS
+
+            return Candidates(list(ANSWERS), "fixed")
+        if task == "classify":
+            return Candidates(_label_names_of_shards(dataset, shards_root, None), "class_names")
+        if task == "vqa":
+            raise EvaluationError(f"{dataset}: a VQA dataset without datasets_spec/{dataset}.yaml needs the model's "
+                                  "answers.json for its candidates")
+        return Candidates(None, "none")
+    policy = spec.answer_candidates.policy
+    if policy == "none":
+        return Candidates(None, policy)
+    if policy == "fixed":
+        return Candidates(_distinct(normalise_candidate(task, v) for v in spec.answer_candidates.values), policy)
+    if policy == "class_names":
+        from ..data.converters.medmnist import SUBSETS, label_names
+
+        if spec.source.converter in SUBSETS:
+            names = label_names(spec.source.converter)
+        else:
+            names = _label_names_of_shards(dataset, shards_root, list(spec.splits))
+        return Candidates(_distinct(normalise_candidate(task, n) for n in names), policy)
+    # answers_of_splits
+    counts: Counter = Counter()
+    for split in spec.answer_candidates.splits:
+        for rec in shard_records(shards_root, dataset, split, images=False):
+            if rec.get("answer") is not None and str(rec["answer"]).strip():
+                counts[normalise_candidate(task, rec["answer"])] += 1
+    if not counts:
+        raise EvaluationError(f"{dataset}: answer_candidates.policy answers_of_splits found no answers in the "
+                              f"splits {spec.answer_candidates.splits} under {shards_root}")
+    return Candidates(sorted(counts), policy, counts)
+
+
+def _label_names_of_shards(dataset: str, shards_root: str, splits: list[str] | None) -> list[str]:
+    names: set[str] = set()
+    for split in splits or ["train", "val", "test"]:
+        try:
+            list_split_shards(shards_root, dataset, split)
+        except EvaluationError:
+            continue
+        for rec in shard_records(shards_root, dataset, split, images=False):
+            value = rec.get("label_name")
+            if isinstance(value, str) and value.strip():
+                names.add(value)
+    if not names:
+        raise EvaluationError(f"{dataset}: no class names: the converter has no list and no shard under "
+                              f"{shards_root} has a label_name")
+    return sorted(names)
+
+
+def _distinct(values) -> list[str]:
+    out: dict[str, None] = {}
+    for v in values:
+        if v:
+            out.setdefault(v, None)
+    return list(out)
