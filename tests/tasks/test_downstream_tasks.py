@@ -61,3 +61,21 @@ def test_summarize_prompt_and_target():
 def test_missing_fields_are_named(task, record, field):
     with pytest.raises(MissingFieldError, match=f"record 'x' has no '{field}' field"):
         get_task(task).example(record)
+
+
+def test_trec_trial_matching_keeps_its_own_label_set():
+    task = get_task("nli")
+    ex = task.example({"id": "t1", "premise": "A 58-year-old woman with type 2 diabetes.",
+                       "hypothesis": "Inclusion: adults with diabetes", "label": "eligible"})
+    assert ex.target == " eligible" and ex.candidates == ("eligible", "excluded", "irrelevant")
+    fixed = get_task("nli", answers=["Eligible", "Excluded"])
+    assert fixed.example({"premise": "a", "hypothesis": "b", "label": "excluded"}).candidates == ("eligible", "excluded")
+    with pytest.raises(ValueError, match="label 'irrelevant' is not one of eligible, excluded"):
+        fixed.example({"premise": "a", "hypothesis": "b", "label": "irrelevant"})
+
+
+def test_text_only_classification_asks_about_the_record_text():
+    ex = get_task("classify").example({"id": "s1", "text": "Site: Breast;  Stage: II", "label": "surgery",
+                                       "label_name": "Surgery"})
+    assert ex.instruction == ' what is the treatment for the patient " site: breast; stage: ii "?'
+    assert ex.target == " surgery" and not ex.has_image

@@ -1,18 +1,22 @@
-"""Clinical natural language inference (MedNLI), OFA's MNLI prompt.
+"""Clinical natural language inference (MedNLI; TREC 2022 patient-to-trial matching), OFA's MNLI prompt.
 
 Instruction: ` can text1 " {premise} " imply text2 " {hypothesis} "?` with both sentences normalised
 as OFA does (lower-cased, whitespace collapsed). Target: ` yes` (entailment), ` no` (contradiction)
-or ` maybe` (neutral); decoding is constrained to these three answers.
+or ` maybe` (neutral); decoding is constrained to these three answers. Records of a dataset with its
+own label set (TREC 2022: eligible / excluded / irrelevant) keep their labels and are constrained to
+that set; `answers` fixes the set explicitly.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from .base import Decoding, Example, pre_caption, register, require
 
 ANSWERS = ("yes", "no", "maybe")
 GOLD_TO_ANSWER = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
+#: the label sets of the NLI-style datasets (a record's label must belong to one)
+LABEL_SETS = (ANSWERS, ("eligible", "excluded", "irrelevant"))
 
 
 @register
@@ -23,8 +27,9 @@ class NLITask:
     metrics = ("accuracy", "macro_f1")
     input_fields = ("premise", "hypothesis")
 
-    def __init__(self, max_sentence_words: int = 512) -> None:
+    def __init__(self, max_sentence_words: int = 512, answers: Sequence[str] | None = None) -> None:
         self.max_sentence_words = max_sentence_words
+        self.answers = tuple(a.strip().lower() for a in answers) if answers else None
 
     def instruction(self, record: dict[str, Any]) -> str:
         require(record, "NLI", "premise", "hypothesis")
@@ -37,13 +42,16 @@ class NLITask:
         require(record, "NLI", "label")
         label = str(record["label"]).strip().lower()
         answer = GOLD_TO_ANSWER.get(label, label)
-        if answer not in ANSWERS:
+        sets = (self.answers,) if self.answers else LABEL_SETS
+        candidates = next((c for c in sets if answer in c), None)
+        if candidates is None:
+            known = "; ".join(", ".join(c) for c in sets)
             raise ValueError(f"NLI record {record.get('id', '?')!r}: label {record['label']!r} is not one of "
-                             f"{', '.join(ANSWERS)} or entailment/contradiction/neutral")
+                             f"{known} (or entailment/contradiction/neutral)")
         return Example(
             instruction=instruction,
             target=" " + answer,
             has_image=False,
             meta={"id": str(record.get("id", "")), "answer": answer},
-            candidates=ANSWERS,
+            candidates=candidates,
         )

@@ -125,9 +125,29 @@ def read_checkpoint_meta(checkpoint_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def checkpoint_model_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+def checkpoint_model_state(checkpoint_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """The full model state dict (keys without the LightningModule's `model.` prefix) of a checkpoint,
-    consolidated from its shards in this process (no process group needed)."""
+    consolidated from its shards in this process (no process group needed). `ema`: the moving-average
+    weights the run kept (train/module.py's `ema.` buffers) replace the model's parameters and floating
+    buffers (integer buffers stay the model's)."""
+    sd = _lightning_state_dict(checkpoint_dir)
+    model = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items() if not k.startswith("ema.")}
+    if ema:
+        averaged = {k[len("ema."):].replace("-", "."): v for k, v in sd.items() if k.startswith("ema.")}
+        if not averaged:
+            raise ValueError(f"{checkpoint_dir}: the run kept no EMA weights (trainer.ema.enabled was false)")
+        from ..model import BiomedGPTForConditionalGeneration
+
+        tied = BiomedGPTForConditionalGeneration._tied_weights_keys  # {tied name: source name}
+        for name in list(model):
+            source = tied.get(name, name)
+            if source in averaged:
+                model[name] = averaged[source]
+    return model
+
+
+def _lightning_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The LightningModule's state dict of a checkpoint (sharded or full), in this process."""
     path = lightning_checkpoint_path(checkpoint_dir)
     if path.is_dir():
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -138,13 +158,13 @@ def checkpoint_model_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
             state = torch.load(out, map_location="cpu", weights_only=False)
     else:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    sd = state["state_dict"]
-    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in state["state_dict"].items() if isinstance(v, torch.Tensor)}
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     """Write `out_dir` = config.json + model.safetensors + tokenizer files + answers.json (if the run
-    had answer candidates) + README.md (model card: training data, step, metrics)."""
+    had answer candidates) + README.md (model card: training data, step, metrics). A run that kept EMA
+    weights (trainer.ema) exports them, as the official recipes evaluate and release the EMA model."""
     from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
     from ..model.state_dict_adapter import convert_state_dict
 
@@ -155,7 +175,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     cfg.pop("transformers_version", None)
     with torch.device("meta"):
         model = BiomedGPTForConditionalGeneration(BiomedGPTConfig(**cfg))
-    sd = convert_state_dict(checkpoint_model_state(ckpt), model, str(ckpt))
+    sd = convert_state_dict(checkpoint_model_state(ckpt, ema=bool(meta.get("ema"))), model, str(ckpt))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
     model.tie_weights()
     out = Path(out_dir)
@@ -165,11 +185,13 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     if (assets / "tokenizer").is_dir():
         for f in (assets / "tokenizer").iterdir():
             shutil.copy2(f, out / f.name)
-    if (assets / "answers.json").is_file():
-        shutil.copy2(assets / "answers.json", out / "answers.json")
+    for name in ("answers.json", "candidates.json"):  # candidates.json: {task: answers} of mixed runs
+        if (assets / name).is_file():
+            shutil.copy2(assets / name, out / name)
     card = [f"# {meta.get('run', 'BiomedGPT model')}", "",
             f"BiomedGPT ({meta.get('size', 'custom')} size) trained by the BiomedGPT platform.", "",
             f"- step: {meta.get('step')}",
+            f"- weights: {'EMA (moving average) of the training weights' if meta.get('ema') else 'the training weights'}",
             f"- training data: {', '.join(meta.get('train_data', [])) or 'unknown'}",
             f"- licence of the training data: {meta.get('data_licence', 'see the datasets_spec of each dataset')}",
             f"- metrics at export: {json.dumps(meta.get('metrics', {}), sort_keys=True)}"]
