@@ -216,6 +216,34 @@ def list_files(url: str, *, recursive: bool = True) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def upload_dir(directory: str | Path, url: str) -> int:
+    """Copy every file under the local `directory` to the same relative path under `url` (replacing
+    what is there); returns the number of files. A no-op when `url` is that very directory."""
+    root = Path(directory)
+    if is_local(url) and local_path(url).resolve() == root.resolve():
+        return 0
+    n = 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        write_bytes(join(url, path.relative_to(root).as_posix()), path.read_bytes())
+        n += 1
+    return n
+
+
+def download_dir(url: str, directory: str | Path) -> int:
+    """Copy every file under `url` into the local `directory` (same relative paths); returns the
+    number of files (0 when `url` does not exist)."""
+    root = Path(directory)
+    n = 0
+    for rel in list_files(url):
+        if not rel or rel.endswith("/"):  # a folder marker object of an object store
+            continue
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(read_bytes(join(url, rel)))
+        n += 1
+    return n
+
+
 # --- Ray / pyarrow ------------------------------------------------------------------------------
 
 
@@ -251,6 +279,17 @@ def pyarrow_filesystem(url: str, env: Mapping[str, str] | None = None):
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs), url.split("://", 1)[1].rstrip("/")
+
+
+def pyarrow_path(url: str) -> str:
+    """The path of ``url`` inside its :func:`pyarrow_filesystem` (``bucket/key`` for ``s3://``, the
+    absolute path for local files), without building a filesystem."""
+    url = os.fspath(url)
+    if is_local(url):
+        return str(local_path(url))
+    if scheme(url) not in S3_SCHEMES:
+        raise ValueError(f"{url}: no pyarrow filesystem for scheme {scheme(url)!r} (expected a local path or s3://)")
+    return url.split("://", 1)[1].rstrip("/")
 
 
 # --- webdataset -----------------------------------------------------------------------------------

@@ -1,28 +1,52 @@
-"""Per-rank training streams with a resumable position.
+"""Per-rank training streams with a resumable position, that skip and count bad data.
 
 Each epoch has a plan computed identically on every rank from (seed, epoch): the shards of every
 training dataset, repeated or cut by the dataset's mixing weight, in a seeded random order; shard i of
-the plan goes to rank i % world. Every rank yields the same number of batches per epoch (the smallest
-rank's sample count // batch size), so collective steps never deadlock. A rank reads its shards with
-Ray Data (in plan order), decodes and tokenizes them with `preprocess_batch`, shuffles rows within
-fixed windows, and batches.
+the plan goes to rank i % world. Every rank yields the same number of batches per epoch, so collective
+steps never deadlock. A rank reads its shards with Ray Data (in plan order, from any storage URL:
+local, file:// or s3:// through a pyarrow filesystem), decodes and tokenizes them with
+`preprocess_batch`, shuffles rows within fixed windows of good rows, and batches.
 
-The position is (epoch, batches yielded in that epoch), the same on every rank. Resuming skips the
-shards the position has fully consumed without reading them (shard level) and the consumed rows of the
-partly read window, so no sample is read twice or dropped within an epoch (beyond the tail every
-epoch drops so that ranks stay equal).
+Bad data: a record whose preprocessing fails (undecodable image, a field its task needs is missing,
+invalid JSON) is skipped and counted with its dataset, shard and key; a shard that cannot be read to
+its end (truncated or corrupt tar, missing file) has its remaining samples counted as lost, with the
+shard and the last key read named. Each rank tolerates an error budget per epoch
+(:class:`ErrorBudget`: at most `max_bad_samples` and/or `max_bad_fraction` of its planned rows);
+past it the stream raises :class:`BadDataError` naming the shard and key. The budget is also what
+keeps ranks equal: batches per epoch are planned from each rank's manifest rows minus its budget
+(the smallest rank decides), so a rank that skipped up to its budget still has the rows for its
+batches (windows are filled with the next good rows).
+
+The position is (epoch, batches yielded in that epoch), the same on every rank, plus (only when bad
+rows moved it) the raw row offset where the current window starts (`rows`; per rank when gathered).
+Resuming skips the shards the position has fully consumed without reading them (shard level) and the
+consumed rows of the partly read shard, so no sample is read twice or dropped within an epoch (beyond
+the tail every epoch drops so that ranks stay equal).
+
+Memory does not grow with the data: Ray Data may hold at most `buffer_bytes` of preprocessed rows in
+the object store ahead of the rank (default: 256 MiB per cluster CPU, 512 MiB to 4 GiB).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import random
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from . import storage
 from .shards import read_manifest, split_url
+
+log = logging.getLogger(__name__)
+
+#: Members of a shard sample the reader hands to preprocessing (absent ones are None).
+MEMBERS = ("json", "jpg", "png", "codes.npy")
+#: Rows read per output batch of a shard read (a shard streams through in pieces of this many).
+READ_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -31,6 +55,7 @@ class ShardInfo:
     dataset: str
     split: str
     samples: int
+    bytes: int = 0  # the manifest's size of the file (0: unknown)
 
 
 def list_shards(shards_root: str, dataset: str, split: str) -> list[ShardInfo]:
@@ -39,7 +64,45 @@ def list_shards(shards_root: str, dataset: str, split: str) -> list[ShardInfo]:
     manifest = read_manifest(url)
     if not manifest.complete:
         raise ValueError(f"{url}: the shard build of {dataset}/{split} is incomplete; rerun `biomedgpt shards build`")
-    return [ShardInfo(storage.join(url, e.name), dataset, split, e.samples) for e in manifest.shards if e.samples]
+    return [ShardInfo(storage.join(url, e.name), dataset, split, e.samples, e.bytes)
+            for e in manifest.shards if e.samples]
+
+
+@dataclass(frozen=True)
+class ErrorBudget:
+    """How many bad samples one training rank may skip per epoch: at most `max_bad_samples` and at most
+    `max_bad_fraction` of the rows it planned for the epoch (whichever is smaller; None: no such
+    limit; both None: no bad sample allowed)."""
+
+    max_bad_samples: int | None = 0
+    max_bad_fraction: float | None = None
+
+    def allowance(self, rows: int) -> int:
+        limits = []
+        if self.max_bad_samples is not None:
+            limits.append(int(self.max_bad_samples))
+        if self.max_bad_fraction is not None:
+            limits.append(int(self.max_bad_fraction * rows))
+        return max(0, min(limits)) if limits else 0
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_bad_samples is not None:
+            parts.append(f"max_bad_samples={self.max_bad_samples}")
+        if self.max_bad_fraction is not None:
+            parts.append(f"max_bad_fraction={self.max_bad_fraction}")
+        return ", ".join(parts) or "no bad sample allowed"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | None) -> "ErrorBudget":
+        if not config:
+            return cls()
+        return cls(max_bad_samples=config.get("max_bad_samples"), max_bad_fraction=config.get("max_bad_fraction"))
+
+
+class BadDataError(RuntimeError):
+    """More bad samples than the error budget allows (the message names the shard, the key and the
+    counts by shard)."""
 
 
 def plan_epoch(groups: Sequence[tuple[Sequence[ShardInfo], float]], epoch: int, seed: int) -> list[ShardInfo]:
@@ -64,19 +127,175 @@ def rank_shards(plan: Sequence[ShardInfo], rank: int, world: int) -> list[ShardI
     return list(plan[rank::world])
 
 
-def batches_per_epoch(plan: Sequence[ShardInfo], world: int, batch_size: int) -> int:
-    """Batches every rank yields this epoch: the smallest rank's samples // batch_size."""
+def batches_per_epoch(plan: Sequence[ShardInfo], world: int, batch_size: int,
+                      budget: ErrorBudget | None = None) -> int:
+    """Batches every rank yields this epoch: min over ranks of (planned rows - error allowance) //
+    batch_size, so that every rank within its error budget has the rows for them."""
+    budget = budget or ErrorBudget()
     per_rank = [sum(s.samples for s in rank_shards(plan, r, world)) for r in range(world)]
-    return min(per_rank) // batch_size if per_rank else 0
+    return min((n - budget.allowance(n)) // batch_size for n in per_rank) if per_rank else 0
+
+
+# -- the Ray Data side: read shards, preprocess rows (run in Ray worker processes) -----------------
+
+
+def _column(values: list[Any]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _chunk(rows: list[dict[str, Any]], read: int, first_row: int, augment_seed: int) -> dict[str, np.ndarray]:
+    n = len(rows)
+    out = {"__key__": _column([r["__key__"] for r in rows]),
+           "__read__": np.full(n, read, dtype=np.int64),
+           "__row__": np.arange(first_row, first_row + n, dtype=np.int64),
+           "__augment_seed__": np.full(n, augment_seed, dtype=np.int64)}
+    for m in MEMBERS:
+        out[m] = _column([r.get(m) for r in rows])
+    return out
+
+
+def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
+    """Samples of a WebDataset tar stream as ``{"__key__": key, "<ext>": bytes}`` (members grouped by
+    key, the part of the name before the first dot), in file order. A sample is yielded only once the
+    next one starts or the archive ends, so a tar cut inside a sample never yields that sample."""
+    import tarfile
+
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        current: dict[str, Any] | None = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            prefix = member.name[: len(member.name) - len(base)]
+            if "." not in base:
+                raise ValueError(f"member {member.name!r} has no extension")
+            key, ext = base.split(".", 1)
+            key = prefix + key
+            data = tar.extractfile(member).read()
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key}
+            current[ext] = data
+        if current is not None:
+            yield current
+
+
+def read_shards_batch(batch: dict[str, np.ndarray], *, filesystem: Any, chunk: int = READ_CHUNK
+                      ) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF: for each shard read of `batch` (columns path, read, bytes, augment_seed), its
+    samples in chunks of raw rows tagged with the read's index and the row's index in the shard.
+
+    A shard that fails part-way (truncated or corrupt tar, vanished file) stops there without failing
+    the pipeline: the stream counts its missing rows as lost and names the shard. When the file is
+    shorter than its manifest says and the archive still ended cleanly (cut at a member boundary),
+    its last sample may be incomplete and is left out too."""
+    for path, read, expected_bytes, aug_seed in zip(batch["path"], batch["read"], batch["bytes"],
+                                                    batch["augment_seed"]):
+        path, read = str(path), int(read)
+        rows: list[dict[str, Any]] = []
+        emitted = 0
+        try:
+            size = filesystem.get_file_info(path).size
+            with filesystem.open_input_stream(path, buffer_size=1 << 20) as stream:
+                for sample in iter_tar_samples(stream):
+                    rows.append(sample)
+                    if len(rows) > chunk:  # keep one sample back: it is complete only if another follows
+                        yield _chunk(rows[:chunk], read, emitted, int(aug_seed))
+                        emitted += chunk
+                        rows = rows[chunk:]
+            if expected_bytes and size is not None and size < int(expected_bytes) and rows:
+                log.warning("%s: %d bytes, the manifest says %d: leaving out its last sample %r (maybe incomplete)",
+                            path, size, int(expected_bytes), rows[-1]["__key__"])
+                rows = rows[:-1]
+        except Exception as err:  # noqa: BLE001 - any read failure loses the rest of this shard only
+            log.warning("%s: read stopped after %d samples: %s: %s", path, emitted + len(rows), type(err).__name__, err)
+        if rows:
+            yield _chunk(rows, read, emitted, int(aug_seed))
+
+
+def _take_rows(batch: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, np.ndarray]:
+    index = np.asarray(rows, dtype=np.int64)
+    return {k: v[index] for k, v in batch.items()}
+
+
+def preprocess_rows(batch: dict[str, np.ndarray], **preprocess: Any) -> dict[str, np.ndarray]:
+    """Ray Data UDF: `preprocess_batch` over raw rows, where a row that fails (undecodable image,
+    missing field, invalid JSON ...) does not fail the batch: it comes out zero-filled with its error
+    text in the `error` column, and the stream skips and counts it. The read/row/key columns pass
+    through for the stream's accounting.
+
+    A failing batch is retried row by row to find the bad rows, then the good rows are processed
+    together again (so batch-level context, e.g. the other rows' captions, stays that of good rows)."""
+    from .pipeline import preprocess_batch
+
+    meta = {k: batch[k] for k in ("__read__", "__row__", "__key__")}
+    raw = {k: v for k, v in batch.items() if k not in meta}
+    n = len(meta["__key__"])
+    errors = np.full(n, "", dtype=object)
+    try:
+        out = preprocess_batch(raw, **preprocess)
+    except Exception:  # noqa: BLE001 - find the rows that fail
+        for i in range(n):
+            try:
+                preprocess_batch(_take_rows(raw, [i]), **preprocess)
+            except Exception as err:  # noqa: BLE001
+                errors[i] = f"{type(err).__name__}: {err}"
+        good = np.flatnonzero(errors == "")
+        try:
+            sub = preprocess_batch(_take_rows(raw, good), **preprocess)
+        except Exception as err:  # noqa: BLE001 - rows that fail only together
+            errors[good] = f"{type(err).__name__}: {err}"
+            good = good[:0]
+            sub = preprocess_batch(_take_rows(raw, good), **preprocess)
+        out = {k: np.zeros((n,) + v.shape[1:], dtype=v.dtype) for k, v in sub.items()}
+        for k, v in sub.items():
+            out[k][good] = v
+    out["error"] = errors
+    out.update(meta)
+    return out
+
+
+# -- the rank side ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Read:
+    """One shard read of an execution: the shard, its epoch and the raw offset of its first row in the
+    rank's sequence of rows for that epoch."""
+
+    shard: ShardInfo
+    epoch: int
+    offset: int
+    delivered: int = 0
+    last_key: str | None = None
+
+
+@dataclass
+class _Summary:
+    count: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+
+def _reason(message: str) -> str:
+    """A short class of an error text (its exception type or first words), for counts by reason."""
+    head = message.split(":", 1)[0].strip()
+    return head if head and len(head) <= 40 and " " not in head else "error"
 
 
 class ShardStream:
     """Endless per-rank stream of training batches (dicts of numpy arrays or torch tensors) with a
-    resumable `position`."""
+    resumable `position` and counters of the bad samples it skipped (`data_errors()`)."""
+
+    MAX_EXAMPLES = 5  # example keys kept per shard in the report
 
     def __init__(self, groups: Sequence[tuple[Sequence[ShardInfo], float]], *, rank: int, world: int,
                  batch_size: int, seed: int, preprocess: dict[str, Any], columns: Sequence[str],
-                 shuffle_buffer: int = 256, as_torch: bool = True, min_rows_per_read: int = 4096) -> None:
+                 shuffle_buffer: int = 256, as_torch: bool = True, min_rows_per_read: int = 4096,
+                 error_budget: ErrorBudget | dict[str, Any] | None = None, buffer_bytes: int | None = None) -> None:
         self.groups = [(list(s), float(w)) for s, w in groups]
         self.rank, self.world = rank, world
         self.batch_size = batch_size
@@ -86,15 +305,20 @@ class ShardStream:
         self.shuffle_buffer = shuffle_buffer
         self.as_torch = as_torch
         self.min_rows_per_read = min_rows_per_read
+        self.budget = error_budget if isinstance(error_budget, ErrorBudget) else ErrorBudget.from_config(error_budget)
+        self.buffer_bytes = buffer_bytes
         self.epoch = 0
         self.batches_in_epoch = 0
+        self._window_rows: int | None = None  # raw offset of the current window when bad rows moved it
+        self._bad: dict[tuple[int, int], tuple[int, str, str]] = {}  # (epoch, offset) -> (count, shard, key)
+        self._summary: dict[tuple[str, str], _Summary] = {}
         plan = plan_epoch(self.groups, 0, seed)
         if len(plan) < world:
             names = sorted({f"{s.dataset}/{s.split}" for s in plan})
             raise ValueError(f"{', '.join(names)}: {len(plan)} shard(s) per epoch for {world} training ranks; every "
                              "rank reads whole shards: rebuild with smaller shards (data.shard_max_samples, or "
                              "`biomedgpt shards build --shard-max-samples`)")
-        if batches_per_epoch(plan, world, batch_size) < 1:
+        if batches_per_epoch(plan, world, batch_size, self.budget) < 1:
             total = sum(s.samples for s in plan)
             raise ValueError(f"{total} training samples over {world} rank(s) give no batch of {batch_size} per rank; "
                              "lower trainer.batch_size or add data")
@@ -102,29 +326,102 @@ class ShardStream:
     # -- position ------------------------------------------------------------------------------
 
     @property
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches_in_epoch}
+    def window(self) -> int:
+        return max(1, self.shuffle_buffer // self.batch_size) * self.batch_size
 
-    def seek(self, position: dict[str, int]) -> None:
+    @property
+    def position(self) -> dict[str, int]:
+        pos = {"epoch": self.epoch, "batches": self.batches_in_epoch}
+        w_index = self.batches_in_epoch // (self.window // self.batch_size)
+        if self._window_rows is not None and self._window_rows != w_index * self.window:
+            pos["rows"] = self._window_rows
+        return pos
+
+    def seek(self, position: dict[str, Any]) -> None:
+        """Continue from `position` (this rank's, or a gathered one with `rows_by_rank`)."""
         self.epoch = int(position["epoch"])
         self.batches_in_epoch = int(position["batches"])
+        rows = position.get("rows")
+        by_rank = position.get("rows_by_rank")
+        if by_rank is not None:
+            rows = by_rank[self.rank] if len(by_rank) == self.world else None
+        self._window_rows = None if rows is None else int(rows)
+
+    # -- bad data ------------------------------------------------------------------------------
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples this rank counted (its share of the run's total, restored ones included)."""
+        return sum(s.count for s in self._summary.values())
+
+    def data_errors(self) -> dict[str, Any]:
+        """This rank's counts as a JSON-able report (see `merge_data_errors`)."""
+        return {"bad_samples": self.bad_samples,
+                "shards": [{"dataset": ds, "shard": url, "count": s.count, "reasons": dict(s.reasons),
+                            "examples": list(s.examples)} for (ds, url), s in sorted(self._summary.items())],
+                "pending": [[self.rank, e, o, c] for (e, o), (c, _, _) in sorted(self._bad.items()) if e >= self.epoch]}
+
+    def restore_data_errors(self, state: dict[str, Any] | None, *, keep_counts: bool) -> None:
+        """Continue counting from a merged report (from a checkpoint). Every rank takes the bad rows of the
+        current epochs it had already counted (so re-reading them does not count them twice); only one
+        rank (`keep_counts`) takes the totals, so that the ranks' counts still add up."""
+        if not state:
+            return
+        for rank, e, o, c in state.get("pending", []):
+            if int(rank) == self.rank:
+                self._bad[(int(e), int(o))] = (int(c), "", "")
+        if keep_counts:
+            for item in state.get("shards", []):
+                s = self._summary.setdefault((item["dataset"], item["shard"]), _Summary())
+                s.count += int(item["count"])
+                for k, v in item.get("reasons", {}).items():
+                    s.reasons[k] = s.reasons.get(k, 0) + int(v)
+                s.examples = (s.examples + list(item.get("examples", [])))[: self.MAX_EXAMPLES]
+
+    def _count_bad(self, read: _Read, offset: int, count: int, key: str, message: str, allowance: dict[int, int]) -> None:
+        ident = (read.epoch, offset)
+        if ident in self._bad:
+            return  # counted before a resume
+        self._bad[ident] = (count, read.shard.url, key)
+        s = self._summary.setdefault((read.shard.dataset, read.shard.url), _Summary())
+        s.count += count
+        reason = _reason(message)
+        s.reasons[reason] = s.reasons.get(reason, 0) + count
+        if len(s.examples) < self.MAX_EXAMPLES:
+            s.examples.append(f"{key}: {message}")
+        log.warning("skipped bad data: %s/%s %s key %s: %s", read.shard.dataset, read.shard.split, read.shard.url,
+                    key, message)
+        in_epoch = sum(c for (e, _), (c, _, _) in self._bad.items() if e == read.epoch)
+        limit = allowance.get(read.epoch, 0)
+        if in_epoch > limit:
+            by_shard = "; ".join(f"{url}: {s.count}" for (_, url), s in sorted(self._summary.items()))
+            raise BadDataError(
+                f"bad training data over the error budget: rank {self.rank} met {in_epoch} bad sample(s) in epoch "
+                f"{read.epoch}, more than the {limit} its budget allows ({self.budget.describe()}; set "
+                f"data.max_bad_samples / data.max_bad_fraction to tolerate more). Last: dataset {read.shard.dataset}, "
+                f"shard {read.shard.url}, key {key!r}: {message}. Bad samples by shard: {by_shard}")
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _read(self, shards: Sequence[ShardInfo]) -> Iterator[dict[str, np.ndarray]]:
-        """Preprocessed rows of `shards`, in order, as numpy batches (one Ray Data execution)."""
+    def _read(self, shards: Sequence[ShardInfo], epochs: Sequence[int]) -> Iterator[dict[str, np.ndarray]]:
+        """Preprocessed rows (good and flagged) of `shards`, in order, as numpy batches (one Ray Data
+        execution), each row tagged with its read index and its row index in the shard."""
         import ray.data
-
-        from .pipeline import preprocess_batch
 
         if not shards:
             return
         fs, _ = storage.pyarrow_filesystem(shards[0].url)
-        paths = [storage.pyarrow_filesystem(s.url)[1] for s in shards]
+        items = [{"path": storage.pyarrow_path(s.url), "read": i, "bytes": s.bytes,
+                  "augment_seed": _augment_seed(self.seed, e)} for i, (s, e) in enumerate(zip(shards, epochs))]
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # plan order is what the position refers to
-        ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, override_num_blocks=len(paths))
-        ds = ds.map_batches(preprocess_batch, batch_format="numpy", batch_size=64, fn_kwargs=self.preprocess)
+        # Streaming: bound what Ray Data may hold in the object store ahead of this rank's consumption
+        # (by default it runs ahead up to a fraction of the whole store, so memory grew with the data).
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=self.buffer_bytes or default_buffer_bytes())
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(read_shards_batch, batch_size=1, batch_format="numpy", fn_kwargs={"filesystem": fs})
+        ds = ds.map_batches(preprocess_rows, batch_format="numpy", batch_size=64, fn_kwargs=self.preprocess)
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
     def _emit(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -138,13 +435,14 @@ class ShardStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Batches from the current position on, forever.
 
-        Rows are shuffled within fixed windows of `window` rows (a multiple of the batch size), each
-        permuted by (seed, epoch, rank, window index): the position (batches done) names a window and
-        an offset in it, so a resumed stream yields exactly the batches the interrupted one had not.
-        Short epochs are read several at a time (at least `min_rows_per_read` rows per Ray Data
-        execution) so that small datasets do not pay a pipeline start-up every few steps.
+        Rows are shuffled within fixed windows of `window` good rows (a multiple of the batch size),
+        each permuted by (seed, epoch, rank, window index): the position (batches done, and the raw row
+        where the window starts when bad rows moved it) names a window and an offset in it, so a resumed
+        stream yields exactly the batches the interrupted one had not. Short epochs are read several at
+        a time (at least `min_rows_per_read` rows per Ray Data execution) so that small datasets do not
+        pay a pipeline start-up every few steps.
         """
-        window = max(1, self.shuffle_buffer // self.batch_size) * self.batch_size
+        window = self.window
         per_window = window // self.batch_size
         while True:
             epochs, rows = [], 0
@@ -152,74 +450,255 @@ class ShardStream:
             while not epochs or (rows < self.min_rows_per_read and len(epochs) < 1000):
                 plan = plan_epoch(self.groups, e, self.seed)
                 mine = rank_shards(plan, self.rank, self.world)
-                epochs.append((e, batches_per_epoch(plan, self.world, self.batch_size), mine))
+                epochs.append((e, batches_per_epoch(plan, self.world, self.batch_size, self.budget), mine))
                 rows += sum(sh.samples for sh in mine)
                 e += 1
+            allowance = {ep: self.budget.allowance(sum(sh.samples for sh in mine)) for ep, _, mine in epochs}
             # Resume inside the first epoch: skip its consumed windows, whole shards unread.
             w_index = self.batches_in_epoch // per_window
-            skip_rows = w_index * window
+            start_rows = self._window_rows if self._window_rows is not None else w_index * window
+            skip_rows = start_rows
             first = list(epochs[0][2])
             while first and skip_rows >= first[0].samples:
                 skip_rows -= first[0].samples
                 first = first[1:]
-            skipped_whole = sum(sh.samples for sh in epochs[0][2]) - sum(sh.samples for sh in first)
-            reader = _RowReader(self._read(first + [sh for _, _, mine in epochs[1:] for sh in mine]), self.columns)
+            skipped_whole = start_rows - skip_rows
+            reads: list[_Read] = []
+            offset = skipped_whole
+            for sh in first:
+                reads.append(_Read(sh, epochs[0][0], offset))
+                offset += sh.samples
+            for ep, _, mine in epochs[1:]:
+                offset = 0
+                for sh in mine:
+                    reads.append(_Read(sh, ep, offset))
+                    offset += sh.samples
+            reader = _RowReader(self._read([r.shard for r in reads], [r.epoch for r in reads]), self.columns, reads,
+                                lambda *a: self._count_bad(*a, allowance))
             reader.skip(skip_rows)
             for i, (epoch, per_epoch, mine) in enumerate(epochs):
-                epoch_rows = sum(sh.samples for sh in mine)
+                planned = sum(sh.samples for sh in mine)
                 if i == 0:
-                    epoch_rows -= skipped_whole + skip_rows
+                    consumed = start_rows
                     skip_in_window = self.batches_in_epoch % per_window
                 else:
-                    w_index, skip_in_window = 0, 0
+                    w_index, skip_in_window, consumed = 0, 0, 0
+                    self._window_rows = None
                 while self.batches_in_epoch < per_epoch:
-                    n = min(window, epoch_rows)
+                    # good rows this window may take: the rows left minus the bad ones the budget still allows
+                    bad_so_far = consumed - w_index * window
+                    n = min(window, planned - consumed - max(0, allowance[epoch] - bad_so_far))
                     if n < self.batch_size:
                         raise RuntimeError(f"rank {self.rank} ran out of rows in epoch {epoch} before its {per_epoch} "
                                            "batches; a shard holds fewer samples than its manifest says")
-                    chunk = reader.take(n)
-                    epoch_rows -= n
+                    self._window_rows = consumed if consumed != w_index * window else None
+                    parts, raw = reader.take(n)
+                    starts = np.cumsum([0] + [len(p[self.columns[0]]) for p in parts])
                     order = np.random.default_rng([self.seed, epoch, self.rank, w_index]).permutation(n)
-                    for j in range(skip_in_window, n // self.batch_size):
+                    last = n // self.batch_size - 1
+                    for j in range(skip_in_window, last + 1):
                         if self.batches_in_epoch >= per_epoch:
                             break
-                        sel = order[j * self.batch_size:(j + 1) * self.batch_size]
-                        yield self._emit({c: chunk[c][sel] for c in self.columns})
+                        if j == last and n == window:  # the position after this batch names the next window
+                            nxt = consumed + raw
+                            self._window_rows = nxt if nxt != (w_index + 1) * window else None
+                        # a batch's rows in window order: one copy each, straight from the blocks Ray delivered
+                        sel = np.sort(order[j * self.batch_size:(j + 1) * self.batch_size])
+                        yield self._emit(_gather(parts, starts, sel, self.columns))
+                    consumed += raw
                     w_index += 1
                     skip_in_window = 0
-                reader.skip(epoch_rows)  # the tail every rank drops so that ranks stay equal
-                self.epoch, self.batches_in_epoch = epoch + 1, 0
+                reader.skip(planned - consumed)  # the tail every rank drops so that ranks stay equal
+                self.epoch, self.batches_in_epoch, self._window_rows = epoch + 1, 0, None
+                self._bad = {k: v for k, v in self._bad.items() if k[0] >= self.epoch}
+
+
+def _gather(parts: Sequence[dict[str, np.ndarray]], starts: np.ndarray, rows: np.ndarray, columns: Sequence[str]
+            ) -> dict[str, np.ndarray]:
+    """Rows `rows` (sorted indices into the concatenation of `parts`, whose first rows are at `starts`) of
+    every column, copied once into new contiguous arrays."""
+    which = np.searchsorted(starts, rows, side="right") - 1
+    cuts = np.flatnonzero(np.diff(which)) + 1
+    runs = list(zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rows)]])))
+    out = {}
+    for c in columns:
+        first = parts[which[0]][c]
+        arr = np.empty((len(rows),) + first.shape[1:], dtype=first.dtype)
+        for a, b in runs:
+            p = which[a]
+            np.take(parts[p][c], rows[a:b] - starts[p], axis=0, out=arr[a:b])
+        out[c] = arr
+    return out
+
+
+def default_buffer_bytes() -> int:
+    """Object-store bytes a rank's reading may run ahead: 256 MiB per CPU of the Ray cluster (room for
+    each concurrent read/preprocess task's output), at least 512 MiB and at most 4 GiB."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
+    return min(4 << 30, max(512 << 20, (256 << 20) * cpus))
+
+
+def _augment_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's training augmentations (mixed with each sample's id in preprocessing)."""
+    digest = hashlib.blake2b(f"augment:{seed}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class _RowReader:
-    """Takes and skips exact numbers of rows from a stream of numpy batches."""
+    """Takes good rows and skips raw rows, in exact numbers, from a stream of preprocessed numpy batches
+    whose rows are tagged with their shard read (`__read__`) and row index in it (`__row__`).
 
-    def __init__(self, batches: Iterator[dict[str, np.ndarray]], columns: Sequence[str]) -> None:
+    Raw rows are the rows the manifests plan: good rows, flagged rows (`error` set) and the rows a shard
+    read did not deliver (lost). Bad ones take their place in the raw sequence, so windows and skips stay
+    exact, and are reported through `on_bad(read, offset, count, key, message)` when the stream reaches
+    them."""
+
+    def __init__(self, batches: Iterator[dict[str, np.ndarray]], columns: Sequence[str], reads: Sequence[_Read],
+                 on_bad: Callable[..., None]) -> None:
         self.batches = batches
         self.columns = list(columns)
-        self.pending: list[dict[str, np.ndarray]] = []
-        self.count = 0
+        self.reads = list(reads)
+        self.on_bad = on_bad
+        self.current = 0  # the read whose rows arrive now
+        self.ended = False
+        # segments in raw order: [raw count, dict of good rows or None for bad rows, bad-row event or None]
+        self.pending: deque[list[Any]] = deque()
 
-    def _fill(self, n: int) -> None:
-        while self.count < n:
-            try:
-                batch = next(self.batches)
-            except StopIteration:
-                raise RuntimeError(f"the shards ended {n - self.count} rows early; a shard holds fewer samples "
-                                   "than its manifest says") from None
-            batch = {c: batch[c] for c in self.columns}
-            self.pending.append(batch)
-            self.count += len(batch[self.columns[0]])
+    def _finish(self, upto: int) -> None:
+        """Account for the reads before `upto` that delivered fewer rows than planned."""
+        while self.current < upto:
+            read = self.reads[self.current]
+            missing = read.shard.samples - read.delivered
+            if missing > 0:
+                self.pending.append([missing, None, (read, read.offset + read.delivered, missing,
+                                                     f"{read.last_key}+" if read.last_key else "<start>",
+                                                     self._lost_message(read, missing))])
+            self.current += 1
 
-    def take(self, n: int) -> dict[str, np.ndarray]:
-        self._fill(n)
-        cat = {c: np.concatenate([b[c] for b in self.pending]) if len(self.pending) > 1 else self.pending[0][c]
-               for c in self.columns}
-        rest = {c: cat[c][n:] for c in self.columns}
-        self.pending = [rest] if len(rest[self.columns[0]]) else []
-        self.count -= n
-        return {c: cat[c][:n] for c in self.columns}
+    @staticmethod
+    def _lost_message(read: _Read, missing: int) -> str:
+        url = read.shard.url
+        try:
+            size = storage.size(url)
+            found = f"the file has {size} bytes" + (f", its manifest {read.shard.bytes}" if read.shard.bytes else "")
+        except FileNotFoundError:
+            found = "the file is missing"
+        except Exception as err:  # noqa: BLE001 - the message is best effort
+            found = f"its size could not be read ({type(err).__name__}: {err})"
+        after = f"after key {read.last_key!r}" if read.last_key else "before its first sample"
+        return (f"ShardReadError: read {read.delivered} of the {read.shard.samples} samples its manifest lists, "
+                f"stopping {after} ({found}: truncated, corrupt or missing tar; `biomedgpt shards verify` "
+                f"checks it); the remaining {missing} counted as lost")
+
+    def _fill(self) -> None:
+        if self.ended:
+            raise RuntimeError("the shards ended before the rows their manifests list; a shard holds fewer "
+                               "samples than its manifest says")
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            self._finish(len(self.reads))
+            self.ended = True
+            return
+        reads, rows, keys = batch["__read__"], batch["__row__"], batch["__key__"]
+        errors = batch.get("error")
+        good = np.ones(len(reads), dtype=bool) if errors is None else np.array([not e for e in errors], dtype=bool)
+        start = 0
+        for i in range(len(reads)):
+            r = int(reads[i])
+            if r != self.current:
+                self._flush(batch, good, start, i)
+                start = i
+                self._finish(r)
+            read = self.reads[r]
+            if int(rows[i]) != read.delivered or read.delivered >= read.shard.samples:
+                raise RuntimeError(f"{read.shard.url}: holds more samples than the {read.shard.samples} its manifest "
+                                   "lists (or rows arrived out of order); rebuild the split or run "
+                                   "`biomedgpt shards verify`")
+            read.delivered += 1
+            read.last_key = str(keys[i])
+            if not good[i]:
+                self._flush(batch, good, start, i)
+                start = i + 1
+                self.pending.append([1, None, (read, read.offset + int(rows[i]), 1, str(keys[i]), str(errors[i]))])
+        self._flush(batch, good, start, len(reads))
+
+    def _flush(self, batch: dict[str, np.ndarray], good: np.ndarray, start: int, stop: int) -> None:
+        """Queue the good rows start:stop of a batch (all good by construction) as one segment."""
+        if stop > start:
+            self.pending.append([stop - start, {c: batch[c][start:stop] for c in self.columns}, None])
+
+    def _report(self, seg: list[Any]) -> None:
+        """Count a bad segment when the stream reaches it (not when Ray delivered it: blocks may run
+        epochs ahead), once."""
+        if seg[2] is not None:
+            event, seg[2] = seg[2], None
+            self.on_bad(*event)
+
+    def take(self, n: int) -> tuple[list[dict[str, np.ndarray]], int]:
+        """The next `n` good rows (as consecutive parts, views of the delivered blocks) and the number of
+        raw rows (good and bad) that took."""
+        parts, got, raw = [], 0, 0
+        while got < n:
+            if not self.pending:
+                self._fill()
+                continue
+            seg = self.pending[0]
+            if seg[1] is None:
+                self._report(seg)
+                raw += seg[0]
+                self.pending.popleft()
+                continue
+            k = min(seg[0], n - got)
+            parts.append({c: seg[1][c][:k] for c in self.columns})
+            if k == seg[0]:
+                self.pending.popleft()
+            else:
+                seg[0] -= k
+                seg[1] = {c: seg[1][c][k:] for c in self.columns}
+            got += k
+            raw += k
+        return parts, raw
 
     def skip(self, n: int) -> None:
-        if n > 0:
-            self.take(n)
+        """Skip exactly `n` raw rows (good or bad)."""
+        while n > 0:
+            if not self.pending:
+                self._fill()
+                continue
+            seg = self.pending[0]
+            self._report(seg)
+            k = min(seg[0], n)
+            if k == seg[0]:
+                self.pending.popleft()
+            else:
+                seg[0] -= k
+                if seg[1] is not None:
+                    seg[1] = {c: seg[1][c][k:] for c in self.columns}
+            n -= k
+
+
+def merge_data_errors(reports: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """One report from the ranks' `data_errors()`: counts added by (dataset, shard)."""
+    shards: dict[tuple[str, str], dict[str, Any]] = {}
+    pending: list[list[int]] = []
+    for rep in reports:
+        if not rep:
+            continue
+        pending += [list(p) for p in rep.get("pending", [])]
+        for item in rep.get("shards", []):
+            s = shards.setdefault((item["dataset"], item["shard"]),
+                                  {"dataset": item["dataset"], "shard": item["shard"], "count": 0, "reasons": {},
+                                   "examples": []})
+            s["count"] += int(item["count"])
+            for k, v in item.get("reasons", {}).items():
+                s["reasons"][k] = s["reasons"].get(k, 0) + int(v)
+            s["examples"] = (s["examples"] + list(item.get("examples", [])))[: ShardStream.MAX_EXAMPLES]
+    items = [shards[k] for k in sorted(shards)]
+    by_dataset: dict[str, int] = {}
+    for s in items:
+        by_dataset[s["dataset"]] = by_dataset.get(s["dataset"], 0) + s["count"]
+    return {"bad_samples": sum(s["count"] for s in items), "by_dataset": dict(sorted(by_dataset.items())),
+            "shards": items, "pending": pending}

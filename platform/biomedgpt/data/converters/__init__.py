@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from .base import (ArrayImage, Converter, FileImage, ImageIndex, SourceFormatError, SourceRecord,
                    CANONICAL_SPLITS)
+from .bionlp import NcbiBioNlpConverter
 from .cbis_ddsm import CbisDdsmCalcConverter, CbisDdsmMassConverter
 from .chest_xray import McCxrConverter, RsnaPneumoniaConverter, SzCxrConverter
 from .deeplesion import DeepLesionConverter
@@ -24,13 +25,16 @@ from .iu_xray import IuXrayConverter
 from .medmnist import SUBSET_CONVERTERS, SUBSETS, MedMnistConverter
 from .mednli import MedNliConverter
 from .mimic_cxr import MimicCxrConverter
+from .oia_ddr import OiaDdrConverter
 from .ofa_tsv import OFA_TSV_CONVERTERS, TsvImage
 from .pathvqa import PathVqaConverter
 from .peir_gross import PeirGrossConverter
 from .roco import RocoConverter
+from .seer import SeerConverter
 from .slake import SlakeConverter
 from .summarize import HealthCareMagicConverter, MeQSumConverter, SummarizeTableConverter
 from .text_corpus import MedicatConverter, TextCorpusConverter
+from .trec_ct import Trec2022Converter
 from .vqa_rad import VqaRadConverter
 
 CONVERTERS: dict[str, type[Converter]] = {
@@ -53,6 +57,10 @@ CONVERTERS: dict[str, type[Converter]] = {
     RsnaPneumoniaConverter.name: RsnaPneumoniaConverter,
     MedicatConverter.name: MedicatConverter,
     DeepLesionConverter.name: DeepLesionConverter,
+    OiaDdrConverter.name: OiaDdrConverter,
+    Trec2022Converter.name: Trec2022Converter,
+    SeerConverter.name: SeerConverter,
+    NcbiBioNlpConverter.name: NcbiBioNlpConverter,
     TextCorpusConverter.name: TextCorpusConverter,
     ImageFolderConverter.name: ImageFolderConverter,
     DicomFolderConverter.name: DicomFolderConverter,
@@ -101,7 +109,8 @@ def open_converter(dataset: str, source: str, files: Mapping[str, str] | None = 
 __all__ = [
     "ArrayImage", "CANONICAL_SPLITS", "CONVERTERS", "CbisDdsmCalcConverter", "CbisDdsmMassConverter", "Converter",
     "DicomFolderConverter", "DicomImage", "FileImage", "HealthCareMagicConverter", "ImageFolderConverter", "ImageIndex",
-    "IuXrayConverter", "MeQSumConverter", "MedNliConverter", "MimicCxrConverter", "PeirGrossConverter",
+    "IuXrayConverter", "MeQSumConverter", "MedNliConverter", "MimicCxrConverter", "NcbiBioNlpConverter",
+    "OiaDdrConverter", "PeirGrossConverter", "SeerConverter", "Trec2022Converter",
     "SummarizeTableConverter", "TsvImage", "dicom_to_png",
     "MedMnistConverter", "PathVqaConverter", "RocoConverter", "SUBSETS", "SlakeConverter", "SourceFormatError",
     "SourceRecord", "VqaRadConverter", "converter_class", "open_converter", "register",
