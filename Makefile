@@ -42,6 +42,9 @@ test: install
 
 bench: install
 	$(PY) benchmarks/model_step.py
+	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

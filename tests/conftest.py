@@ -6,8 +6,12 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before anything imports Ray: local Ray registers and dials 127.0.0.1 only (FIELD_NOTES). Test modules
+# that import ray at collection time would otherwise make in-process Ray use the machine's address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,3 +99,39 @@ def demo_tokenizer_dir(demo_shards, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("demo-tokenizer")
     tok.save_pretrained(out)
     return str(out)
+
+
+# --- S3: moto's server on 127.0.0.1 ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """moto's S3 server on 127.0.0.1 (a free port), stopped when the module's tests are done."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch) -> str:
+    """A fresh bucket on the moto server, with the AWS variables set for this test; yields its URL."""
+    import uuid
+
+    import boto3
+
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    bucket = f"bucket-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"

@@ -6,11 +6,14 @@
     biomedgpt shards datasets                  the datasets with a converter
     biomedgpt run SPEC                         run a job spec (locally, or under `ray job submit`)
     biomedgpt submit SPEC --address URL        submit a job spec to a Ray cluster, follow its log
-    biomedgpt serve MODEL_DIR                  serve an exported model over HTTP (Ray Serve)
+    biomedgpt serve MODEL_DIR|SPEC             serve a model directory or a serving spec over HTTP (Ray Serve)
+    biomedgpt serve-config SPEC                the Ray Serve deploy config of a serving spec (jobs/serve/)
+    biomedgpt registry export|list|show        the model registry: versioned, immutable model directories
     biomedgpt export CHECKPOINT OUT            a training checkpoint -> model directory
     biomedgpt model info SIZE [--json]         config and parameter count of a named size
     biomedgpt convert SRC DST [--config C]     official checkpoint -> our model directory
     biomedgpt score --task T --predictions P --references R    metrics as JSON
+    biomedgpt evaluate MODEL --shards URL --dataset D:SPLIT    model x datasets -> results + HTML report
     biomedgpt cluster render|validate|api-key  the shared cluster from cluster/tenants.yaml
     biomedgpt k8s rayjob SPEC                  a KubeRay RayJob (Kueue-queued) for a job spec
 
@@ -77,23 +80,6 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return submit(args.spec, args.address, working_dir=args.working_dir, follow=not args.no_wait)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import time
-
-    from .runner import ensure_ray
-    from .serve.app import start, stop
-
-    ensure_ray()
-    url = start(args.model_dir, host=args.host, port=args.port, team=args.team, tenants_path=args.tenants)
-    print(f"serving {args.model_dir} at {url} (POST /v1/vqa, GET /healthz); Ctrl-C stops", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        stop()
-    return 0
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from .train.checkpoints import export_checkpoint
 
@@ -146,13 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     submit.set_defaults(func=_cmd_submit)
 
-    serve = sub.add_parser("serve", help="serve an exported model directory over HTTP with Ray Serve")
-    serve.add_argument("model_dir", help="model directory (from `biomedgpt export` or a run's export/)")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    serve.add_argument("--team", help="serve for this department: requests need one of its API keys")
-    serve.add_argument("--tenants", help="tenants file with the API-key hashes (default cluster/tenants.yaml)")
-    serve.set_defaults(func=_cmd_serve)
+    from .serve.commands import add_serve_commands
+
+    add_serve_commands(sub)  # serve, serve-config, registry
 
     export = sub.add_parser("export", help="turn a training checkpoint into a model directory")
     export.add_argument("checkpoint", help="checkpoint directory (<run>/checkpoint-XXXXXXXX)")
@@ -185,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate.score import add_score_parser
 
     add_score_parser(sub)
+
+    from .evaluate.commands import add_evaluate_parser
+
+    add_evaluate_parser(sub)
 
     from .cluster.commands import add_cluster_commands
 

@@ -96,24 +96,26 @@ def records(shards_root: str, dataset: str, split: str) -> Iterator[dict[str, An
         for sample in read_shard(shard.url):
             rec = json.loads(sample["json"])
             rec["_image"] = sample.get("jpg") or sample.get("png")
+            if sample.get("codes.npy") is not None and "codes" not in rec:
+                rec["codes"] = sample["codes.npy"]  # VQGAN codes (image infilling) as .npy bytes
             yield rec
 
 
 def prepare_tokenizer(spec: JobSpec, train_records: list[dict[str, Any]], out_dir: Path):
     """The job's tokenizer, saved to out_dir."""
     from .model.tokenizer import BiomedGPTTokenizer
-    from .tasks import get_task
+    from .train.recipe import TaskExamples, local_dir, local_file
 
     t = spec.model.tokenizer
     if t.path:
-        tok = BiomedGPTTokenizer.from_pretrained(t.path)
+        tok = BiomedGPTTokenizer.from_pretrained(local_dir(t.path))
     elif t.vocab:
-        tok = BiomedGPTTokenizer.from_bpe_files(t.vocab, t.merges)
+        tok = BiomedGPTTokenizer.from_bpe_files(local_file(t.vocab), local_file(t.merges))
     else:
-        task = get_task(spec.data.task)
+        examples = TaskExamples(spec.data.task)  # the spec's family, or each record's own
         texts = []
         for rec in train_records:
-            ex = task.example(rec)
+            _, ex = examples.example(rec)
             texts += [ex.instruction, ex.target]
         tok = BiomedGPTTokenizer.train(texts, vocab_size=t.train_vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,13 +126,16 @@ def prepare_tokenizer(spec: JobSpec, train_records: list[dict[str, Any]], out_di
 def model_config_for(spec: JobSpec, vocab_size: int) -> dict[str, Any]:
     from .model import BiomedGPTConfig
 
+    overrides = dict(spec.model.overrides)
+    if spec.trainer.dropout is not None:
+        overrides["dropout"] = spec.trainer.dropout
     if spec.model.init:
-        cfg = BiomedGPTConfig.from_pretrained(spec.model.init)
+        from .train.recipe import local_dir
+
+        # the initial checkpoint's architecture; overrides (dropout, drop-path rates) apply on top
+        cfg = BiomedGPTConfig.from_pretrained(local_dir(spec.model.init), **overrides)
     else:
-        overrides = dict(spec.model.overrides)
         overrides["vocab_size"] = vocab_size
-        if spec.trainer.dropout is not None:
-            overrides["dropout"] = spec.trainer.dropout
         cfg = BiomedGPTConfig.from_size(spec.model.size, **overrides)
     if cfg.vocab_size != vocab_size:
         raise ValueError(f"{spec.source}: model.init has a vocabulary of {cfg.vocab_size} ids but the tokenizer has "
@@ -146,7 +151,19 @@ def _dir_bytes(directory: Path, prefix: str) -> dict[str, bytes]:
 
 
 def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
-    """Train (or resume) the spec's run; export and evaluate the result."""
+    """Train (or resume) the spec's run; export and evaluate the result. One Ray session serves the
+    training and the evaluation after it (when this call starts Ray, it stops it at the end)."""
+    import ray
+
+    started = ensure_ray(num_cpus)
+    try:
+        return _train_export_evaluate(spec, num_cpus=num_cpus)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _train_export_evaluate(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
     import ray
 
     from .data.stream import list_shards
@@ -154,11 +171,19 @@ def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
     from .train.ray_trainer import fit
 
     assert spec.data is not None
-    run_dir = Path(spec.run_dir)
-    if "://" in spec.output.storage and not spec.output.storage.startswith("file://"):
-        raise ValueError(f"{spec.source}: output.storage: remote run storage for the local runner arrives with "
-                         "the cluster training work; use a local path here")
+    from .data import storage as st
+
+    # The run lives at run_url (local or object storage). Ray Train writes checkpoints there itself;
+    # everything else (assets, logs, report, export, evaluation) is made in run_dir, which is run_url
+    # when that is local, else a staging folder uploaded to run_url as the job goes.
+    run_url = spec.run_dir
+    remote = not st.is_local(run_url)
+    run_dir = staging_dir(spec) if remote else st.local_path(run_url)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if remote:
+        pulled = st.download_dir(st.join(run_url, "logs"), run_dir / "logs")
+        if pulled:
+            say(f"storage: resuming {run_url}: {pulled} log file(s) of earlier attempts fetched")
     (run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
     t0 = time.time()
     if spec.data.build:
@@ -169,42 +194,76 @@ def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
     tok_dir = run_dir / "assets" / "tokenizer"
     tok = prepare_tokenizer(spec, train_recs, tok_dir)
     say(f"tokenizer: {len(tok)} ids (saved to {tok_dir})")
-    answers = sorted({str(r.get("answer", "")).strip().lower() for r in train_recs if r.get("answer") is not None})
+    from .train.recipe import answer_candidates, candidate_label_ids, mixing_weights, steps_for_epochs
+
+    # answer candidates of the constrained tasks: the trie of evaluation and of constrained training
+    candidates = answer_candidates(spec.data.task, train_recs)
+    answers = sorted({a for task_answers in candidates.values() for a in task_answers})
     (run_dir / "assets" / "answers.json").write_text(json.dumps(answers, indent=0))
+    (run_dir / "assets" / "candidates.json").write_text(json.dumps(candidates, indent=1))
     model_config = model_config_for(spec, len(tok))
 
     started = ensure_ray(num_cpus)
     try:
-        groups = [(list_shards(spec.data.shards, r.dataset, r.split), r.weight) for r in spec.data.train]
+        shard_lists = [list_shards(spec.data.shards, r.dataset, r.split) for r in spec.data.train]
+        weights = mixing_weights(spec.data.train, shard_lists, spec.data.group_ratios)
+        groups = list(zip(shard_lists, weights))
         t = spec.trainer
+        from .data.stream import ErrorBudget
+
+        budget = ErrorBudget(spec.data.max_bad_samples, spec.data.max_bad_fraction)
+        max_steps = t.max_steps or steps_for_epochs(groups, t.epochs, world=t.workers, batch_size=t.batch_size,
+                                                    grad_accumulation=t.grad_accumulation, seed=t.seed, budget=budget)
+        if t.epochs is not None:
+            say(f"schedule: {t.epochs:g} epoch(s) = {max_steps} optimizer steps (from the manifests' sample counts)")
         assets = _dir_bytes(tok_dir, "tokenizer")
         assets["answers.json"] = (run_dir / "assets" / "answers.json").read_bytes()
+        assets["candidates.json"] = (run_dir / "assets" / "candidates.json").read_bytes()
+        constrained = [a for task_answers in candidates.values() for a in task_answers]
         config = {
-            "trainer": {k: getattr(t, k) for k in (
-                "strategy", "use_gpu", "precision", "batch_size", "grad_accumulation", "max_steps", "lr",
+            "trainer": dict({k: getattr(t, k) for k in (
+                "strategy", "use_gpu", "precision", "batch_size", "grad_accumulation", "lr",
                 "warmup_ratio", "weight_decay", "adam_betas", "adam_eps", "clip_grad_norm", "label_smoothing",
-                "seed", "checkpoint_every", "checkpoint_format", "log_every")},
+                "seed", "checkpoint_every", "checkpoint_format", "log_every", "drop_worst_ratio", "drop_worst_after",
+                "decoder_noise", "freeze_token_embeddings")},
+                max_steps=max_steps, ema_decay=t.ema.decay if t.ema.enabled else None,
+                # OFA's noise and smoothing tokens are text tokens: ids below the first image code
+                noise_vocab_end=tok.code_offset if tok.num_codes else len(tok),
+                constraint_candidates=candidate_label_ids(tok, constrained, spec.data.max_target_length)
+                if t.label_smoothing_candidates and constrained else None),
             "model_config": model_config,
             "init_dir": spec.model.init,
             "log_dir": str((run_dir / "logs").resolve()),
+            # on object storage, rank 0 uploads its logs here at every checkpoint and at the end
+            "log_url": st.join(run_url, "logs") if remote else None,
             "torch_threads": t.torch_threads or (max(1, int(t.cpus_per_worker)) if not t.use_gpu else 4),
             "data": {
                 "groups": groups,
                 "shuffle_buffer": spec.data.shuffle_buffer,
                 "preprocess": dict(task_name=spec.data.task, tokenizer_dir=str(tok_dir.resolve()),
                                    image_size=spec.model.image_size, max_source_length=spec.data.max_source_length,
-                                   max_target_length=spec.data.max_target_length),
+                                   max_target_length=spec.data.max_target_length,
+                                   augment=spec.data.augment.to_config(),
+                                   # the pretraining family draws each record's objective from the seed
+                                   task_options={"seed": t.seed} if spec.data.task == "pretrain" else None),
+                "error_budget": {"max_bad_samples": spec.data.max_bad_samples,
+                                 "max_bad_fraction": spec.data.max_bad_fraction},
             },
             "checkpoint_meta": {"run": spec.name, "team": spec.team, "size": spec.model.size,
-                                "model_config": model_config, "task": spec.data.task,
+                                "model_config": model_config, "task": spec.data.task, "ema": t.ema.enabled,
                                 "image_size": spec.model.image_size,
                                 "max_source_length": spec.data.max_source_length,
                                 "train_data": [f"{r.dataset}/{r.split}" for r in spec.data.train]},
             "assets": assets,
+            # evaluation during training (evaluate.every_n_steps > 0), planned here: the workers only decode
+            "evaluate": _training_eval_config(spec, answers),
         }
-        say(f"training: {t.workers} worker(s), {t.strategy}, {t.max_steps} steps of batch {t.batch_size} per worker"
-            f" -> {run_dir}")
-        result = fit(config, run_name=spec.name, storage=str(run_dir.parent.resolve()),
+        say(f"training: {t.workers} worker(s), {t.strategy}, {max_steps} steps of batch {t.batch_size} per worker"
+            f" -> {run_url}")
+        if remote:
+            st.upload_dir(run_dir, run_url)  # spec.json and assets beside the checkpoints from the start
+        parent = run_url.rsplit("/", 1)[0] if remote else str(run_dir.parent.resolve())
+        result = fit(config, run_name=spec.name, storage=parent,
                      workers=t.workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
                      max_failures=t.max_failures, num_to_keep=t.num_to_keep)
     finally:
@@ -216,6 +275,8 @@ def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
         raise RuntimeError("training finished without a checkpoint")
     train_seconds = time.time() - t0
     say(f"training done in {train_seconds:.0f} s; latest checkpoint {result.checkpoint.path}")
+    if remote:
+        st.download_dir(st.join(run_url, "logs"), run_dir / "logs")
     from .train.report import write_report
 
     final = write_report(run_dir, extra={"seconds": round(train_seconds, 1)})
@@ -233,8 +294,28 @@ def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
         from .evaluate.predict import evaluate_model_dir
 
         res.evaluation = evaluate_model_dir(export_dir, spec, out_dir=run_dir / "eval")
+    if remote:
+        scheme = run_url.split("://", 1)[0]
+        res.run_dir, res.export_dir = run_url, st.join(run_url, "export")
+        res.checkpoint = f"{scheme}://{result.checkpoint.path}"
     (run_dir / "result.json").write_text(json.dumps(res.__dict__, indent=2, default=str))
+    if remote:
+        n = st.upload_dir(run_dir, run_url)
+        say(f"storage: {n} file(s) of the report, export and evaluation uploaded to {run_url}")
     return res
+
+
+def _training_eval_config(spec: JobSpec, answers: list[str]) -> dict[str, Any] | None:
+    from .evaluate.job import training_eval_config
+
+    return training_eval_config(spec, model_answers=answers)
+
+
+def staging_dir(spec: JobSpec) -> Path:
+    """The local folder where a run on object storage makes its files before uploading them
+    ($BIOMEDGPT_STAGING, default <tmp>/biomedgpt-staging/<team>/<name>)."""
+    base = Path(os.environ.get("BIOMEDGPT_STAGING") or Path(tempfile.gettempdir()) / "biomedgpt-staging")
+    return base / spec.team / spec.name
 
 
 def run(spec: JobSpec) -> RunResult:
@@ -242,15 +323,14 @@ def run(spec: JobSpec) -> RunResult:
     then run it."""
     from .tenancy import admit, load_tenants
 
+    if spec.kind == "serve":
+        raise ValueError(f"{spec.source}: a serving spec is run with `biomedgpt serve {spec.source}` "
+                         "(or deployed with `biomedgpt serve-config`), not `biomedgpt run`")
     admit(spec, load_tenants())
     if spec.kind in ("finetune", "pretrain"):
         return run_training(spec)
     if spec.kind == "evaluate":
-        from .evaluate.predict import evaluate_model_dir
+        from .evaluate.job import run_evaluate_job
 
-        if not spec.model.init:
-            raise ValueError(f"{spec.source}: model.init: an evaluate job needs the model directory to evaluate")
-        out = Path(spec.run_dir) / "eval"
-        return RunResult(run_dir=spec.run_dir, export_dir=spec.model.init,
-                         evaluation=evaluate_model_dir(Path(spec.model.init), spec, out_dir=out))
-    raise ValueError(f"{spec.source}: kind {spec.kind!r} is run with `biomedgpt serve SPEC`")
+        return run_evaluate_job(spec)  # model.init x data.eval -> <run>/results.{md,json}, report.html
+    raise ValueError(f"{spec.source}: unknown job kind {spec.kind!r}")

@@ -73,13 +73,65 @@ class ModelSpec:
 
 @dataclass
 class DatasetRef:
+    """One dataset split. Training datasets are mixed either by `weight` (shards per epoch = weight x
+    the dataset's shards) or, with `group`, by the group's share of rows in `data.group_ratios`."""
+
     dataset: str
     split: str = "train"
     weight: float = 1.0
+    group: str | None = None
 
     def validate(self, where: str) -> None:
         if self.weight <= 0:
             raise SpecError(f"{where}.weight: must be > 0, got {self.weight}")
+        if self.group is not None and self.weight != 1.0:
+            raise SpecError(f"{where}.weight: a dataset of a mixing group ({self.group!r}) takes its share from "
+                            "data.group_ratios; leave weight out")
+
+
+@dataclass
+class RandomResizedCropSpec:
+    """Random resized crop: a random `scale` fraction of the image area at a random aspect `ratio`,
+    resized to the model's image size (torchvision's algorithm)."""
+
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
+
+
+@dataclass
+class RandAugmentSpec:
+    """RandAugment: `n` operations per image at magnitude `m` (0-10), plus gaussian noise of std `mstd`
+    on the magnitude per operation; `ops` restricts the operations (default: all 14)."""
+
+    n: int = 2
+    m: float = 9.0
+    mstd: float = 0.0
+    ops: list[str] | None = None
+
+
+@dataclass
+class AugmentSpec:
+    """Training-only image augmentation on the CPU workers (never in evaluation or serving),
+    deterministic given trainer.seed. The official image-classification fine-tuning recipe is
+    `{random_resized_crop: {}, hflip: 0.5, randaugment: {n: 2, m: 9, mstd: 0.5}, random_erasing: 0.25}`."""
+
+    random_resized_crop: bool | RandomResizedCropSpec | None = None
+    hflip: bool | float = 0.0
+    randaugment: RandAugmentSpec | None = None
+    random_erasing: float = 0.0
+
+    def validate(self, where: str) -> None:
+        from .data.transforms import Augment
+
+        try:
+            Augment.from_config(self.to_config())
+        except ValueError as err:
+            msg = str(err)
+            raise SpecError(f"{where}{msg[len('augment'):]}" if msg.startswith("augment.") else f"{where}: {msg}") from None
+
+    def to_config(self) -> dict[str, Any]:
+        """The plain mapping preprocessing takes (data/transforms.Augment.from_config)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -89,10 +141,22 @@ class DataSpec:
     datasets are mixed by `weight` (shards per epoch = weight x the dataset's shards); rows are shuffled
     within windows of `shuffle_buffer` rows; the shard order changes every epoch (trainer.seed). Each
 training rank reads whole shards, so a dataset needs at least as many shards as there are workers:
-`shard_max_samples` cuts the shards `build` writes."""
+`shard_max_samples` cuts the shards `build` writes.
+
+`task` names the task family (tasks/) that turns every record into an example; null: each record's own
+`task` field (mixtures of datasets of different tasks). `group_ratios` mixes by rows, as the official
+pretraining does: the datasets without a `group` are read `weight` times per epoch (their rows, from the
+manifests, are the epoch's reference R); a group with ratio r adds r x R rows per epoch, shared by its
+datasets in proportion to their sizes (e.g. per 8 image-text rows 2 text rows: `{text: 0.25}`).
+
+`augment` adds training-only image augmentations (AugmentSpec). Bad data (an undecodable image, a
+record missing a field, a truncated shard) is skipped and counted by dataset and shard; each training
+rank may skip at most `max_bad_samples` and at most `max_bad_fraction` of its rows per epoch (null: no
+such limit), beyond which the run stops naming the shard and key. The budget is held back from every
+epoch's batches (so ranks stay equal)."""
 
     shards: str
-    task: Literal["vqa"] = "vqa"
+    task: str | None = None
     train: list[DatasetRef] = field(default_factory=list)
     eval: list[DatasetRef] = field(default_factory=list)
     build: dict[str, str] = field(default_factory=dict)
@@ -100,10 +164,37 @@ training rank reads whole shards, so a dataset needs at least as many shards as 
     max_target_length: int = 30
     shuffle_buffer: int = 256
     shard_max_samples: int = 100_000
+    group_ratios: dict[str, float] = field(default_factory=dict)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    max_bad_samples: int | None = None
+    max_bad_fraction: float | None = 0.001
 
     def validate(self, where: str) -> None:
+        self.augment.validate(f"{where}.augment")
+        if self.max_bad_samples is not None and self.max_bad_samples < 0:
+            raise SpecError(f"{where}.max_bad_samples: must be >= 0 (bad samples a training rank may skip per "
+                            f"epoch), got {self.max_bad_samples}")
+        if self.max_bad_fraction is not None and not 0 <= self.max_bad_fraction < 1:
+            raise SpecError(f"{where}.max_bad_fraction: must be in [0, 1), got {self.max_bad_fraction}")
+        if self.task is not None:
+            from .tasks import task_names
+
+            if self.task not in task_names():
+                raise SpecError(f"{where}.task: {self.task!r} is not a task family ({', '.join(task_names())}; "
+                                "null: each record's own task)")
         for i, ref in enumerate(self.train):
             ref.validate(f"{where}.train[{i}]")
+            if ref.group is not None and ref.group not in self.group_ratios:
+                raise SpecError(f"{where}.train[{i}].group: {ref.group!r} has no ratio in data.group_ratios "
+                                f"(known: {', '.join(self.group_ratios) or 'none'})")
+        for name, ratio in self.group_ratios.items():
+            if ratio <= 0:
+                raise SpecError(f"{where}.group_ratios.{name}: must be > 0, got {ratio}")
+            if not any(ref.group == name for ref in self.train):
+                raise SpecError(f"{where}.group_ratios.{name}: no training dataset is in group {name!r}")
+            if all(ref.group is not None for ref in self.train):
+                raise SpecError(f"{where}.group_ratios: list at least one training dataset without a group "
+                                "(its rows are what the ratios are relative to)")
         for i, ref in enumerate(self.eval):
             ref.validate(f"{where}.eval[{i}]")
         if self.shard_max_samples < 1:
@@ -115,11 +206,37 @@ training rank reads whole shards, so a dataset needs at least as many shards as 
 
 
 @dataclass
+class EMASpec:
+    """Exponential moving average of the weights (fairseq's --uses-ema/--store-ema, as the official VQA
+    recipe): kept in fp32 beside the model, updated after every optimizer step with `decay`, saved in
+    every checkpoint; the export (hence evaluation and serving) writes the EMA weights."""
+
+    enabled: bool = False
+    decay: float = 0.9999
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.decay < 1:
+            raise SpecError(f"{where}.decay: must be in (0, 1), got {self.decay!r}")
+
+
+@dataclass
 class TrainerSpec:
     """How to train: workers, strategy, precision, batch, schedule (AdamW, linear warmup then linear
     decay to 0, as the official recipes), checkpointing and retries. `torch_threads` (default: the
     whole CPUs reserved per worker, 4 on GPUs) sets each worker's intra-op threads. With FSDP, checkpoints are
-    `sharded` (one file per rank, written in parallel) or `full` (one file gathered on rank 0)."""
+    `sharded` (one file per rank, written in parallel) or `full` (one file gathered on rank 0).
+
+    Length: `max_steps` optimizer steps, or `epochs` passes over the training data, turned into steps
+    from the manifests' sample counts (each rank's batches per epoch of the mixing plan, / grad_accumulation).
+    The loss (train/module.py, OFA's label-smoothed cross-entropy): `label_smoothing`;
+    `label_smoothing_candidates` scores the targets of constrained tasks (VQA, classification, NLI) only
+    among their answer candidates' tokens, as OFA's constraint masks do (the softmax and the smoothing mass
+    cover the tokens the candidates' prefix tree allows at each position); `drop_worst_ratio` drops that
+    fraction of the batch's highest token losses once more than `drop_worst_after` steps are done
+    (captioning); `decoder_noise` replaces that fraction of decoder input tokens by random text tokens
+    (summarisation, OFA's noise_ratio); `freeze_token_embeddings` freezes the shared token embedding
+    (OFA's --freeze-encoder-embedding --freeze-decoder-embedding); `ema` keeps a moving average of the
+    weights. Examples carrying a `loss_weight` (pretraining's second group) are weighted by it."""
 
     workers: int = 1
     use_gpu: bool = False
@@ -129,7 +246,8 @@ class TrainerSpec:
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     batch_size: int = 8
     grad_accumulation: int = 1
-    max_steps: int = 100
+    max_steps: int | None = None
+    epochs: float | None = None
     lr: float = 5e-5
     warmup_ratio: float = 0.04
     weight_decay: float = 0.01
@@ -137,6 +255,12 @@ class TrainerSpec:
     adam_eps: float = 1e-8
     clip_grad_norm: float = 1.0
     label_smoothing: float = 0.0
+    label_smoothing_candidates: bool = False
+    drop_worst_ratio: float = 0.0
+    drop_worst_after: int = 0
+    decoder_noise: float = 0.0
+    freeze_token_embeddings: bool = False
+    ema: EMASpec = field(default_factory=EMASpec)
     dropout: float | None = None
     seed: int = 0
     checkpoint_every: int = 0
@@ -152,11 +276,16 @@ class TrainerSpec:
             (self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be >= 1"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
             (self.grad_accumulation >= 1, "grad_accumulation", "must be >= 1"),
-            (self.max_steps >= 1, "max_steps", "must be >= 1"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1"),
+            (self.epochs is None or self.epochs > 0, "epochs", "must be > 0"),
             (self.lr > 0, "lr", "must be > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)"),
             (len(self.adam_betas) == 2, "adam_betas", "must be two numbers"),
             (0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
+            (0 <= self.drop_worst_ratio < 1, "drop_worst_ratio", "must be in [0, 1)"),
+            (self.drop_worst_after >= 0, "drop_worst_after", "must be >= 0 (steps)"),
+            (0 <= self.decoder_noise < 1, "decoder_noise", "must be in [0, 1)"),
+            (self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
             (self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)"),
             (self.num_to_keep >= 1, "num_to_keep", "must be >= 1"),
             (self.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)"),
@@ -167,20 +296,71 @@ class TrainerSpec:
                 raise SpecError(f"{where}.{name}: {msg}, got {getattr(self, name)!r}")
         if self.precision != "32-true" and not self.use_gpu and self.precision == "16-mixed":
             raise SpecError(f"{where}.precision: 16-mixed needs a GPU (use 32-true or bf16-mixed on CPU)")
+        if self.max_steps is not None and self.epochs is not None:
+            raise SpecError(f"{where}.epochs: give max_steps or epochs, not both (max_steps is {self.max_steps})")
+        self.ema.validate(f"{where}.ema")
 
 
 @dataclass
 class EvaluateSpec:
-    """Evaluation after training: closed-set decoding over the answers seen in training (`trie`) or
-    free beam search (`beam`); `max_samples` caps each split (0: all)."""
+    """Evaluation: after training (finetune/pretrain), during training, or as its own job (kind evaluate:
+    `model.init` x `data.eval`). Each dataset is decoded with its task's official decoding (tasks/):
+    trie-constrained over the candidates its dataset spec's `answer_candidates` policy names for VQA,
+    classification and NLI; beam search with the official beam size, no-repeat n-gram size and length
+    penalty for captioning and summarisation. `mode: zero_shot` generates freely for every task (a
+    classification's generated text is compared with the label). `decoding` (trie | beam) overrides how
+    the constrained tasks decode in official mode; `beam_size` / `max_new_tokens` override the official
+    values (null: the task's). `splits` chooses what is evaluated ("train": the `data.train` datasets,
+    any other name: the `data.eval` entries of that split); `max_samples` caps each dataset (0: all).
+    `image_sizes` sets the input resolution per task (e.g. {caption: 480}; default model.image_size).
+    The work runs on `concurrency` Ray actors (each loads the model once, `cpus_per_worker` CPUs, a GPU
+    each with `use_gpu`); the report shows `report_samples` predictions per dataset beside their images.
+    `enabled` switches the evaluation after training; `every_n_steps` > 0 evaluates during training
+    too, on rank 0, on at most `max_samples_during_training` samples per dataset, logging
+    `eval/<dataset>/<metric>` to the run's loggers."""
 
     enabled: bool = True
-    decoding: Literal["trie", "beam"] = "trie"
-    beam_size: int = 1
-    max_new_tokens: int = 16
+    mode: Literal["official", "zero_shot"] = "official"
+    decoding: Literal["trie", "beam"] | None = None
+    beam_size: int | None = None
+    max_new_tokens: int | None = None
     batch_size: int = 16
     max_samples: int = 0
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    concurrency: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    meteor: bool = True
+    report_samples: int = 8
+    every_n_steps: int = 0
+    max_samples_during_training: int = 32
+    image_sizes: dict[str, int] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        checks = [
+            (self.beam_size is None or self.beam_size >= 1, "beam_size", "must be >= 1 (or null: the task's official)"),
+            (self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1 (or null)"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.max_samples >= 0, "max_samples", "must be >= 0 (0: all)"),
+            (bool(self.splits), "splits", "list at least one split"),
+            (self.concurrency >= 1, "concurrency", "must be >= 1 (Ray actors, each with its own model)"),
+            (self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0"),
+            (self.report_samples >= 0, "report_samples", "must be >= 0"),
+            (self.every_n_steps >= 0, "every_n_steps", "must be >= 0 (0: no evaluation during training)"),
+            (self.max_samples_during_training >= 1, "max_samples_during_training", "must be >= 1"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise SpecError(f"{where}.{name}: {msg}, got {getattr(self, name)!r}")
+        for task, size in self.image_sizes.items():
+            if task not in ("vqa", "caption", "classify", "nli", "summarize"):
+                raise SpecError(f"{where}.image_sizes.{task}: not a task family with an evaluation (vqa, caption, "
+                                "classify, nli, summarize)")
+            if size % 16 or not 16 <= size <= 672:
+                raise SpecError(f"{where}.image_sizes.{task}: must be a multiple of 16 in [16, 672], got {size}")
+        if self.mode == "zero_shot" and self.decoding == "trie":
+            raise SpecError(f"{where}.decoding: 'trie' contradicts mode zero_shot (free generation for every task); "
+                            "leave decoding out")
 
 
 @dataclass
@@ -223,12 +403,29 @@ class JobSpec:
                                 "(it becomes part of storage paths and job names)")
         self.model.validate(f"{where}.model")
         self.trainer.validate(f"{where}.trainer")
+        if self.kind in ("finetune", "pretrain") and self.trainer.max_steps is None and self.trainer.epochs is None:
+            raise SpecError(f"{where}.trainer.max_steps: how long to train: give max_steps or epochs")
         if self.kind in ("finetune", "pretrain", "evaluate"):
             if self.data is None:
                 raise SpecError(f"{where}.data: required for kind {self.kind!r}")
             self.data.validate(f"{where}.data")
             if self.kind != "evaluate" and not self.data.train:
                 raise SpecError(f"{where}.data.train: list at least one dataset to train on")
+        self.evaluate.validate(f"{where}.evaluate")
+        if self.kind == "evaluate":
+            assert self.data is not None
+            if not self.model.init:
+                raise SpecError(f"{where}.model.init: an evaluate job needs the model to evaluate (a model directory "
+                                "from `biomedgpt export` / `biomedgpt convert`, a run's export/, or a run checkpoint)")
+            if not self.data.eval:
+                raise SpecError(f"{where}.data.eval: list the datasets to evaluate ({{dataset, split}} entries)")
+            if self.model.tokenizer.train_vocab_size is not None:
+                raise SpecError(f"{where}.model.tokenizer.train_vocab_size: an evaluate job uses the model's own "
+                                "tokenizer: give its path (the model directory itself when it holds the tokenizer)")
+            for i, ref in enumerate(self.data.eval):
+                if ref.split not in self.evaluate.splits:
+                    raise SpecError(f"{where}.data.eval[{i}]: split {ref.split!r} of {ref.dataset} is not in "
+                                    f"evaluate.splits {self.evaluate.splits}, so it would not be evaluated")
 
     @property
     def run_dir(self) -> str:
@@ -343,8 +540,14 @@ def _build(cls: type, data: Any, path: str, file: str) -> Any:
     return cls(**kwargs)
 
 
-def spec_from_dict(data: Any, source: str = "<dict>") -> JobSpec:
-    """Validate a parsed YAML document into a JobSpec (raises SpecError naming `source` and the field)."""
+def spec_from_dict(data: Any, source: str = "<dict>") -> Any:
+    """Validate a parsed YAML document into a JobSpec (raises SpecError naming `source` and the field).
+    A serving spec (`kind: serve`, jobs/serve/) has its own schema: it becomes a
+    `biomedgpt.serve.spec.ServeAppSpec`."""
+    if isinstance(data, dict) and data.get("kind") == "serve":
+        from .serve.spec import serve_spec_from_dict
+
+        return serve_spec_from_dict(data, source)
     spec = _build(JobSpec, data, "", source)
     spec.source = source
     try:

@@ -38,6 +38,9 @@ def submit(spec_path: str, address: str, working_dir: str = ".", follow: bool = 
     from .tenancy import admit, load_tenants
 
     spec = load_spec(spec_path)  # refused here, before anything touches the cluster
+    if spec.kind == "serve":
+        raise ValueError(f"{spec_path}: a serving spec is deployed with `biomedgpt serve-config` + `serve deploy` "
+                         "(or a RayService), not submitted as a job")
     admit(spec, load_tenants())  # the job admits itself again where it runs (BIOMEDGPT_ON_CLUSTER)
     wd = Path(working_dir).resolve()
     path = Path(spec_path).resolve()

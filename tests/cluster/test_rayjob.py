@@ -96,10 +96,9 @@ def test_rayjob_refuses_what_admission_refuses(tenants):
     data["output"]["storage"] = "s3://biomedgpt-stanford-like/radiology"  # not mayo-like's
     with pytest.raises(AdmissionError, match="may not write s3://biomedgpt-stanford-like/radiology/"):
         rayjob_manifests(spec_from_dict(data, "x.yaml"), JOBS[0], tenants)
-    data = yaml.safe_load(JOBS[0].read_text())
-    data["kind"] = "serve"
+    serving = REPO / "jobs" / "serve" / "cluster.yaml"
     with pytest.raises(ValueError, match="kind 'serve' runs as a RayService"):
-        rayjob_manifests(spec_from_dict(data, "x.yaml"), JOBS[0], tenants)
+        rayjob_manifests(load_spec(serving), serving, tenants)
 
 
 def test_rayjob_names_are_short_dns_labels():

@@ -2,7 +2,7 @@
 (a) a training worker killed mid-run: the job recovers from the last checkpoint and finishes;
 (b) the whole job stopped and started again: it resumes (weights, optimizer, step, data position);
 (c) a worker lost while a checkpoint is being written: that checkpoint never becomes the latest;
-(d) the 2-worker FSDP2 run and a single-process run of the same model on the same data agree."""
+(d) 2-worker FSDP2, DDP and FSDP2 with gradient accumulation agree with a single process on the same data."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def test_killed_worker_recovers_from_last_checkpoint(tmp_path, shards):
-    spec = spec_file(tmp_path, shards, "killed", max_steps=120, checkpoint_every=10, max_failures=1)
+    spec = spec_file(tmp_path, shards, "killed", max_steps=60, checkpoint_every=10, max_failures=1)
     run = run_dir(tmp_path, "killed")
     proc = start(spec, tmp_path / "log.txt")
     try:
@@ -111,10 +111,10 @@ def test_killed_worker_recovers_from_last_checkpoint(tmp_path, shards):
             os.killpg(proc.pid, signal.SIGKILL)
     log = (tmp_path / "log.txt").read_text()
     assert "[train] resuming from" in log and "checkpoint-000000" in log.split("[train] resuming from")[1][:200]
-    assert "[train] step 120/120" in log
-    assert registered(run)[-1] == "00000120"
+    assert "[train] step 60/60" in log
+    assert registered(run)[-1] == "00000060"
     result = json.loads((run / "result.json").read_text())
-    assert result["metrics"]["step"] == 120.0 and time.time() > killed_at
+    assert result["metrics"]["step"] == 60.0 and time.time() > killed_at
 
 
 def test_stopped_job_resumes_when_started_again(tmp_path, shards):
@@ -157,35 +157,43 @@ def test_checkpoint_interrupted_while_written_never_becomes_latest(tmp_path, sha
     assert registered(run)[-1] == "00000030"
 
 
-def test_fsdp_on_two_workers_matches_a_single_process(tmp_path):
+def test_fsdp_ddp_and_accumulation_match_a_single_process(tmp_path):
     """The same tiny model and the same global batches: 2 Ray Train workers with FSDP2 (each takes half
-    of every batch) against 1 worker taking whole batches. Equal-length targets make the mean of the
-    ranks' mean losses equal to the mean over the whole batch, so the runs must agree."""
+    of every batch), 2 with DDP, and 2 with FSDP2 accumulating two micro-batches per step, against 1
+    worker taking whole batches. Equal-length targets make the mean of the ranks' (and micro-batches')
+    mean losses equal to the mean over the whole batch, so the runs must agree step by step."""
     from biomedgpt.runner import ensure_ray
 
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    runs = {"single": (1, "ddp", 1), "fsdp": (2, "fsdp", 1), "ddp": (2, "ddp", 1), "fsdp-accum": (2, "fsdp", 2)}
     started = ensure_ray(num_cpus=2)
     try:
         losses = {}
-        for workers in (2, 1):
-            out = tmp_path / f"losses-{workers}"
+        for label, (workers, strategy, accum) in runs.items():
+            out = tmp_path / f"losses-{label}"
             trainer = TorchTrainer(
-                equivalence_loop, train_loop_config={"out": str(out), "steps": 6, "global_batch": 8},
+                equivalence_loop, train_loop_config={"out": str(out), "steps": 6, "global_batch": 8,
+                                                     "strategy": strategy, "accumulate": accum},
                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
                 torch_config=TorchConfig(backend="gloo"),
-                run_config=RunConfig(name=f"equiv-{workers}", storage_path=str(tmp_path / "ray")),
+                run_config=RunConfig(name=f"equiv-{label}", storage_path=str(tmp_path / "ray")),
             )
             trainer.fit()
             per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
-            losses[workers] = [sum(step) / workers for step in zip(*per_rank)]
+            # Lightning reports each micro-batch's loss divided by the accumulation count: their sum is
+            # the step's mean; ranks are averaged
+            steps = [[sum(rank[i * accum:(i + 1) * accum]) for i in range(len(rank) // accum)] for rank in per_rank]
+            losses[label] = [sum(step) / workers for step in zip(*steps)]
     finally:
         if started:
             ray.shutdown()
-    assert len(losses[2]) == 6 and losses[2][0] > losses[2][-1]
-    torch.testing.assert_close(torch.tensor(losses[2]), torch.tensor(losses[1]), atol=1e-4, rtol=0)
+    assert len(losses["fsdp"]) == 6 and losses["fsdp"][0] > losses["fsdp"][-1]
+    for label in ("fsdp", "ddp", "fsdp-accum"):
+        torch.testing.assert_close(torch.tensor(losses[label]), torch.tensor(losses["single"]), atol=1e-4, rtol=0,
+                                   msg=lambda m, label=label: f"{label}: {m}")
 
 
 def equivalence_loop(config: dict) -> None:
@@ -202,8 +210,9 @@ def equivalence_loop(config: dict) -> None:
     cfg = BiomedGPTConfig(vocab_size=200, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, resnet_type="resnet18",
                           dropout=0.0, encoder_drop_path_rate=0.0, decoder_drop_path_rate=0.0)
-    t = dict(strategy="fsdp" if world > 1 else "ddp", use_gpu=False, precision="32-true", max_steps=config["steps"],
-             grad_accumulation=1, lr=2e-3, weight_decay=0.01, adam_betas=[0.9, 0.999], adam_eps=1e-8, warmup_ratio=0.0,
+    accum = config["accumulate"]
+    t = dict(strategy=config["strategy"], use_gpu=False, precision="32-true", max_steps=config["steps"],
+             grad_accumulation=accum, lr=2e-3, weight_decay=0.01, adam_betas=[0.9, 0.999], adam_eps=1e-8, warmup_ratio=0.0,
              clip_grad_norm=1.0, label_smoothing=0.0, seed=0, log_every=1)
     module = make_module(t, json.loads(cfg.to_json_string(use_diff=False)), None)
     g = torch.Generator().manual_seed(123)
@@ -217,7 +226,9 @@ def equivalence_loop(config: dict) -> None:
         full["decoder_input_ids"] = torch.cat([torch.zeros(n, 1, dtype=torch.long), full["labels"][:, :-1]], 1)
         full["patch_images"] = torch.zeros(n, 3, 32, 32)  # masked out: BatchNorm sees the same zeros anywhere
         full["patch_masks"] = torch.zeros(n, dtype=torch.bool)
-        batches.append({k: v[rank * per:(rank + 1) * per] for k, v in full.items()})
+        mine = {k: v[rank * per:(rank + 1) * per] for k, v in full.items()}
+        micro = per // accum  # consecutive micro-batches of this rank's slice
+        batches += [{k: v[i * micro:(i + 1) * micro] for k, v in mine.items()} for i in range(accum)]
     losses: list[float] = []
 
     class Record(L.Callback):

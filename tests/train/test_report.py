@@ -23,3 +23,18 @@ def test_report_from_a_lightning_csv_log(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "report.json").read_text())["seconds"] == 12.5
     assert "![training loss](loss.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_resumed_runs_keep_the_logs_of_every_attempt(tmp_path):
+    from biomedgpt.train.report import keep_earlier_attempt, read_run_metrics
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "metrics.csv").write_text("step,train/loss\n4,3.0\n9,2.0\n14,1.5\n")
+    keep_earlier_attempt(logs)  # a resume from the checkpoint of step 10 replays step 15
+    assert not (logs / "metrics.csv").exists() and (logs / "metrics.attempt-1.csv").is_file()
+    (logs / "metrics.csv").write_text("step,train/loss\n14,1.4\n19,1.0\n")
+    keep_earlier_attempt(logs)
+    (logs / "metrics.csv").write_text("step,train/loss\n24,0.5\n")
+    assert read_run_metrics(logs)["train/loss"] == [(5, 3.0), (10, 2.0), (15, 1.4), (20, 1.0), (25, 0.5)]
+    assert write_report(tmp_path)["steps"] == 25

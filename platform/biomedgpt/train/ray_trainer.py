@@ -22,16 +22,60 @@ log = logging.getLogger(__name__)
 
 class DataPosition(L.Callback):
     """Saves the training stream's position (epoch, batches) in every checkpoint and restores it, so a
-    resumed run reads exactly the batches the interrupted one had not."""
+    resumed run reads exactly the batches the interrupted one had not.
 
-    def __init__(self, stream: Any) -> None:
+    It also carries the bad data the ranks' streams skipped (data/stream.py): every checkpoint gathers
+    the ranks' positions (where bad rows moved a rank's windows) and counts into the checkpoint; the
+    total is logged as train/bad_samples every `log_every` steps, and rank 0 writes the counts by
+    dataset and shard to `<log_dir>/data_errors.json` (the run report shows them)."""
+
+    def __init__(self, stream: Any, log_dir: str | None = None, log_every: int = 1, max_steps: int = 0) -> None:
         self.stream = stream
+        self.log_dir, self.log_every, self.max_steps = log_dir, max(1, log_every), max_steps
+
+    def _gather(self) -> list[dict[str, Any]]:
+        import torch.distributed as dist
+
+        local = {"position": dict(self.stream.position), "errors": self.stream.data_errors()}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            out: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(out, local)  # every rank saves checkpoints and ends training together
+            return out
+        return [local]
+
+    def _merged(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        from ..data.stream import merge_data_errors
+
+        gathered = self._gather()
+        position = {k: v for k, v in gathered[0]["position"].items() if k != "rows"}
+        rows = [g["position"].get("rows") for g in gathered]
+        if any(r is not None for r in rows):
+            position["rows_by_rank"] = rows
+        errors = merge_data_errors([g["errors"] for g in gathered])
+        if self.log_dir and self.stream.rank == 0:
+            import json
+
+            report = {k: v for k, v in errors.items() if k != "pending"}
+            Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.log_dir) / "data_errors.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        return position, errors
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": dict(self.stream.position)}
+        position, errors = self._merged()
+        return {"position": position, "data_errors": errors}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stream.seek(state_dict["position"])
+        self.stream.restore_data_errors(state_dict.get("data_errors"), keep_counts=self.stream.rank == 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.log_every == 0 or step == self.max_steps:
+            pl_module.log("train/bad_samples", float(self.stream.bad_samples), on_step=True, reduce_fx="sum",
+                          sync_dist=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._merged()
 
 
 def make_module(t: dict[str, Any], model_config: dict[str, Any], init_dir: str | None):
@@ -45,6 +89,10 @@ def make_module(t: dict[str, Any], model_config: dict[str, Any], init_dir: str |
         adam_betas=tuple(t["adam_betas"]), adam_eps=t["adam_eps"], warmup_ratio=t["warmup_ratio"],
         max_steps=t["max_steps"], clip_grad_norm=t["clip_grad_norm"], label_smoothing=t["label_smoothing"],
         seed=t["seed"], fsdp=fsdp, param_dtype=param_dtype, log_every=t["log_every"],
+        ema_decay=t.get("ema_decay"), freeze_token_embeddings=t.get("freeze_token_embeddings", False),
+        drop_worst_ratio=t.get("drop_worst_ratio", 0.0), drop_worst_after=t.get("drop_worst_after", 0),
+        decoder_noise=t.get("decoder_noise", 0.0), noise_vocab_end=t.get("noise_vocab_end"),
+        constraint_candidates=t.get("constraint_candidates"),
     )
 
 
@@ -103,12 +151,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = config["data"]
     batches = ShardStream(data["groups"], rank=ctx.get_world_rank(), world=ctx.get_world_size(),
                           batch_size=t["batch_size"], seed=t["seed"], preprocess=data["preprocess"],
-                          columns=TRAIN_COLUMNS, shuffle_buffer=data["shuffle_buffer"])
-    callbacks: list[L.Callback] = [checkpointer, DataPosition(batches), ProgressPrinter(t["max_steps"], t["log_every"])]
+                          columns=TRAIN_COLUMNS, shuffle_buffer=data["shuffle_buffer"],
+                          error_budget=data.get("error_budget"))
+    callbacks: list[L.Callback] = [checkpointer, DataPosition(batches, config["log_dir"], t["log_every"], t["max_steps"]),
+                                   ProgressPrinter(t["max_steps"], t["log_every"])]
     logger: Any = False
     if ctx.get_world_rank() == 0:  # metrics.csv for the report, TensorBoard events for people
+        if config.get("log_url") and not (Path(config["log_dir"]) / "metrics.csv").exists():
+            from ..data import storage  # a retry on another node continues the logs of earlier attempts
+
+            storage.download_dir(config["log_url"], config["log_dir"])
+        from .report import keep_earlier_attempt
+
+        keep_earlier_attempt(Path(config["log_dir"]))
         logger = [CSVLogger(config["log_dir"], name="", version=""),
                   TensorBoardLogger(config["log_dir"], name="", version="tensorboard", default_hp_metric=False)]
+        if config.get("log_url"):
+            callbacks.append(LogSync(config["log_dir"], config["log_url"], t["checkpoint_every"]))
+    if config.get("evaluate"):  # every rank: the full weights are gathered collectively, rank 0 evaluates
+        from .eval_callback import EvalDuringTraining
+
+        callbacks.append(EvalDuringTraining(config["evaluate"], config["model_config"], config["assets"]))
     trainer = make_lightning_trainer(t, callbacks, logger)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -120,6 +183,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sys.stdout.write(f"[train] resuming from {checkpoint.path}\n")
             sys.stdout.flush()
         trainer.fit(module, train_dataloaders=batches, ckpt_path=str(path))
+
+
+class LogSync(L.Callback):
+    """On rank 0 of a run whose storage is remote: flush the loggers and upload the log folder to the
+    run's `logs/` every `every` steps (the checkpoint interval) and at the end, so the report and
+    TensorBoard see the logs wherever the worker ran, and a retried or resumed run keeps them."""
+
+    def __init__(self, log_dir: str, url: str, every: int) -> None:
+        self.log_dir, self.url, self.every = log_dir, url, every
+
+    def sync(self, trainer: L.Trainer) -> None:
+        from ..data import storage
+
+        for lg in trainer.loggers:
+            lg.save()
+        storage.upload_dir(self.log_dir, self.url)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every and trainer.global_step % self.every == 0 and trainer.global_step:
+            self.sync(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.sync(trainer)
 
 
 class ProgressPrinter(L.Callback):

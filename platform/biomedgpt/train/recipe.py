@@ -79,16 +79,16 @@ def mixing_weights(refs: Sequence[Any], shard_lists: Sequence[Sequence[Any]], gr
 
 
 def steps_for_epochs(groups: Sequence[tuple[Sequence[Any], float]], epochs: float, *, world: int, batch_size: int,
-                     grad_accumulation: int, seed: int) -> int:
+                     grad_accumulation: int, seed: int, budget: Any = None) -> int:
     """Optimizer steps of `epochs` passes over the mixing plan: every rank's batches per epoch (the
-    stream's own count from the manifests' sample counts), summed over the epochs (a fractional last
-    epoch counts its fraction), divided by grad_accumulation."""
+    stream's own count from the manifests' sample counts, less the data error budget's allowance),
+    summed over the epochs (a fractional last epoch counts its fraction), divided by grad_accumulation."""
     from ..data.stream import batches_per_epoch, plan_epoch
 
     whole, frac = int(epochs), epochs - int(epochs)
-    batches = sum(batches_per_epoch(plan_epoch(groups, e, seed), world, batch_size) for e in range(whole))
+    batches = sum(batches_per_epoch(plan_epoch(groups, e, seed), world, batch_size, budget) for e in range(whole))
     if frac:
-        batches += frac * batches_per_epoch(plan_epoch(groups, whole, seed), world, batch_size)
+        batches += frac * batches_per_epoch(plan_epoch(groups, whole, seed), world, batch_size, budget)
     return max(1, int(math.floor(batches / grad_accumulation)))
 
 

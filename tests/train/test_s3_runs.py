@@ -1,0 +1,73 @@
+"""A training run whose storage is S3 (moto's server on 127.0.0.1), with real local Ray and 2 FSDP2
+workers writing full (gathered) checkpoints: checkpoints, assets, logs, report, export and evaluation
+land under s3://.../<team>/<name>/, num_to_keep prunes old checkpoints there, and running the job
+again with more steps resumes from the checkpoint on S3 with its optimiser state and data position."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tests_paths import REPO
+
+
+@pytest.fixture
+def s3_spec(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("BIOMEDGPT_STAGING", str(tmp_path / "staging"))
+    data = yaml.safe_load((REPO / "jobs" / "demo" / "vqa_rad.yaml").read_text())
+    data["name"] = "s3-run"
+    data["model"]["image_size"] = 16
+    data["model"]["tokenizer"]["train_vocab_size"] = 300
+    data["data"]["shards"] = f"{s3_bucket}/shards"
+    data["data"]["shard_max_samples"] = 16
+    data["trainer"].update(batch_size=4, log_every=5, checkpoint_every=5, num_to_keep=2, max_steps=10,
+                           checkpoint_format="full")
+    data["evaluate"].update(max_samples=8, splits=["test"], concurrency=1)
+    data["output"]["storage"] = f"{s3_bucket}/runs"
+    return data
+
+
+def test_run_on_s3_storage_checkpoints_reports_and_resumes(s3_spec, s3_bucket, tmp_path):
+    from biomedgpt.data import storage
+    from biomedgpt.runner import run_training
+    from biomedgpt.spec import spec_from_dict
+    from biomedgpt.train.checkpoints import read_checkpoint_meta
+    from biomedgpt.train.report import read_run_metrics
+
+    run_url = f"{s3_bucket}/runs/demo/s3-run"
+    first = run_training(spec_from_dict(s3_spec, "s3.yaml"), num_cpus=2)
+    assert first.run_dir == run_url and first.checkpoint == f"{run_url}/checkpoint-00000010"
+    files = storage.list_files(run_url)
+    for name in ("spec.json", "assets/answers.json", "logs/metrics.csv", "report.md", "report.json", "loss.png",
+                 "lr.png", "export/config.json", "export/model.safetensors", "eval/metrics.json", "eval/report.html", "result.json",
+                 "checkpoint-00000010/lightning.ckpt", "checkpoint-00000005/lightning.ckpt"):
+        assert name in files, f"{name} missing from {run_url}: {sorted(files)}"
+    report = json.loads(storage.read_text(f"{run_url}/report.json"))
+    assert report["steps"] == 10
+
+    # the same job with a larger budget: resumes from step 10 on S3, keeps 2 checkpoints
+    s3_spec["trainer"]["max_steps"] = 15
+    s3_spec["evaluate"]["enabled"] = False
+    second = run_training(spec_from_dict(s3_spec, "s3.yaml"), num_cpus=2)
+    assert second.checkpoint == f"{run_url}/checkpoint-00000015"
+    files = storage.list_files(run_url)
+    checkpoints = sorted({name.split("/")[0] for name in files if name.startswith("checkpoint-")})
+    assert checkpoints == ["checkpoint-00000010", "checkpoint-00000015"]
+    # the logs of both attempts (Lightning restarts metrics.csv; the first attempt's is kept beside it)
+    storage.download_dir(f"{run_url}/logs", tmp_path / "logs")
+    steps = [step for step, _ in read_run_metrics(tmp_path / "logs")["train/loss"]]
+    assert steps == [5, 10, 15], steps
+    assert json.loads(storage.read_text(f"{run_url}/report.json"))["steps"] == 15
+
+    # the full-format checkpoint is one gathered file holding the optimiser state and the data position
+    local = tmp_path / "ckpt15"
+    storage.download_dir(f"{run_url}/checkpoint-00000015", local)
+    meta = read_checkpoint_meta(local)
+    assert meta["format"] == "full" and meta["step"] == 15
+    state = torch.load(local / "lightning.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 15 and state["optimizer_states"]
+    position = next(v["position"] for k, v in state["callbacks"].items() if "DataPosition" in k)
+    assert position["epoch"] * 1000 + position["batches"] > 0
