@@ -132,6 +132,6 @@ def s3_bucket(moto_endpoint, monkeypatch) -> str:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    bucket = f"bucket-{uuid.uuid4().hex[:8]}"
+    bucket = f"test-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     yield f"s3://{bucket}"
