@@ -1,5 +1,5 @@
 """Fixtures for the data tests: the real development subsets, image trees for the annotation-only
-datasets, the VQA-RAD demo sample, and a real S3 endpoint (moto's server on 127.0.0.1)."""
+datasets, and the VQA-RAD demo sample (the S3 endpoint, moto on 127.0.0.1, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
