@@ -310,7 +310,18 @@ def file_sha256(url: str, chunk: int = 8 * 2**20) -> tuple[str, int]:
 
 def read_shard(url: str) -> Iterator[dict[str, Any]]:
     """Samples of one shard as ``{"__key__": key, "<ext>": bytes, ...}``, in file order."""
-    with storage.open_url(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with storage.open_url(url, "rb") as f:
+        try:
+            yield from iter_tar_samples(f)
+        except ShardError as err:
+            raise ShardError(f"{url}: {err}") from None
+
+
+def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
+    """Samples of a WebDataset tar stream as ``{"__key__": key, "<ext>": bytes}`` (members grouped by
+    key, the part of the name before the first dot), in file order. A sample is yielded only once the
+    next one starts or the archive ends, so a tar cut inside a sample never yields that sample."""
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
         current: dict[str, Any] | None = None
         for member in tar:
             if not member.isfile():
@@ -318,7 +329,7 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
             base = member.name.rsplit("/", 1)[-1]
             prefix = member.name[: len(member.name) - len(base)]
             if "." not in base:
-                raise ShardError(f"{url}: member {member.name!r} has no extension")
+                raise ShardError(f"member {member.name!r} has no extension")
             key, ext = base.split(".", 1)
             key = prefix + key
             data = tar.extractfile(member).read()

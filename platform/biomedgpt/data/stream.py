@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import storage
-from .shards import read_manifest, split_url
+from .shards import iter_tar_samples, read_manifest, split_url
 
 log = logging.getLogger(__name__)
 
@@ -154,33 +154,6 @@ def _chunk(rows: list[dict[str, Any]], read: int, first_row: int, augment_seed: 
     for m in MEMBERS:
         out[m] = _column([r.get(m) for r in rows])
     return out
-
-
-def iter_tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
-    """Samples of a WebDataset tar stream as ``{"__key__": key, "<ext>": bytes}`` (members grouped by
-    key, the part of the name before the first dot), in file order. A sample is yielded only once the
-    next one starts or the archive ends, so a tar cut inside a sample never yields that sample."""
-    import tarfile
-
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        current: dict[str, Any] | None = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            prefix = member.name[: len(member.name) - len(base)]
-            if "." not in base:
-                raise ValueError(f"member {member.name!r} has no extension")
-            key, ext = base.split(".", 1)
-            key = prefix + key
-            data = tar.extractfile(member).read()
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-            current[ext] = data
-        if current is not None:
-            yield current
 
 
 def read_shards_batch(batch: dict[str, np.ndarray], *, filesystem: Any, chunk: int = READ_CHUNK
