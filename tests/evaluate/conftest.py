@@ -231,3 +231,29 @@ def eval_model_dir(demo_tokenizer_dir, tmp_path_factory) -> str:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+# ChestMNIST (multi-label): the positive classes of each test image of the small .npz the fixture writes
+# (class indices of MedMNIST's 14 findings). Classes 0, 2, 3, 4 and 13 occur (each with negatives too); the
+# other nine never do, so their ROC AUC is undefined and left out of the mean.
+CHESTMNIST_TEST_LABELS = [[], [0, 2], [2], [], [0], [4, 13], [2, 3], [], [0, 2, 3], [13]]
+
+
+@pytest.fixture(scope="session")
+def chestmnist_shards(tmp_path_factory) -> str:
+    """Shards of a ChestMNIST test split of 10 random 28 x 28 images with the labels above, written in
+    MedMNIST's .npz layout and built by the chestmnist converter (two shards)."""
+    import numpy as np
+
+    from biomedgpt.data.build import build_shards
+
+    src = tmp_path_factory.mktemp("chestmnist-source")
+    labels = np.zeros((len(CHESTMNIST_TEST_LABELS), 14), dtype=np.uint8)
+    for i, positive in enumerate(CHESTMNIST_TEST_LABELS):
+        labels[i, positive] = 1
+    rng = np.random.default_rng(0)
+    np.savez(src / "chestmnist.npz", test_images=rng.integers(0, 255, (len(labels), 28, 28), dtype=np.uint8),
+             test_labels=labels)
+    root = tmp_path_factory.mktemp("chestmnist-shards")
+    build_shards("chestmnist", str(src), str(root), ["test"], shard_max_samples=5, progress=False)
+    return str(root)

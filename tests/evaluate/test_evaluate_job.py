@@ -1,7 +1,7 @@
 """The evaluate job on real local Ray: a demo-size model x five datasets of five task families (VQA-RAD,
 IU X-ray, PneumoniaMNIST, MedNLI, MeQSum) -> results.md / results.json / report.html with each task's
 metrics; the metrics equal `biomedgpt score` on the job's own files; trie-constrained answers are
-always candidates; zero-shot mode generates freely."""
+always candidates; zero-shot mode generates freely; the multi-label ChestMNIST lists its findings."""
 
 from __future__ import annotations
 
@@ -146,3 +146,53 @@ def test_zero_shot_generates_freely(tmp_path, eval_shards, eval_model_dir, local
     assert cls["metrics"]["accuracy"] == sum(p["prediction"].lower() in ("normal", "pneumonia") and
                                              p["prediction"].lower() == ref["references"]
                                              for p, ref in zip(preds, read_jsonl(out / cls["references"]))) / 4
+
+
+def roc_auc(scores: list[float], positive: list[bool]) -> float:
+    """ROC AUC by hand: the probability that a positive outscores a negative (ties count half)."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+
+
+def test_multi_label_chestmnist(tmp_path, chestmnist_shards, eval_model_dir, local_ray):
+    """ChestMNIST's official evaluation: lists of findings generated under the list trie, accuracy
+    (1 - Hamming loss) and macro-F1 equal to `biomedgpt score` on the job's files, and the AUC of the
+    per-class scores equal to the mean per-class ROC AUC computed by hand."""
+    from biomedgpt.data.converters.medmnist import label_names
+    from biomedgpt.evaluate.candidates import shard_records
+    from biomedgpt.evaluate.job import run_evaluate_job
+
+    spec = eval_spec(tmp_path, chestmnist_shards, eval_model_dir, "eval-chestmnist", [("chestmnist", "test", "classify")],
+                     max_samples=10, concurrency=1)
+    result = run_evaluate_job(spec)
+    out = Path(spec.run_dir)
+    (r,) = json.loads((out / "results.json").read_text())["datasets"]
+    assert r["count"] == 10 and r["decoding"]["method"] == "multilabel" and r["decoding"]["candidates"] == 14
+    assert set(r["reported"]) == {"accuracy", "auc"} and all(v is not None for v in r["reported"].values())
+    assert {"accuracy", "macro_f1", "exact_match", "auc"} <= set(r["metrics"]) == set(result.evaluation["chestmnist/test"])
+
+    names = label_names("chestmnist")
+    preds, refs = read_jsonl(out / r["predictions"]), read_jsonl(out / r["references"])
+    records = list(shard_records(chestmnist_shards, "chestmnist", "test", images=False))
+    assert [ref["references"] for ref in refs] == [[names[i] for i in rec["label"]] for rec in records]
+    assert [] in [ref["references"] for ref in refs] and any(len(ref["references"]) > 1 for ref in refs)
+    for p in preds:  # valid lists: class names in class order, no repeats; a score per class and for none
+        assert isinstance(p["prediction"], list) and set(p["prediction"]) <= set(names)
+        order = [names.index(n) for n in p["prediction"]]
+        assert order == sorted(set(order))
+        assert list(p["scores"]) == [*names, "no finding"] and all(0 <= v <= 1 for v in p["scores"].values())
+    cli = score_cli("classify", out / r["predictions"], out / r["references"])
+    assert cli == {k: r["metrics"][k] for k in cli} and cli["count"] == 10
+    truth = [[names[j] in ref["references"] for j in range(14)] for ref in refs]
+    # accuracy: the fraction of right (sample, class) entries over the classes listed anywhere
+    seen = [j for j in range(14) if any(names[j] in p["prediction"] or t[j] for p, t in zip(preds, truth))]
+    right = sum((names[j] in p["prediction"]) == t[j] for p, t in zip(preds, truth) for j in seen)
+    assert r["metrics"]["accuracy"] == pytest.approx(right / (10 * len(seen)))
+    aucs = [roc_auc([p["scores"][names[j]] for p in preds], [t[j] for t in truth]) for j in range(14)
+            if 0 < sum(t[j] for t in truth) < 10]
+    assert len(aucs) == 5 and r["metrics"]["auc"] == pytest.approx(sum(aucs) / 5, abs=1e-6)
+    md = (out / "results.md").read_text()
+    assert "| dataset | split | n | accuracy | auc | decoding |" in md and "list trie" in md
+    page = (out / "report.html").read_text()
+    assert page.count('<img src="data:image/jpeg;base64,') == 3 and "no finding" in page

@@ -24,8 +24,9 @@ def test_paper_job_lists_every_downstream_dataset():
     downstream = {n for n, d in specs.items() if set(d.stages) & {"finetune", "zero_shot"}}
     listed = [r.dataset for r in spec.data.eval]
     assert len(listed) == len(set(listed))
-    # all of them that have a converter (shards can be built), but the multi-label ChestMNIST
-    assert set(listed) == {n for n in downstream if specs[n].source.converter} - {"chestmnist"}
+    # all of them that have a converter (shards can be built), the multi-label ChestMNIST included
+    assert set(listed) == {n for n in downstream if specs[n].source.converter}
+    assert "chestmnist" in listed
     assert {specs[d].task for d in listed} == set(EVAL_TASKS)
     assert all(r.split in specs[r.dataset].splits for r in spec.data.eval)
     assert spec.kind == "evaluate" and spec.evaluate.mode == "official" and spec.evaluate.image_sizes == {"caption": 480}
@@ -72,6 +73,25 @@ def test_official_and_zero_shot_decoding_per_task():
     assert decode_plan("classify", None).method == "free"  # a dataset whose policy is `none` (SEER)
     beam = decode_plan("vqa", ["a"], decoding="beam", beam_size=5, max_new_tokens=8)
     assert (beam.method, beam.beam_size, beam.max_new_tokens) == ("free", 5, 8)
+    multi = decode_plan("classify", ["atelectasis", "effusion"], multi_label=True)
+    assert (multi.method, multi.beam_size, multi.candidates) == ("multilabel", 1, ("atelectasis", "effusion"))
+    assert decode_plan("classify", ["a", "b"], multi_label=True, mode="zero_shot").method == "free"
+
+
+def test_multi_label_dataset_is_planned_with_its_classes_in_order(chestmnist_shards):
+    from biomedgpt.data.converters.medmnist import label_names
+
+    data = base()
+    data["data"] = {"shards": chestmnist_shards, "eval": [{"dataset": "chestmnist", "split": "test"}]}
+    (entry,) = plan_entries(spec_from_dict(data, "e.yaml"))
+    assert entry.task == "classify" and entry.plan.method == "multilabel" and entry.count == 10
+    assert entry.candidates.multi_label and entry.plan.candidates == tuple(label_names("chestmnist"))
+    assert entry.metric_names == ["accuracy", "auc"]
+    # without its dataset spec, the class names and their order come from the records (label indices)
+    from biomedgpt.evaluate.candidates import answer_candidates
+
+    cands = answer_candidates("chestmnist", "classify", None, chestmnist_shards)
+    assert cands.multi_label and cands.values == ["atelectasis", "effusion", "infiltration", "mass", "hernia"]
 
 
 def test_planning_errors_name_the_dataset_and_split(tmp_path, demo_shards):

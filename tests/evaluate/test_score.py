@@ -109,7 +109,9 @@ def test_task_specific_reference_types(tmp_path):
                                               r"strings, got a list with a number"):
         score("summarize", preds, _write(tmp_path / "r.jsonl", [{"id": 1, "references": ["x", 3]}]))
     with pytest.raises(ScoreInputError, match=r"r\.jsonl:1: field 'references' must be a string, got array"):
-        score("classify", preds, _write(tmp_path / "r.jsonl", [{"id": 1, "references": ["yes"]}]))
+        score("nli", preds, _write(tmp_path / "r.jsonl", [{"id": 1, "references": ["yes"]}]))
+    with pytest.raises(ScoreInputError, match=r"r\.jsonl:1: field 'references' must be a string, got number"):
+        score("classify", preds, _write(tmp_path / "r.jsonl", [{"id": 1, "references": 3}]))
     with pytest.raises(ScoreInputError, match=r"missing\.jsonl: file not found"):
         score("classify", preds, tmp_path / "missing.jsonl")
 

@@ -79,3 +79,59 @@ def test_text_only_classification_asks_about_the_record_text():
                                        "label_name": "Surgery"})
     assert ex.instruction == ' what is the treatment for the patient " site: breast; stage: ii "?'
     assert ex.target == " surgery" and not ex.has_image
+
+
+# --- multi-label classification (ChestMNIST: label_name is the list of positive findings) -----------
+
+CHEST = {"task": "classify", "dataset": "chestmnist", "split": "train", "id": "train_000001"}
+
+
+def test_multi_label_target_lists_the_findings_in_class_order():
+    from biomedgpt.tasks.classify import NO_FINDING
+
+    task = get_task("classify")
+    # the converter's lists are in class-index order; a list written otherwise is put in that order
+    ex = task.example({**CHEST, "label": [2, 0], "label_name": ["Effusion", "atelectasis"]})
+    assert (ex.instruction, ex.target, ex.has_image) == (" what does the image describe?", " atelectasis, effusion", True)
+    assert ex.meta["answer"] == ["atelectasis", "effusion"] and ex.meta["multi_label"] is True
+    assert ex.candidates == ("atelectasis", "effusion", NO_FINDING)  # the list items (the recipe's union: the classes)
+    none = task.example({**CHEST, "label": [], "label_name": []})
+    assert none.target == " no finding" and none.meta["answer"] == [] and NO_FINDING == "no finding"
+    # with the class list known, its order rules and an unknown class is an error
+    known = get_task("classify", labels=["Mass", "Nodule", "Hernia"])
+    assert known.example({**CHEST, "label_name": ["hernia", "mass"]}).target == " mass, hernia"
+    assert known.example({**CHEST, "label_name": []}).candidates == ("mass", "nodule", "hernia", NO_FINDING)
+    with pytest.raises(ValueError, match="'edema' is not one of the classes mass, nodule, hernia"):
+        known.example({**CHEST, "label_name": ["edema"]})
+    with pytest.raises(ValueError, match="contains a comma"):
+        task.example({**CHEST, "label_name": ["normal, benign"]})
+    # single-label records are unchanged
+    assert task.example({**CHEST, "label": 1, "label_name": "Pneumonia"}).meta == {
+        "id": "train_000001", "answer": "pneumonia", "label": 1}
+
+
+def test_multi_label_records_train(pretrain_tokenizer_dir):
+    """A ChestMNIST record goes through the training preprocessing; its labels are the list's tokens, and
+    the training recipe's candidates (answers.json, the constraint trie) are the classes and "no finding"."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from biomedgpt.data.pipeline import preprocess_batch, tokenizer_from_dir
+    from biomedgpt.train.recipe import answer_candidates
+
+    recs = [{**CHEST, "id": "a", "label": [0, 13], "label_name": ["atelectasis", "hernia"]},
+            {**CHEST, "id": "b", "label": [], "label_name": []}]
+    png = io.BytesIO()
+    Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)).save(png, format="PNG")
+    batch = {"json": np.array([json.dumps(r).encode() for r in recs], dtype=object),
+             "png": np.array([png.getvalue()] * 2, dtype=object)}
+    out = preprocess_batch(batch, task_name="classify", tokenizer_dir=pretrain_tokenizer_dir, image_size=32,
+                           max_source_length=16, max_target_length=24)
+    tok = tokenizer_from_dir(pretrain_tokenizer_dir)
+    assert out["patch_masks"].all()
+    for row, text in zip(out["labels"], (" atelectasis, hernia", " no finding")):
+        assert row[row != -100].tolist() == tok.encode_text(text) + [tok.eos_token_id]
+    assert answer_candidates("classify", recs) == {"classify": ["atelectasis", "hernia", "no finding"]}

@@ -10,6 +10,10 @@ candidates of constrained decoding, from `datasets_spec/<name>.yaml`'s `answer_c
 
 Candidates are written as the task's targets are (VQA answers stripped and lower-cased, class names
 lower-cased with '_' read as a space), so that decoding under the trie can produce exactly them.
+
+A multi-label dataset (MedMNIST's ChestMNIST, or records whose `label_name` is a list) has its class
+names in class order (the converter's list; from shards, by the records' class indices `label`), the
+order its answers list them in, and `Candidates.multi_label` set.
 """
 
 from __future__ import annotations
@@ -107,6 +111,8 @@ class Candidates:
     values: list[str] | None
     policy: str
     counts: Counter = field(default_factory=Counter)
+    #: True: the class names of a multi-label dataset (in class order); None: not known from the candidates
+    multi_label: bool | None = None
 
 
 def answer_candidates(dataset: str, task: str, spec: Any, shards_root: str,
@@ -122,7 +128,8 @@ def answer_candidates(dataset: str, task: str, spec: Any, shards_root: str,
 
             return Candidates(list(ANSWERS), "fixed")
         if task == "classify":
-            return Candidates(_label_names_of_shards(dataset, shards_root, None), "class_names")
+            names, multi = _label_names_of_shards(dataset, shards_root, None)
+            return Candidates(names, "class_names", multi_label=multi)
         if task == "vqa":
             raise EvaluationError(f"{dataset}: a VQA dataset without datasets_spec/{dataset}.yaml needs the model's "
                                   "answers.json for its candidates")
@@ -137,9 +144,10 @@ def answer_candidates(dataset: str, task: str, spec: Any, shards_root: str,
 
         if spec.source.converter in SUBSETS:
             names = label_names(spec.source.converter)
+            multi: bool | None = SUBSETS[spec.source.converter].multi_label
         else:
-            names = _label_names_of_shards(dataset, shards_root, list(spec.splits))
-        return Candidates(_distinct(normalise_candidate(task, n) for n in names), policy)
+            names, multi = _label_names_of_shards(dataset, shards_root, list(spec.splits))
+        return Candidates(_distinct(normalise_candidate(task, n) for n in names), policy, multi_label=multi)
     # answers_of_splits
     counts: Counter = Counter()
     for split in spec.answer_candidates.splits:
@@ -152,8 +160,12 @@ def answer_candidates(dataset: str, task: str, spec: Any, shards_root: str,
     return Candidates(sorted(counts), policy, counts)
 
 
-def _label_names_of_shards(dataset: str, shards_root: str, splits: list[str] | None) -> list[str]:
+def _label_names_of_shards(dataset: str, shards_root: str, splits: list[str] | None) -> tuple[list[str], bool]:
+    """(class names, multi-label) of the records' `label_name`s: sorted; multi-label (lists) in the
+    order of their class indices (`label`, where it is a parallel list of integers), then by name."""
     names: set[str] = set()
+    index: dict[str, int] = {}
+    multi = False
     for split in splits or ["train", "val", "test"]:
         try:
             list_split_shards(shards_root, dataset, split)
@@ -163,10 +175,19 @@ def _label_names_of_shards(dataset: str, shards_root: str, splits: list[str] | N
             value = rec.get("label_name")
             if isinstance(value, str) and value.strip():
                 names.add(value)
-    if not names:
+            elif isinstance(value, list):
+                multi = True
+                names.update(v for v in value if isinstance(v, str) and v.strip())
+                label = rec.get("label")
+                if isinstance(label, list) and len(label) == len(value):
+                    index.update((n, i) for n, i in zip(value, label) if isinstance(i, int) and isinstance(n, str))
+    if not names and not multi:
         raise EvaluationError(f"{dataset}: no class names: the converter has no list and no shard under "
                               f"{shards_root} has a label_name")
-    return sorted(names)
+    if not names:
+        raise EvaluationError(f"{dataset}: no class names: every multi-label record under {shards_root} has "
+                              "an empty label_name list")
+    return sorted(names, key=lambda n: (index.get(n, len(index)), n)), multi
 
 
 def _distinct(values) -> list[str]:

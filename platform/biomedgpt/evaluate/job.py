@@ -98,6 +98,7 @@ def plan_entries(spec, refs: list[Any] | None = None, *, model_answers: list[str
     """Plan every selected dataset (see the module docstring); raises one EvaluationError listing every
     dataset that cannot be evaluated."""
     from ..tasks import get_task
+    from ..tasks.classify import is_multi_label
 
     ev = spec.evaluate
     refs = selected_refs(spec) if refs is None else refs
@@ -124,13 +125,16 @@ def plan_entries(spec, refs: list[Any] | None = None, *, model_answers: list[str
             if task not in EVAL_TASKS:
                 raise EvaluationError(f"{where}: task {task!r} has no evaluation (tasks evaluated: "
                                       f"{', '.join(EVAL_TASKS)})")
-            if task == "classify" and isinstance(first.get("label_name"), list):
-                raise EvaluationError(f"{where}: multi-label records (label_name is a list): the classify task "
-                                      "family scores one class name per image, so this dataset has no evaluation yet")
             get_task(task).example(first)  # a record the task family cannot read fails here, not in a worker
             cands = answer_candidates(ref.dataset, task, dspec, spec.data.shards, model_answers)
+            multi_label = task == "classify" and is_multi_label(first)
+            if cands.multi_label is not None and task == "classify" and cands.multi_label != multi_label:
+                raise EvaluationError(
+                    f"{where}: the dataset's classes are {'multi-label' if cands.multi_label else 'single-label'} "
+                    f"but its records' label_name is {'a list' if multi_label else 'one class name'}: rebuild the "
+                    "shards with the dataset's converter")
             plan = decode_plan(task, cands.values, mode=ev.mode, decoding=ev.decoding, beam_size=ev.beam_size,
-                               max_new_tokens=ev.max_new_tokens)
+                               max_new_tokens=ev.max_new_tokens, multi_label=multi_label)
             metric_names = list(dspec.metrics) if dspec is not None else list(DEFAULT_METRICS[task])
             entries.append(EvalEntry(ref.dataset, ref.split, task, [s.url for s in shards], [s.samples for s in shards],
                                      ev.max_samples if limit is None else limit, plan, metric_names,
@@ -365,15 +369,22 @@ def score_predictions(task: str, preds: list[dict[str, Any]], pred_path: Path, r
 
 def classification_auc(preds: list[dict[str, Any]]) -> float | None:
     """ROC AUC of the candidate probabilities (binary: of the second class; more classes: macro
-    one-vs-rest); None without scores (free generation) or with fewer than two classes present."""
+    one-vs-rest; multi-label, i.e. references that are lists: `classify.multilabel_auc`, the mean of
+    the per-class AUCs); None without scores (free generation) or with fewer than two classes present."""
     import torch
     from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
-    from .classify import normalize_label
+    from .classify import multilabel_auc, normalize_label
 
     rows = [p for p in preds if p.get("scores")]
     if not rows:
         return None
+    if isinstance(rows[0]["references"], list):
+        from ..tasks.classify import NO_FINDING
+
+        classes = [n for n in rows[0]["scores"] if normalize_label(n) != NO_FINDING]
+        return multilabel_auc([[p["scores"][c] for c in classes] for p in rows], [p["references"] for p in rows],
+                              classes)
     names = list(rows[0]["scores"])
     index = {normalize_label(n): i for i, n in enumerate(names)}
     rows = [p for p in rows if normalize_label(p["references"]) in index]

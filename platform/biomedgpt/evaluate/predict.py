@@ -6,6 +6,14 @@ under the trie for classification (argmax), beam search with the official beam s
 n-gram size and length penalty for captioning and summarisation; or freely for every task
 (zero-shot). `predict_vqa` is the single-task path serving uses. The evaluation job that runs
 Predictors on Ray and writes the results is `biomedgpt.evaluate.job`.
+
+Multi-label classification (records whose `label_name` is a list, e.g. ChestMNIST) decodes with
+method `multilabel`: generation under `MultiLabelTrie` (class names in class order, no repeats, or
+"no finding" alone; the task's beam size, and always room for the longest list) gives the prediction,
+a list of class names (empty for none); then `label_list_probabilities` gives each class a probability
+of being listed, judged where that answer would list it (the class against the answer's own
+continuation there), stored per record as `scores` {class: probability, "no finding": probability of
+the answer for none} for the ROC AUC. Each is a probability of its own event: they do not sum to 1.
 """
 
 from __future__ import annotations
@@ -98,7 +106,9 @@ def majority_baseline(train_answers: list[str], preds: list[dict[str, Any]]) -> 
 class DecodePlan:
     """How one dataset is decoded. `method`: `trie` (generation under a prefix tree over `candidates`:
     only a candidate can come out), `score` (every candidate scored under the trie, the best taken: the
-    official classification decoding) or `free` (beam search with these settings)."""
+    official classification decoding), `multilabel` (a list of the `candidates`, the class names in
+    class order, generated under `MultiLabelTrie`, plus per-class scores) or `free` (beam search with
+    these settings)."""
 
     task: str
     method: str
@@ -111,11 +121,12 @@ class DecodePlan:
 
 def decode_plan(task_name: str, candidates: Sequence[str] | None, *, mode: str = "official",
                 decoding: str | None = None, beam_size: int | None = None,
-                max_new_tokens: int | None = None) -> DecodePlan:
+                max_new_tokens: int | None = None, multi_label: bool = False) -> DecodePlan:
     """The decoding of `task_name` (tasks/: its official `Decoding`) for `mode` official | zero_shot;
     `decoding` (trie | beam) overrides how constrained tasks decode in official mode, `beam_size` /
     `max_new_tokens` override the official values. A constrained task without candidates (dataset
-    policy `none`) generates freely."""
+    policy `none`) generates freely. `multi_label` (classification whose records list several class
+    names): the candidates are the class names in class order, decoded with method `multilabel`."""
     from ..tasks import get_task
 
     official = get_task(task_name).decoding
@@ -123,6 +134,8 @@ def decode_plan(task_name: str, candidates: Sequence[str] | None, *, mode: str =
     max_new = max_new_tokens or official.max_new_tokens
     cands = tuple(candidates) if candidates else None
     if mode == "official" and official.constrained and cands and decoding != "beam":
+        if multi_label and task_name == "classify":
+            return DecodePlan(task_name, "multilabel", beams, max_new, candidates=cands)
         method = "score" if task_name == "classify" else "trie"
         return DecodePlan(task_name, method, beams, max_new, candidates=cands)
     return DecodePlan(task_name, "free", beams, max_new, official.no_repeat_ngram_size, official.length_penalty,
@@ -149,6 +162,7 @@ class Predictor:
         self.max_source_length = max_source_length
         self.batch_size = batch_size
         self._tries: dict[tuple[str, ...], tuple[Any, dict[tuple[int, ...], str]]] = {}
+        self._list_tries: dict[tuple[str, ...], Any] = {}
 
     def trie(self, candidates: tuple[str, ...]):
         """(AnswerTrie over the candidates, candidate token sequence -> text), cached."""
@@ -163,11 +177,22 @@ class Predictor:
             self._tries[candidates] = (trie, seqs)
         return self._tries[candidates]
 
+    def multi_label_trie(self, classes: tuple[str, ...]):
+        """MultiLabelTrie over the class names (in class order) and "no finding", cached."""
+        from ..model.constrained import MultiLabelTrie
+        from ..tasks.classify import NO_FINDING, SEPARATOR
+
+        if classes not in self._list_tries:
+            self._list_tries[classes] = MultiLabelTrie.from_texts(self.tok, [c for c in classes if c != NO_FINDING],
+                                                                  NO_FINDING, SEPARATOR)
+        return self._list_tries[classes]
+
     @torch.no_grad()
     def predict(self, plan: DecodePlan, records: list[dict[str, Any]], image_size: int | None = None
                 ) -> list[dict[str, Any]]:
-        """One dict per record: id, prediction, the reference fields of `biomedgpt score`, and what the
-        report shows (instruction; class probabilities for `score`). `image_size` overrides the
+        """One dict per record: id, prediction (text; for `multilabel` the list of class names), the
+        reference fields of `biomedgpt score`, and what the report shows (instruction; class
+        probabilities for `score` and `multilabel`). `image_size` overrides the
         predictor's input resolution for these records."""
         from ..tasks import get_task
 
@@ -207,8 +232,10 @@ class Predictor:
             inputs["patch_masks"] = torch.from_numpy(masks).to(device)
         return inputs
 
-    def _decode(self, plan: DecodePlan, chunk, exs, size: int) -> tuple[list[str], list[dict[str, Any]]]:
+    def _decode(self, plan: DecodePlan, chunk, exs, size: int) -> tuple[list[Any], list[dict[str, Any]]]:
         inputs = self._inputs(chunk, exs, size)
+        if plan.method == "multilabel":
+            return self._decode_multi_label(plan, inputs)
         if plan.method == "score":
             from ..model.constrained import score_candidates
 
@@ -235,6 +262,27 @@ class Predictor:
             by_text = {" ".join(v.split()).lower(): v for v in by_seq.values()}
             texts = [by_text.get(" ".join(t.split()).lower(), t) for t in texts]
         return texts, [{} for _ in texts]
+
+    def _decode_multi_label(self, plan: DecodePlan, inputs: dict[str, torch.Tensor]
+                            ) -> tuple[list[list[str]], list[dict[str, Any]]]:
+        from ..model.constrained import label_list_probabilities
+        from ..tasks.classify import NO_FINDING
+
+        trie = self.multi_label_trie(plan.candidates)
+        names = [c for c in plan.candidates if c != NO_FINDING]
+        # a cap below the longest list would cut answers short: always leave room for every class
+        kwargs: dict[str, Any] = dict(inputs, num_beams=plan.beam_size, do_sample=False,
+                                      max_new_tokens=max(plan.max_new_tokens, trie.max_length),
+                                      prefix_allowed_tokens_fn=trie.prefix_allowed_tokens_fn())
+        if plan.beam_size > 1:
+            kwargs.update(length_penalty=plan.length_penalty, early_stopping=True)
+        seqs = self.model.generate(**kwargs)
+        listed = [trie.parse(row[1:]) for row in seqs.tolist()]
+        probs = label_list_probabilities(self.model, trie, inputs["input_ids"], patch_images=inputs.get("patch_images"),
+                                         patch_masks=inputs.get("patch_masks"), listed=listed).float().cpu()
+        keys = [*names, NO_FINDING]
+        preds = [[names[i] for i in row] for row in listed]
+        return preds, [{"scores": {k: round(float(p), 6) for k, p in zip(keys, row)}} for row in probs]
 
 
 def evaluate_model_dir(model_dir: str | Path, spec, out_dir: str | Path) -> dict[str, Any]:

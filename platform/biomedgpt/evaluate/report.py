@@ -28,6 +28,9 @@ def _decoding(d: dict[str, Any]) -> str:
         return f"trie over {d['candidates']} answers, beam {d['beam_size']}"
     if d["method"] == "score":
         return f"best of {d['candidates']} class names (scored under the trie)"
+    if d["method"] == "multilabel":
+        return (f"list of {d['candidates']} class names in class order (list trie, beam {d['beam_size']}); "
+                "AUC of the per-class scores")
     parts = [f"beam {d['beam_size']}", f"max {d['max_new_tokens']} tokens"]
     if d.get("no_repeat_ngram_size"):
         parts.append(f"no repeated {d['no_repeat_ngram_size']}-grams")
@@ -80,8 +83,21 @@ small { color: #666; }
 """
 
 
-def _ref_text(p: dict[str, Any]) -> str:
+def _multi_label(task: str, p: dict[str, Any]) -> bool:
+    return task == "classify" and isinstance(p.get("references"), list)
+
+
+def _answer_text(value: Any) -> str:
+    """A multi-label answer (list of class names) as text."""
+    from ..tasks.classify import join_labels
+
+    return join_labels(value) if isinstance(value, list) else str(value)
+
+
+def _ref_text(task: str, p: dict[str, Any]) -> str:
     refs = p.get("references")
+    if _multi_label(task, p):
+        return _answer_text(refs)
     return " | ".join(refs) if isinstance(refs, list) else str(refs)
 
 
@@ -92,8 +108,10 @@ def _correct(task: str, p: dict[str, Any]) -> bool | None:
         from .vqa import normalize_answer
 
         return normalize_answer(p["prediction"]) == normalize_answer(str(p["references"]))
-    from .classify import normalize_label
+    from .classify import label_set, normalize_label
 
+    if _multi_label(task, p):  # the whole set right
+        return set(label_set(p["prediction"])) == set(label_set(p["references"]))
     return normalize_label(p["prediction"]) == normalize_label(str(p["references"]))
 
 
@@ -132,7 +150,7 @@ def write_html_report(summary: dict[str, Any], predictions: list[list[dict[str, 
             ok = _correct(r["task"], p)
             mark = "" if ok is None else (' <span class="ok">&#10003;</span>' if ok else ' <span class="bad">&#10007;</span>')
             out.append(f"<tr><td>{img}</td><td>{e(p.get('instruction', ''))}<br><small>id {e(str(p['id']))}</small></td>"
-                       f"<td>{e(p['prediction'])}{mark}</td><td>{e(_ref_text(p))}</td></tr>")
+                       f"<td>{e(_answer_text(p['prediction']))}{mark}</td><td>{e(_ref_text(r['task'], p))}</td></tr>")
         out.append("</table>")
     out.append("</body></html>")
     path.write_text("\n".join(out) + "\n", encoding="utf-8")

@@ -10,6 +10,13 @@ References, by task:
 | caption           | `{"id", "references": ["caption", ...]}` (one or more)                         |
 | summarize         | `{"id", "references": ["summary", ...]}` (one or more)                         |
 | classify, nli     | `{"id", "references": "label"}`                                                |
+| classify, multi-label | `{"id", "references": ["class", ...]}` (the positive classes; `[]` for none) |
+
+Multi-label classification (ChestMNIST): when the references are lists (all of them: one file holds
+one kind), a prediction is a list of class names or a text of names joined by commas (`"atelectasis,
+effusion"`; `"no finding"`, `""` and `[]` mean none; a class name with a comma needs the list form),
+scored by `biomedgpt.evaluate.classify.multilabel_metrics` (accuracy = 1 - Hamming loss, macro-F1,
+exact match).
 
 Other fields are ignored. Every id must appear once in each file. Errors name the file, the line
 and the field. The result is a flat dict of metrics (see `biomedgpt.evaluate.metrics`) and counts;
@@ -97,7 +104,21 @@ def _string_list(path: Path, lineno: int, obj: dict, name: str, allow_string: bo
     return value
 
 
-def _paired(task: str, predictions_path: Path, references_path: Path) -> tuple[list[str], list[Any], list[str]]:
+def _label_list(path: Path, lineno: int, obj: dict, name: str, allow_string: bool) -> list[str] | str:
+    """A multi-label field: a list of strings (empty allowed), or with `allow_string` a string."""
+    value = _field(path, lineno, obj, name)
+    if allow_string and isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        expected = "a list of class names or a string of them joined by commas" if allow_string else \
+            "a list of class names (like the first line)"
+        got = _json_type(value) if not isinstance(value, list) else \
+            "a list with a " + next(_json_type(v) for v in value if not isinstance(v, str))
+        raise ScoreInputError(f"{path}:{lineno}: field {name!r} must be {expected}, got {got}")
+    return value
+
+
+def _paired(task: str, predictions_path: Path, references_path: Path) -> tuple[list[Any], list[Any], list[str]]:
     """(predictions, references, answer types) in the order of the references file, validated."""
     preds = _records_by_id(predictions_path)
     refs = _records_by_id(references_path)
@@ -105,10 +126,22 @@ def _paired(task: str, predictions_path: Path, references_path: Path) -> tuple[l
         if key not in refs:
             raise ScoreInputError(f"{predictions_path}:{lineno}: id {obj['id']!r} is not in {references_path}")
     predictions, references, answer_types = [], [], []
+    multi_label: tuple[int, bool] | None = None  # classify: (first line, whether its references are a list)
     for key, (lineno, obj) in refs.items():
         if key not in preds:
             raise ScoreInputError(f"{references_path}:{lineno}: id {obj['id']!r} has no prediction in {predictions_path}")
         pred_line, pred_obj = preds[key]
+        if task == "classify":
+            is_list = isinstance(obj.get("references"), list)
+            if multi_label is None:
+                multi_label = (lineno, is_list)
+            if multi_label[1]:
+                references.append(_label_list(references_path, lineno, obj, "references", allow_string=False))
+                predictions.append(_label_list(predictions_path, pred_line, pred_obj, "prediction", allow_string=True))
+                continue
+            if is_list:
+                raise ScoreInputError(f"{references_path}:{lineno}: field 'references' is a list (multi-label) but on "
+                                      f"line {multi_label[0]} a string (single-label): one file holds one kind")
         predictions.append(_string(predictions_path, pred_line, pred_obj, "prediction"))
         if task in ("caption", "summarize"):
             references.append(_string_list(references_path, lineno, obj, "references", allow_string=False))
@@ -146,8 +179,10 @@ def score(task: str, predictions_path: str | os.PathLike, references_path: str |
         from .summarize import summarization_metrics
 
         return summarization_metrics(predictions, references)
-    from .classify import classification_metrics
+    from .classify import classification_metrics, multilabel_metrics
 
+    if task == "classify" and isinstance(references[0], list):
+        return multilabel_metrics(predictions, references)
     return classification_metrics(predictions, references)
 
 
@@ -172,7 +207,8 @@ def add_score_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Print the task's metrics as JSON. Files are JSON Lines matched by 'id': predictions carry "
                     "'prediction'; references carry 'references' (a list of strings for caption and summarize, "
                     "an answer or list of answers plus 'answer_type' closed|open for vqa, a label for classify "
-                    "and nli).",
+                    "and nli; for multi-label classify, the list of positive classes, and predictions a list "
+                    "or a comma-joined text).",
         epilog="Metrics are fractions in [0, 1] except cider_d, on the conventional x10 scale (1.227 = 122.7 in "
                "papers). Caption metrics tokenise like pycocoevalcap; METEOR runs pycocoevalcap's METEOR 1.5 jar "
                "and needs Java. Exit code 2 on an input error, naming the file, line and field.",
