@@ -21,6 +21,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import time
 
     from ..runner import ensure_ray
+    from .spec import apply_serve_ray_env
+
+    apply_serve_ray_env()  # before Ray starts (and before ray.serve reads its constants)
     from .app import start, start_spec, stop
 
     target = Path(args.target)
