@@ -109,7 +109,10 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class Serving:
-    model: str
+    """A department's RayService: the model registry it serves (the department's models in it,
+    `<registry>/<team>/<name>/<version>/`), the GPU type of its model replicas and their bounds."""
+
+    registry: str
     gpu_type: str
     min_replicas: int = 1
     max_replicas: int = 1
@@ -183,6 +186,7 @@ class Tenants:
     local_teams: dict[str, Team]
     dataset_access: dict[str, str]
     datasets_dir: Path | None
+    serving_spec: Path | None = None    # the serving spec every department's RayService runs (servingSpec)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -355,16 +359,16 @@ def tenants_from_dict(data: Any, path: str | Path = "<tenants>") -> Tenants:
             serving = None
             if "serving" in dep:
                 s = dep["serving"]
-                serving = Serving(s["model"], s["gpuType"], s.get("minReplicas", 1), s.get("maxReplicas", 1))
+                serving = Serving(s["registry"], s["gpuType"], s.get("minReplicas", 1), s.get("maxReplicas", 1))
                 if serving.gpu_type not in gpus:
                     raise fail(f"{dwhere}.serving.gpuType", f"{serving.gpu_type!r}: the institution has no quota "
                                                            f"for it (quota.gpus: {sorted(gpus)})")
                 if serving.min_replicas > serving.max_replicas:
                     raise fail(f"{dwhere}.serving", "minReplicas exceeds maxReplicas")
                 readable = list(dep["storage"]) + list(c.get("sharedReadPrefixes", ()))
-                if not under(serving.model, readable):
-                    raise fail(f"{dwhere}.serving.model", f"{serving.model} is under none of the department's "
-                                                         f"storage prefixes nor the shared read prefixes")
+                if not under(serving.registry, readable):
+                    raise fail(f"{dwhere}.serving.registry", f"{serving.registry} is under none of the department's "
+                                                            f"storage prefixes nor the shared read prefixes")
             keys = tuple(ApiKey(k["id"], k["hash"], k.get("description", "")) for k in dep.get("apiKeys", ()))
             if len({k.id for k in keys}) != len(keys):
                 raise fail(f"{dwhere}.apiKeys", "key ids must be unique")
@@ -409,13 +413,20 @@ def tenants_from_dict(data: Any, path: str | Path = "<tenants>") -> Tenants:
             if ta != tb and (_norm(a).startswith(_norm(b)) or _norm(b).startswith(_norm(a))):
                 raise fail("institutions", f"storage prefixes overlap: {a} ({ta}) and {b} ({tb})")
 
+    serving_spec = (p.parent / data["servingSpec"]).resolve() if "servingSpec" in data else None
+    serving_teams = [t.name for inst in institutions.values() for t in inst.departments.values() if t.serving]
+    if serving_teams and serving_spec is None:
+        raise fail("servingSpec", f"required when departments serve ({', '.join(serving_teams)}): the serving spec "
+                                  "(jobs/serve/*.yaml) their RayServices run, relative to this file")
+
     return Tenants(
         path=p, cluster_name=c["name"], cohort=c["cohort"], image=c["image"], ray_version=c["rayVersion"],
         cpu_flavor=c["cpu"]["flavor"], cpus=cpus, memory=memory,
         container_defaults={k: str(v) for k, v in c.get("containerDefaults", {"cpu": "500m", "memory": "1Gi"}).items()},
         gpu_types=gpu_types, shared_read_prefixes=tuple(c.get("sharedReadPrefixes", ())), priorities=priorities,
         credentials=credentials, institutions=institutions, local_any_path=bool(local["anyLocalPath"]),
-        local_teams=local_teams, dataset_access=access, datasets_dir=datasets_dir, raw=data)
+        local_teams=local_teams, dataset_access=access, datasets_dir=datasets_dir,
+        serving_spec=serving_spec, raw=data)
 
 
 def _num(x: Fraction) -> str:

@@ -61,11 +61,12 @@ def cluster_objects(builds) -> list[dict[str, Any]]:
 @pytest.fixture
 def tenants_file(tmp_path: Path, tenants_data) -> Callable[..., Path]:
     """Write a modified copy of the repository's tenants.yaml: tenants_file(mutate) -> path. The copy
-    keeps reading the repository's datasets_spec/ unless mutate says otherwise."""
+    keeps reading the repository's datasets_spec/ and serving spec unless mutate says otherwise."""
 
     def make(mutate: Callable[[dict[str, Any]], Any] | None = None, name: str = "tenants.yaml") -> Path:
         data = copy.deepcopy(tenants_data)
         data["datasetSpecs"] = str(REPO / "datasets_spec")
+        data["servingSpec"] = str(REPO / "jobs" / "serve" / "cluster.yaml")
         if mutate:
             mutate(data)
         path = tmp_path / name

@@ -7,11 +7,14 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+import pytest
 import yaml
 from cluster_testing import run_cli
 
 from biomedgpt.cluster.quantity import parse_quantity
-from biomedgpt.cluster.render import max_usable, render, stale_files
+from biomedgpt.cluster.render import WORKDIR, max_usable, render, rayservice_serve_spec, stale_files
+from biomedgpt.serve.spec import (IMPORT_PATH, INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, SERVE_RAY_ENV, deploy_config,
+                                  load_serve_spec, serve_spec_from_dict)
 from biomedgpt.tenancy import load_tenants
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,8 +138,8 @@ def test_overlays_put_the_base_in_the_team_queue_with_its_priority(tenants, buil
             assert o["metadata"]["annotations"]["kueue.x-k8s.io/elastic-job"] == "true"
         if team.serving:
             service = by_kind(objs, "RayService")[0]
-            app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
-            assert app["args"] == {"model": team.serving.model, "team": team.name}
+            config = yaml.safe_load(service["spec"]["serveConfigV2"])
+            assert config == deploy_config(rayservice_serve_spec(tenants, team.name))
             (group,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
             assert group["template"]["spec"]["nodeSelector"] == dict(tenants.gpu_types[team.serving.gpu_type].node_labels)
             assert (group["minReplicas"], group["maxReplicas"]) == (team.serving.min_replicas, team.serving.max_replicas)
@@ -199,14 +202,124 @@ def test_dockerfile_builds_from_rays_official_image_matching_the_project(tenants
             assert (REPO / path).exists(), path
 
 
-def test_serve_entry_import_path_builds_the_app(tmp_path):
+# ----------------------------------------------------------------------------------------------
+# The RayService runs the serving application (biomedgpt.serve.app) over the department's registry
+# ----------------------------------------------------------------------------------------------
+
+# Ray Serve's high-throughput mode (Ray >= 2.55), without its direct ingress (meant for HAProxy in front of
+# each pod; without it Serve's proxy would run on the head only)
+THROUGHPUT_ENV = SERVE_RAY_ENV
+
+
+def served(tenants, builds):
+    """(team, the RayService its overlay builds) for every serving department."""
+    out = [(t, by_kind(builds[K8S / "overlays" / t.name], "RayService")[0])
+           for t in tenants.teams.values() if t.serving]
+    assert len(out) >= 2
+    return out
+
+
+def serve_app(service) -> dict:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)  # what Ray Serve accepts as a config file
+    (app,) = config["applications"]
+    return app
+
+
+def config_proxy(service) -> dict:
+    return yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]
+
+
+def test_rayservice_serves_the_department_registry_with_its_replica_bounds(tenants, builds):
+    base = load_serve_spec(REPO / "jobs" / "serve" / "cluster.yaml")
+    assert tenants.serving_spec == REPO / "jobs" / "serve" / "cluster.yaml"
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    for team, service in served(tenants, builds):
+        app = serve_app(service)
+        assert app["import_path"] == IMPORT_PATH == "biomedgpt.serve.app:app_builder"
+        spec = serve_spec_from_dict(app["args"]["spec"], app["args"]["source"])
+        assert spec.registry == team.serving.registry and spec.model_dir is None and spec.auth
+        # the tenants file (every department's API keys) where the image has it
+        assert spec.tenants == f"{WORKDIR}/cluster/tenants.yaml"
+        assert f"BIOMEDGPT_TENANTS={spec.tenants}" in dockerfile
+        assert (spec.http.host, spec.http.port) == ("0.0.0.0", 8000)
+        assert config_proxy(service) == {"host": "0.0.0.0", "port": 8000}
+        a = spec.models.autoscaling
+        assert (a.min_replicas, a.max_replicas) == (team.serving.min_replicas, team.serving.max_replicas)
+        assert spec.models.num_gpus == 1
+        # everything else as jobs/serve/cluster.yaml says
+        assert (spec.ingress, spec.limits, spec.models.batch) == (base.ingress, base.limits, base.models.batch)
+        b = base.models
+        assert (spec.models.num_cpus, spec.models.max_models_per_replica, a.target_ongoing_requests) == \
+            (b.num_cpus, b.max_models_per_replica, b.autoscaling.target_ongoing_requests)
+        deployments = {d["name"]: d for d in app["deployments"]}
+        assert list(deployments) == [INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT]
+        assert list(deployments) == ["BiomedGPTIngress", "BiomedGPTModels"]
+        models = deployments["BiomedGPTModels"]
+        assert (models["autoscaling_config"]["min_replicas"], models["autoscaling_config"]["max_replicas"]) == \
+            (team.serving.min_replicas, team.serving.max_replicas)
+        assert models["ray_actor_options"]["num_gpus"] == 1
+        # one model replica per GPU worker
+        (group,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        assert (group["minReplicas"], group["maxReplicas"]) == (a.min_replicas, a.max_replicas)
+
+
+def test_rayservice_containers_run_serve_in_throughput_mode_on_port_8000(tenants, builds):
+    base = yaml.safe_load((K8S / "base" / "rayservice" / "rayservice.yaml").read_text())
+    for name, service in [("base", base), *((t.name, s) for t, s in served(tenants, builds))]:
+        cluster = service["spec"]["rayClusterConfig"]
+        pods = [cluster["headGroupSpec"]["template"]["spec"]]
+        pods += [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+        assert len(pods) == 2, name  # head and gpu-serve
+        for pod in pods:
+            for c in pod["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert THROUGHPUT_ENV.items() <= env.items(), (name, c["name"])
+                assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+                assert {"name": "serve", "containerPort": 8000} in c["ports"], (name, c["name"])
+
+
+def test_one_gpu_worker_holds_a_model_replica_and_the_ingress(tenants, builds):
+    """The head runs no Serve replicas (num-cpus 0): unless a gpu-serve worker fits a model replica and every
+    ingress replica, Ray's autoscaler would start GPU workers for the ingress alone."""
+    for team, service in served(tenants, builds):
+        cluster = service["spec"]["rayClusterConfig"]
+        assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        (group,) = cluster["workerGroupSpecs"]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        spec = serve_spec_from_dict(serve_app(service)["args"]["spec"])
+        need = spec.models.num_cpus + spec.ingress.replicas * spec.ingress.num_cpus
+        assert need <= parse_quantity(limits["cpu"]) <= tenants.gpu_types[team.serving.gpu_type].cpus_per_gpu
+        assert spec.models.num_gpus == parse_quantity(limits["nvidia.com/gpu"]) == 1
+
+
+def test_render_refuses_a_serving_spec_that_does_not_fit_a_gpu_worker(tenants_file, tmp_path):
+    text = (REPO / "jobs" / "serve" / "cluster.yaml").read_text()
+    (tmp_path / "serve.yaml").write_text(text.replace("  num_cpus: 8\n", "  num_cpus: 9\n"))
+    tenants = load_tenants(tenants_file(lambda d: d.__setitem__("servingSpec", str(tmp_path / "serve.yaml"))))
+    with pytest.raises(ValueError, match=r"serve\.yaml for stanford-like-radiology .*models\.num_cpus 9\.0 \+ "
+                                         r"ingress\.replicas 2 x ingress\.num_cpus 1\.0 CPUs .* do not fit "
+                                         r"the 10 CPUs"):
+        render(tenants, K8S / "base")
+
+
+def test_the_serve_config_builds_the_application_without_ray(tenants, builds):
+    """What KubeRay hands to Serve: the import path's builder makes the application from the args (binding
+    deployments starts nothing; the replicas load the registry and the tenants file when they start)."""
     import importlib
 
-    rs = yaml.safe_load((K8S / "base" / "rayservice" / "rayservice.yaml").read_text())
-    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
-    module, attr = app["import_path"].split(":")
-    builder = getattr(importlib.import_module(module), attr)
-    (tmp_path / "config.json").write_text("{}")
-    built = builder({"model": str(tmp_path), "team": "stanford-like-radiology"})
-    assert type(built).__name__ == "Application"
-    assert app["deployments"][0]["name"] == "BiomedGPTService"
+    import ray
+
+    base = yaml.safe_load((K8S / "base" / "rayservice" / "rayservice.yaml").read_text())
+    for name, service in [("base", base), *((t.name, s) for t, s in served(tenants, builds))]:
+        app = serve_app(service)
+        module, attr = app["import_path"].split(":")
+        built = getattr(importlib.import_module(module), attr)(app["args"])
+        assert type(built).__name__ == "Application", name
+        ingress = built._bound_deployment
+        (models,) = [a._bound_deployment for a in ingress.init_args if type(a).__name__ == "Application"]
+        assert (ingress.name, models.name) == ("BiomedGPTIngress", "BiomedGPTModels"), name
+        assert models.ray_actor_options["num_gpus"] == 1, name
+    assert not ray.is_initialized()

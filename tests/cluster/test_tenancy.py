@@ -119,7 +119,14 @@ def test_loader_refuses_quotas_that_do_not_add_up(tenants_file):
     (lambda d: d["institutions"]["mayo-like"]["departments"]["radiology"]["serving"].__setitem__("gpuType", "h200"),
      r"serving\.gpuType: 'h200': the institution has no quota"),
     (lambda d: d["institutions"]["mayo-like"]["departments"]["radiology"]["serving"].__setitem__(
-        "model", "s3://biomedgpt-stanford-like/radiology/x/export/"), r"radiology\.serving\.model: .* under none of"),
+        "registry", "s3://biomedgpt-stanford-like/radiology/registry/"),
+     r"radiology\.serving\.registry: .* under none of"),
+    # the schema before registries: a serving entry named one exported model directory
+    (lambda d: d["institutions"]["mayo-like"]["departments"]["radiology"]["serving"].update(
+        model=d["institutions"]["mayo-like"]["departments"]["radiology"]["serving"].pop("registry")),
+     r"radiology\.serving: unknown key \('model' was unexpected\) \(and 1 more\)"),
+    (lambda d: d.pop("servingSpec"), r"servingSpec: required when departments serve \(stanford-like-radiology, "
+                                     r"mayo-like-radiology\)"),
     (lambda d: d["credentials"]["physionet"]["datasets"].append("vqa_rad"),
      r"credentials\.physionet\.datasets: 'vqa_rad' is open in"),
 ])

@@ -28,10 +28,8 @@ import yaml
 
 from ..tenancy import ON_CLUSTER_ENV, Tenants, admit
 from .quantity import format_quantity, parse_quantity
-from .render import INSTITUTION_LABEL, PRIORITY_LABEL, QUEUE_LABEL, TEAM_LABEL, dump_one
+from .render import INSTITUTION_LABEL, PRIORITY_LABEL, QUEUE_LABEL, TEAM_LABEL, WORKDIR, dump_one
 
-#: WORKDIR of the image cluster/Dockerfile builds: the repository lives there.
-WORKDIR = "/home/ray/biomedgpt"
 SPEC_VOLUME = "job-spec"
 GPU = "nvidia.com/gpu"
 MAX_RAYJOB_NAME = 47

@@ -7,8 +7,12 @@
     k8s/tenants/<institution>/             Namespace, ResourceQuota, LimitRange, ServiceAccount, RBAC,
                                            LocalQueues (one per department)
     k8s/overlays/<team>/                   the base RayCluster (and RayService when the department
-                                           serves a model) in the team's namespace and queue
+                                           has `serving`) in the team's namespace and queue
     k8s/base/                              static, written by hand: the RayCluster and RayService templates
+
+A department's RayService runs the serving application (`biomedgpt.serve.app:app_builder`): its
+serveConfigV2 is `deploy_config` of the tenants file's `servingSpec` (jobs/serve/cluster.yaml) with the
+department's registry and replica bounds (`rayservice_serve_spec`).
 
 Rendering is deterministic: the same tenants.yaml gives byte-identical files, so `cluster validate`
 and the tests can tell when k8s/ is stale.
@@ -24,8 +28,9 @@ from typing import Any
 
 import yaml
 
+from ..serve.spec import ServeAppSpec, deploy_config, load_serve_spec, serve_spec_from_dict
 from ..tenancy import Institution, Limit, Tenants
-from .quantity import format_quantity
+from .quantity import format_quantity, parse_quantity
 
 KUEUE = "kueue.x-k8s.io/v1beta2"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -40,6 +45,11 @@ GPU_TAINT_KEY = "nvidia.com/gpu"
 HEADER = ("# Rendered by `biomedgpt cluster render` from {tenants}; do not edit by hand:\n"
           "# change the tenants file and render again (`biomedgpt cluster validate` checks they agree).\n")
 RENDERED = ("kustomization.yaml", "kueue", "tenants", "overlays")
+#: WORKDIR of the image cluster/Dockerfile builds: the repository lives there.
+WORKDIR = "/home/ray/biomedgpt"
+#: Serve's HTTP port: the `serve` containerPort of k8s/base/rayservice/ and of KubeRay's Serve service.
+SERVE_PORT = 8000
+SERVE_WORKER_GROUP = "gpu-serve"
 
 
 def _managed(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -255,9 +265,51 @@ def _image_parts(image: str) -> tuple[str, str]:
     return name, tag
 
 
+def _in_checkout(tenants: Tenants, path: Path) -> str:
+    """`path` relative to the checkout of the tenants file (the folder above cluster/), else as it is."""
+    try:
+        return path.resolve().relative_to(tenants.path.resolve().parents[1]).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def rayservice_serve_spec(tenants: Tenants, team_name: str) -> ServeAppSpec:
+    """The serving spec of a department's RayService: the tenants file's `servingSpec` (jobs/serve/cluster.yaml)
+    with the department's `serving.registry` and replica bounds (`minReplicas`..`maxReplicas` model replicas,
+    one GPU each), the tenants file where the image holds it (its API keys) and Serve's HTTP proxy on
+    0.0.0.0:8000, the pods' `serve` port."""
+    team = tenants.team(team_name)
+    if team.serving is None or tenants.serving_spec is None:
+        raise ValueError(f"{tenants.path}: {team.where}: no `serving` entry (or no servingSpec) to serve with")
+    spec_file = _in_checkout(tenants, tenants.serving_spec)
+    data = load_serve_spec(tenants.serving_spec).to_dict()
+    data.update(registry=team.serving.registry, model_dir=None,
+                tenants=f"{WORKDIR}/{_in_checkout(tenants, tenants.path)}",
+                http={"host": "0.0.0.0", "port": SERVE_PORT},
+                description=f"the registered models of {team.name}, on {team.serving.gpu_type} GPUs")
+    data["models"]["num_gpus"] = 1
+    data["models"]["autoscaling"].update(min_replicas=team.serving.min_replicas,
+                                         max_replicas=team.serving.max_replicas)
+    return serve_spec_from_dict(data, f"{spec_file} for {team.name} ({team.where}.serving)")
+
+
+def _check_serve_fits(spec: ServeAppSpec, container: dict[str, Any], where: str) -> None:
+    """One gpu-serve worker must hold a model replica and every ingress replica (the head has num-cpus 0), or
+    the Ray autoscaler would start GPU workers for the ingress alone."""
+    limits = container["resources"]["limits"]
+    cpus, gpus = parse_quantity(limits["cpu"]), parse_quantity(limits.get(GPU_RESOURCE, 0))
+    m, i = spec.models, spec.ingress
+    need = Fraction(str(m.num_cpus)) + i.replicas * Fraction(str(i.num_cpus))
+    if need > cpus or Fraction(str(m.num_gpus)) > gpus:
+        raise ValueError(f"{spec.source}: models.num_cpus {m.num_cpus} + ingress.replicas {i.replicas} x "
+                         f"ingress.num_cpus {i.num_cpus} CPUs and models.num_gpus {m.num_gpus} do not fit the "
+                         f"{format_quantity(cpus)} CPUs and {format_quantity(gpus)} GPUs of a {SERVE_WORKER_GROUP} "
+                         f"worker ({where})")
+
+
 def overlay(tenants: Tenants, team_name: str, base_dir: Path) -> dict[str, Any]:
     """kustomization.yaml of one team's overlay: the base RayCluster (elastic, autoscaling) in the team's
-    namespace and queue, plus the base RayService when the department serves a model."""
+    namespace and queue, plus the base RayService running the department's serving spec when it has `serving`."""
     team = tenants.team(team_name)
     image, tag = _image_parts(tenants.image)
     resources = ["../../base/raycluster"] + (["../../base/rayservice"] if team.serving else [])
@@ -267,21 +319,18 @@ def overlay(tenants: Tenants, team_name: str, base_dir: Path) -> dict[str, Any]:
                                "value": tenants.priority_for("finetune").name}]),
     }]
     if team.serving:
-        service = yaml.safe_load((base_dir / "rayservice" / "rayservice.yaml").read_text())
+        base_file = base_dir / "rayservice" / "rayservice.yaml"
+        service = yaml.safe_load(base_file.read_text())
         groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-        index = next(i for i, g in enumerate(groups) if g["groupName"] == "gpu-serve")
+        index = next(i for i, g in enumerate(groups) if g["groupName"] == SERVE_WORKER_GROUP)
         gpu = tenants.gpu_types[team.serving.gpu_type]
-        serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
-        app = serve_config["applications"][0]
-        app["args"] = {"model": team.serving.model, "team": team.name}
-        dep = app["deployments"][0]
-        dep["autoscaling_config"]["min_replicas"] = team.serving.min_replicas
-        dep["autoscaling_config"]["max_replicas"] = team.serving.max_replicas
+        spec = rayservice_serve_spec(tenants, team.name)
+        _check_serve_fits(spec, groups[index]["template"]["spec"]["containers"][0], str(base_file))
         ops = [
             {"op": "add", "path": "/metadata/labels/kueue.x-k8s.io~1priority-class",
              "value": tenants.priority_for("serve").name},
             {"op": "replace", "path": "/spec/serveConfigV2",
-             "value": dump_one(serve_config)},
+             "value": dump_one(deploy_config(spec))},
             {"op": "replace", "path": f"/spec/rayClusterConfig/workerGroupSpecs/{index}/template/spec/nodeSelector",
              "value": dict(gpu.node_labels)},
             {"op": "replace", "path": f"/spec/rayClusterConfig/workerGroupSpecs/{index}/minReplicas",
@@ -307,11 +356,7 @@ def overlay(tenants: Tenants, team_name: str, base_dir: Path) -> dict[str, Any]:
 def render(tenants: Tenants, base_dir: Path | None = None) -> dict[str, str]:
     """Every rendered file of k8s/, as {relative path: text}."""
     base_dir = base_dir or (tenants.path.resolve().parent.parent / "k8s" / "base")
-    try:
-        shown = tenants.path.resolve().relative_to(tenants.path.resolve().parents[1])
-    except ValueError:
-        shown = tenants.path.name
-    header = HEADER.format(tenants=shown)
+    header = HEADER.format(tenants=_in_checkout(tenants, tenants.path))
     files: dict[str, Any] = {}
     files["kueue/resource-flavors.yaml"] = resource_flavors(tenants)
     files["kueue/cluster-queues.yaml"] = [cluster_queue(tenants, i) for i in tenants.institutions.values()]

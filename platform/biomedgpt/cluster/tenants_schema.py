@@ -33,6 +33,10 @@ SCHEMA: dict[str, Any] = {
     "properties": {
         "version": {"const": 1},
         "datasetSpecs": {"type": "string", "description": "folder of datasets_spec/*.yaml, relative to this file"},
+        "servingSpec": {"type": "string", "minLength": 1,
+                        "description": "the serving spec (jobs/serve/*.yaml) every department's RayService "
+                                       "runs, with the department's `serving` registry and replicas; relative to "
+                                       "this file"},
         "cluster": {"$ref": "#/$defs/cluster"},
         "priorities": {
             "description": "Kueue WorkloadPriorityClasses; every job kind maps to exactly one",
@@ -217,10 +221,14 @@ SCHEMA: dict[str, Any] = {
                 "serving": {
                     "type": "object",
                     "additionalProperties": False,
-                    "required": ["model", "gpuType"],
+                    "description": "the department's RayService (k8s/overlays/<team>/): servingSpec over this "
+                                   "registry; an API key reaches only its own department's models",
+                    "required": ["registry", "gpuType"],
                     "properties": {
-                        "model": {"type": "string", "minLength": 1,
-                                  "description": "exported model directory (URL) the department serves"},
+                        "registry": {"type": "string", "minLength": 1,
+                                     "description": "the model registry URL the RayService serves (`biomedgpt "
+                                                    "registry export --registry URL`), under the department's "
+                                                    "storage prefixes (its own registry) or a shared read prefix"},
                         "gpuType": NAME,
                         "minReplicas": {"type": "integer", "minimum": 0},
                         "maxReplicas": {"type": "integer", "minimum": 1},

@@ -32,19 +32,19 @@ MODELS_DEPLOYMENT = "BiomedGPTModels"
 IMPORT_PATH = "biomedgpt.serve.app:app_builder"
 #: The environment of the Ray processes that serve, set before Ray starts (Ray reads it in each process at
 #: start): Serve's throughput-optimised mode (Ray >= 2.55; gRPC between replicas, buffered request logs,
-#: user code and handle routing on each replica's own event loop). The RayService containers carry it.
-SERVE_RAY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-#: ... and on one machine (`biomedgpt serve` starting its own Ray): without the mode's direct ingress, which
-#: serves for an HAProxy in front of each node (none here) and holds every stop for its 30 s drain period.
-LOCAL_SERVE_RAY_ENV = {**SERVE_RAY_ENV, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+#: user code and handle routing on each replica's own event loop), without the mode's direct ingress, which
+#: serves an HAProxy in front of each node (none here: a Serve proxy stays on every node) and holds every
+#: stop for its 30 s drain period. `biomedgpt serve` sets it when it starts Ray; the RayService containers
+#: (k8s/base/rayservice) carry it.
+SERVE_RAY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 
 def apply_serve_ray_env() -> None:
-    """Put `LOCAL_SERVE_RAY_ENV` into this process's environment before it starts Ray (Ray's processes read
-    it at start), keeping values already set (RAY_SERVE_THROUGHPUT_OPTIMIZED=0 turns the mode off)."""
+    """Put `SERVE_RAY_ENV` into this process's environment before it starts Ray (Ray's processes read it at
+    start), keeping values already set (RAY_SERVE_THROUGHPUT_OPTIMIZED=0 turns the mode off)."""
     import os
 
-    for name, value in LOCAL_SERVE_RAY_ENV.items():
+    for name, value in SERVE_RAY_ENV.items():
         os.environ.setdefault(name, value)
 
 
