@@ -100,3 +100,13 @@ def test_resume_continues_exactly_where_the_stream_stopped(small_shards, demo_to
         resumed.seek(position)
         tail = epoch_ids(resumed, per_epoch + 3 - stop)
         assert head + tail == reference
+
+
+def test_each_shard_read_is_its_own_ray_data_task(small_shards, demo_tokenizer_dir, ray_local):
+    """Reads spread over the CPUs and streaming holds: a map_batches chain fused into one operator once put
+    every shard read of an execution into a single task (one core busy, all its rows in the object store)."""
+    stream = make_stream(small_shards, demo_tokenizer_dir, rank=0, world=1, min_rows=1)
+    shards = plan_epoch(stream.groups, 0, 3)
+    epoch_ids(stream, batches_per_epoch(shards, 1, 8))
+    stats = stream.last_dataset.stats()
+    assert f"MapBatches(read_and_preprocess): {len(shards)} tasks executed" in stats, stats

@@ -24,7 +24,9 @@ consumed rows of the partly read shard, so no sample is read twice or dropped wi
 the tail every epoch drops so that ranks stay equal).
 
 Memory does not grow with the data: Ray Data may hold at most `buffer_bytes` of preprocessed rows in
-the object store ahead of the rank (default: 256 MiB per cluster CPU, 512 MiB to 4 GiB).
+the object store ahead of the rank (default: 256 MiB per cluster CPU, 512 MiB to 4 GiB). The reading is
+one Ray Data map operator, one task per shard read (`read_and_preprocess`), so reads spread over the
+CPUs and each task's output is one shard's rows.
 """
 
 from __future__ import annotations
@@ -231,6 +233,13 @@ def preprocess_rows(batch: dict[str, np.ndarray], **preprocess: Any) -> dict[str
     return out
 
 
+def read_and_preprocess(batch: dict[str, np.ndarray], *, filesystem: Any, preprocess: dict[str, Any]
+                        ) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF: `read_shards_batch` then `preprocess_rows` chunk by chunk, in one task per shard read."""
+    for chunk in read_shards_batch(batch, filesystem=filesystem):
+        yield preprocess_rows(chunk, **preprocess)
+
+
 # -- the rank side ------------------------------------------------------------------------------
 
 
@@ -280,6 +289,7 @@ class ShardStream:
         self.min_rows_per_read = min_rows_per_read
         self.budget = error_budget if isinstance(error_budget, ErrorBudget) else ErrorBudget.from_config(error_budget)
         self.buffer_bytes = buffer_bytes
+        self.last_dataset: Any = None  # the Ray Data dataset of the latest read (for its stats())
         self.epoch = 0
         self.batches_in_epoch = 0
         self._window_rows: int | None = None  # raw offset of the current window when bad rows moved it
@@ -392,9 +402,15 @@ class ShardStream:
         # (by default it runs ahead up to a fraction of the whole store, so memory grew with the data).
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=self.buffer_bytes or default_buffer_bytes())
+        # The pipeline is one map operator: Ray Data's per-operator reservation would hold half of the CPUs and
+        # of the buffer back for operators that do not exist (on 2 CPUs: one read task at a time).
+        ctx.op_resource_reservation_enabled = False
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(read_shards_batch, batch_size=1, batch_format="numpy", fn_kwargs={"filesystem": fs})
-        ds = ds.map_batches(preprocess_rows, batch_format="numpy", batch_size=64, fn_kwargs=self.preprocess)
+        # One UDF, one shard read per task: two chained map_batches would fuse into one operator that bundles
+        # as many input rows (shard reads) per task as the larger batch size, i.e. every read into one task.
+        ds = ds.map_batches(read_and_preprocess, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"filesystem": fs, "preprocess": self.preprocess})
+        self.last_dataset = ds  # its .stats() tell how the latest read ran
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
     def _emit(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
