@@ -88,11 +88,12 @@ def make_tenants(root: Path) -> tuple[Path, str]:
     return path, key
 
 
-def spec_dict(name: str, registry: str, tenants: Path, port: int, max_batch: int, route: str, threads: int) -> dict:
+def spec_dict(name: str, registry: str, tenants: Path, port: int, max_batch: int, route: str, threads: int,
+              wait_s: float) -> dict:
     return {"kind": "serve", "name": name, "registry": registry, "tenants": str(tenants), "route_prefix": route,
-            "http": {"host": "127.0.0.1", "port": port}, "ingress": {"replicas": 1, "num_cpus": 0.25},
+            "http": {"host": "127.0.0.1", "port": port}, "ingress": {"replicas": int(os.environ.get("ING", "1")), "num_cpus": 0.25},
             "models": {"max_models_per_replica": 2, "num_cpus": 0.5, "torch_threads": threads, "max_ongoing_requests": 128,
-                       "batch": {"max_batch_size": max_batch, "wait_timeout_s": 0.01},
+                       "batch": {"max_batch_size": max_batch, "wait_timeout_s": wait_s},
                        "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}
 
 
@@ -187,14 +188,59 @@ def model_swap(base: str, key: str, ids: list[str], rounds: int) -> dict:
             "warm_ms_median": round(statistics.median(warm), 1), "swaps": len(swaps)}
 
 
+async def measure(base: str, key: str, ids: list[str], args: argparse.Namespace, results: dict) -> dict:
+    """Every load level, the closed-set runs and the model swap, in one event loop (with Serve's throughput-
+    optimised mode, deployment handles route on the caller's loop). Returns the batched replica's stats."""
+    from ray import serve
+
+    try:
+        return await _measure(base, key, ids, args, results)
+    finally:
+        await serve.shutdown_async()  # on this loop: the handles' routers live here
+
+
+async def _measure(base: str, key: str, ids: list[str], args: argparse.Namespace, results: dict) -> dict:
+    from ray import serve
+
+    models = serve.get_deployment_handle("BiomedGPTModels", app_name="batched")
+    bodies = request_bodies(ids[0])
+    for c in (1, 8, 32):
+        await models.reset_stats.remote()
+        results[str(c)] = await load(base + "/v1/vqa", key, bodies, c, args.seconds, args.warmup)
+        level = await models.stats.remote()
+        results[str(c)]["mean_batch"] = round(level["requests"] / max(level["batches"], 1), 1)
+        print(f"  batched   c={c:<3} {results[str(c)]}", file=sys.stderr, flush=True)
+    results["unbatched_32"] = await load(base + "/unbatched/v1/vqa", key, bodies, 32, args.seconds, args.warmup)
+    print(f"  unbatched c=32  {results['unbatched_32']}", file=sys.stderr, flush=True)
+    closed = request_bodies(ids[3])
+    closed_runs: dict = {}
+    for label, url in (("batched", base), ("unbatched", base + "/unbatched")):
+        closed_runs[label] = await load(url + "/v1/vqa", key, closed, 32, args.seconds, args.warmup)
+        print(f"  closed-set {label} c=32  {closed_runs[label]}", file=sys.stderr, flush=True)
+    closed_runs["batched_speedup"] = round(closed_runs["batched"]["throughput"] /
+                                           max(closed_runs["unbatched"]["throughput"], 1e-9), 2)
+    results["closed_set_32"] = closed_runs
+    stats = await models.stats.remote()
+    # the swap timings are sequential blocking requests: run them off the loop
+    results["model_swap"] = await asyncio.to_thread(model_swap, base, key, ids, args.swap_rounds)
+    return stats
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=12.0, help="measured seconds per level (default 12)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level (default 3)")
     parser.add_argument("--torch-threads", type=int, default=1, help="compute threads of each model replica (default 1)")
+    parser.add_argument("--max-batch-size", type=int, default=16,
+                        help="the batched app's @serve.batch max_batch_size (default 16, the serving spec's default)")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="how long a batch waits to fill (@serve.batch batch_wait_timeout_s, default 10 ms)")
     parser.add_argument("--swap-rounds", type=int, default=3, help="model-swap rounds (2 swaps each)")
     args = parser.parse_args()
 
+    from biomedgpt.serve.spec import apply_serve_ray_env
+
+    apply_serve_ray_env()  # as `biomedgpt serve` does, before Ray starts
     import ray
     from ray import serve
 
@@ -213,33 +259,18 @@ def main() -> int:
     results: dict = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for name, batch, route in (("batched", 32, "/"), ("unbatched", 1, "/unbatched")):
-            spec = serve_spec_from_dict(spec_dict(name, registry, tenants, port, batch, route, args.torch_threads), f"<serve_load {name}>")
+        for name, batch, route in (("batched", args.max_batch_size, "/"), ("unbatched", 1, "/unbatched")):
+            spec = serve_spec_from_dict(spec_dict(name, registry, tenants, port, batch, route, args.torch_threads,
+                                                 args.batch_wait_ms / 1000), f"<serve_load {name}>")
             serve.run(build_app_from_spec(spec), name=name, route_prefix=route, blocking=False)
         wait_healthy(base, timeout=300)
         wait_healthy(base + "/unbatched", timeout=300)
-        model = ids[0]
-        bodies = request_bodies(model)
         for url in (base, base + "/unbatched"):  # load the model in both apps' replicas
-            timed_post(url + "/v1/vqa", key, bodies[0])
-        for c in (1, 8, 32):
-            results[str(c)] = asyncio.run(load(base + "/v1/vqa", key, bodies, c, args.seconds, args.warmup))
-            print(f"  batched   c={c:<3} {results[str(c)]}", file=sys.stderr, flush=True)
-        results["unbatched_32"] = asyncio.run(load(base + "/unbatched/v1/vqa", key, bodies, 32, args.seconds,
-                                                   args.warmup))
-        print(f"  unbatched c=32  {results['unbatched_32']}", file=sys.stderr, flush=True)
-        closed = request_bodies(ids[3])
-        closed_runs = {}
-        for label, url in (("batched", base), ("unbatched", base + "/unbatched")):
-            closed_runs[label] = asyncio.run(load(url + "/v1/vqa", key, closed, 32, args.seconds, args.warmup))
-            print(f"  closed-set {label} c=32  {closed_runs[label]}", file=sys.stderr, flush=True)
-        closed_runs["batched_speedup"] = round(closed_runs["batched"]["throughput"] /
-                                               max(closed_runs["unbatched"]["throughput"], 1e-9), 2)
-        results["closed_set_32"] = closed_runs
-        stats = serve.get_deployment_handle("BiomedGPTModels", app_name="batched").stats.remote().result()
-        results["model_swap"] = model_swap(base, key, ids, args.swap_rounds)
+            timed_post(url + "/v1/vqa", key, request_bodies(ids[0], 1)[0])
+        stats = asyncio.run(measure(base, key, ids, args, results))
     finally:
-        serve.shutdown()
+        if "model_swap" not in results:  # measure() shuts Serve down itself on its loop
+            serve.shutdown()
         ray.shutdown()
     speedup = round(results["32"]["throughput"] / max(results["unbatched_32"]["throughput"], 1e-9), 2)
     for c in ("1", "8"):
@@ -248,7 +279,7 @@ def main() -> int:
     results["batched_speedup"] = speedup
     results["setup"] = {"model": "demo size, 64 px; open-ended VQA (beam 5, <= 16 tokens)",
                         "endpoint": "POST /v1/vqa (JSON)",
-                        "max_batch_size": 32, "batch_wait_ms": 10, "max_models_per_replica": 2,
+                        "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "max_models_per_replica": 2,
                         "model_replicas": 1, "torch_threads": args.torch_threads, "largest_batch_seen": stats["max_batch"],
                         "seconds_per_level": args.seconds, "wall_s": round(time.time() - t_start, 1)}
 
