@@ -18,6 +18,7 @@ listed, judged where the model's own answer would list it (the per-class scores 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -25,7 +26,28 @@ import torch
 from .modeling import BiomedGPTEncoderOutput, BiomedGPTForConditionalGeneration
 
 
-class AnswerTrie:
+class PrefixConstraint(ABC):
+    """What a decoding constraint gives `generate()`: subclasses say which tokens may follow a prefix
+    (`next_tokens`) and which token ends an answer (`eos_token_id`)."""
+
+    eos_token_id: int
+
+    @abstractmethod
+    def next_tokens(self, prefix: Sequence[int]) -> list[int]:
+        """The tokens allowed after `prefix` (empty when the prefix is off the constraint)."""
+
+    def prefix_allowed_tokens_fn(self, decoder_start_len: int = 1) -> Callable[[int, torch.Tensor], list[int]]:
+        """A `prefix_allowed_tokens_fn` for `generate()`: the decoder prefix minus its start token(s)."""
+
+        def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+            tokens = self.next_tokens(input_ids[decoder_start_len:].tolist())
+            # An off-constraint prefix cannot arise under the constraint; end it rather than fail.
+            return tokens or [self.eos_token_id]
+
+        return allowed
+
+
+class AnswerTrie(PrefixConstraint):
     """Prefix tree over candidate token sequences (each ending with the EOS id)."""
 
     def __init__(self, candidates: Iterable[Sequence[int]], eos_token_id: int, pad_token_id: int = 1) -> None:
@@ -78,15 +100,6 @@ class AnswerTrie:
             node = node[tok]
         return list(node.keys())
 
-    def prefix_allowed_tokens_fn(self, decoder_start_len: int = 1) -> Callable[[int, torch.Tensor], list[int]]:
-        """A `prefix_allowed_tokens_fn` for `generate()`: the decoder prefix minus its start token(s)."""
-
-        def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
-            tokens = self.next_tokens(input_ids[decoder_start_len:].tolist())
-            # An off-trie prefix cannot arise under this constraint; end it rather than fail.
-            return tokens or [self.eos_token_id]
-
-        return allowed
 
 
 @torch.no_grad()
@@ -167,7 +180,7 @@ class _Node:
 END = -1
 
 
-class MultiLabelTrie:
+class MultiLabelTrie(PrefixConstraint):
     """The token sequences of multi-label answers (see the module docstring), as a state machine.
 
     `names[i]`: the tokens of class i as it appears in an answer (`tokenizer.encode_text(name)`), in
@@ -352,14 +365,6 @@ class MultiLabelTrie:
             raise ValueError(f"class {item} cannot follow class {before[-1]} (class order)")
         return ([*prefix, *self.separator, *self.names[item]] if before else list(self.names[item])), len(prefix)
 
-    def prefix_allowed_tokens_fn(self, decoder_start_len: int = 1) -> Callable[[int, torch.Tensor], list[int]]:
-        """A `prefix_allowed_tokens_fn` for `generate()`: the decoder prefix minus its start token(s)."""
-
-        def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
-            tokens = self.next_tokens(input_ids[decoder_start_len:].tolist())
-            return tokens or [self.eos_token_id]
-
-        return allowed
 
 
 @torch.no_grad()
