@@ -68,3 +68,20 @@ def write_dicom(path: Path, pixels, *, photometric: str = "MONOCHROME2", bits_st
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def raw_batch(shards_root: str, n: int = 5):
+    """The first `n` samples of the first VQA-RAD train shard under `shards_root`, as the raw batch
+    `preprocess_batch` takes (json and jpg columns), and the samples themselves."""
+    import numpy as np
+
+    from biomedgpt.data.shards import read_shard
+    from biomedgpt.data.stream import list_shards
+
+    rows = []
+    for sample in read_shard(list_shards(shards_root, "vqa_rad", "train")[0].url):
+        rows.append(sample)
+        if len(rows) == n:
+            break
+    return {"json": np.array([r["json"] for r in rows], dtype=object),
+            "jpg": np.array([r.get("jpg") for r in rows], dtype=object)}, rows

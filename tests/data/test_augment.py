@@ -13,9 +13,9 @@ import yaml
 from PIL import Image
 
 from biomedgpt.data.pipeline import preprocess_batch
-from biomedgpt.data.shards import read_shard
-from biomedgpt.data.stream import _augment_seed, list_shards
+from biomedgpt.data.stream import _augment_seed
 from biomedgpt.data.transforms import RANDAUGMENT_OPS, Augment, augment_rng, image_to_array, load_image
+from data_testing import raw_batch
 from tests_paths import REPO
 
 OFFICIAL = {"random_resized_crop": {"scale": [0.08, 1.0]}, "hflip": 0.5,
@@ -92,20 +92,11 @@ def test_evaluation_and_serving_transform_is_untouched(demo_shards):
     assert np.array_equal(load_image(data, 32), load_image(data, 32, None))
 
 
-def raw_rows(demo_shards, n=6):
-    rows = []
-    for sample in read_shard(list_shards(demo_shards, "vqa_rad", "train")[0].url):
-        rows.append(sample)
-        if len(rows) == n:
-            break
-    return {"json": np.array([r["json"] for r in rows], dtype=object),
-            "jpg": np.array([r["jpg"] for r in rows], dtype=object)}
-
 
 def test_preprocessing_augments_only_when_configured(demo_shards, demo_tokenizer_dir):
     pre = dict(task_name="vqa", tokenizer_dir=demo_tokenizer_dir, image_size=32, max_source_length=24,
                max_target_length=8)
-    batch = raw_rows(demo_shards)
+    batch, _ = raw_batch(demo_shards, 6)
     plain = preprocess_batch(batch, **pre)
     assert np.array_equal(plain["patch_images"], preprocess_batch(batch, **pre, augment=None)["patch_images"])
     assert np.array_equal(plain["patch_images"], preprocess_batch(batch, **pre, augment={})["patch_images"])

@@ -8,19 +8,9 @@ import numpy as np
 import pytest
 
 from biomedgpt.data.pipeline import TRAIN_COLUMNS, preprocess_batch, tokenizer_from_dir
-from biomedgpt.data.shards import read_shard
-from biomedgpt.data.stream import list_shards
 from biomedgpt.data.transforms import ImageDecodeError, load_image
+from data_testing import raw_batch
 
-
-def raw_batch(demo_shards, n=5):
-    rows = []
-    for sample in read_shard(list_shards(demo_shards, "vqa_rad", "train")[0].url):
-        rows.append(sample)
-        if len(rows) == n:
-            break
-    return {"json": np.array([r["json"] for r in rows], dtype=object),
-            "jpg": np.array([r.get("jpg") for r in rows], dtype=object)}, rows
 
 
 def test_preprocess_batch_shapes_and_targets(demo_shards, demo_tokenizer_dir):
