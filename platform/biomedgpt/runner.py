@@ -62,6 +62,15 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 RAY_DEFAULT_PORTS = frozenset({6379, 8076, 8265, 10001, 44217, 44227, 52365, 52366, 62365})
 
 
+def multi_label_meta(train_recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`{"multi_label": True, "classes": [...]}` (class order) when the training records include multi-label
+    classification ones (ChestMNIST), else {}: serving decodes such a model's label set as a list."""
+    from .tasks.classify import multi_label_classes
+
+    classes = multi_label_classes(train_recs)
+    return {"multi_label": True, "classes": classes} if classes else {}
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 that no Ray component claims by default."""
     import socket
@@ -253,7 +262,8 @@ def _train_export_evaluate(spec: JobSpec, *, num_cpus: int | None = None) -> Run
                                 "model_config": model_config, "task": spec.data.task, "ema": t.ema.enabled,
                                 "image_size": spec.model.image_size,
                                 "max_source_length": spec.data.max_source_length,
-                                "train_data": [f"{r.dataset}/{r.split}" for r in spec.data.train]},
+                                "train_data": [f"{r.dataset}/{r.split}" for r in spec.data.train],
+                                **multi_label_meta(train_recs)},
             "assets": assets,
             # evaluation during training (evaluate.every_n_steps > 0), planned here: the workers only decode
             "evaluate": _training_eval_config(spec, answers),

@@ -14,8 +14,9 @@ CLASS_NAMES = ["normal", "pneumonia", "effusion"]
 
 def make_model_dir(out: Path, tokenizer_dir: str, *, seed: int = 0, answers: list[str] | None = None,
                    task: str = "vqa", image_size: int = 64, run: str = "unit-run",
-                   train_data: tuple[str, ...] = ("vqa_rad/train",)) -> Path:
-    """A demo-size model directory as `biomedgpt export` writes it (random weights)."""
+                   train_data: tuple[str, ...] = ("vqa_rad/train",), meta: dict | None = None) -> Path:
+    """A demo-size model directory as `biomedgpt export` writes it (random weights); `meta`: more training.json
+    fields (a multi-label model's `multi_label` and `classes`)."""
     from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
     from biomedgpt.model.tokenizer import BiomedGPTTokenizer
 
@@ -29,7 +30,7 @@ def make_model_dir(out: Path, tokenizer_dir: str, *, seed: int = 0, answers: lis
         (out / "answers.json").write_text(json.dumps(answers))
     (out / "training.json").write_text(json.dumps({
         "run": run, "team": "demo", "size": "demo", "task": task, "image_size": image_size,
-        "max_source_length": 32, "train_data": list(train_data), "step": 10}))
+        "max_source_length": 32, "train_data": list(train_data), "step": 10, **(meta or {})}))
     return out
 
 

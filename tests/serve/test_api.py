@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, settings
 from serve_helpers import CLASS_NAMES, VQA_ANSWERS, dicom_bytes, make_model_dir, png_bytes
 
 STANFORD, MAYO, CHARITE = "stanford-like-radiology", "mayo-like-radiology", "charite-like-dermatology"
+CHEST = ["atelectasis", "cardiomegaly", "effusion", "pneumonia"]
 APP = "registry-api"
 
 
@@ -36,12 +37,15 @@ def registry(tmp_path_factory, demo_tokenizer_dir):
     vqa2 = make_model_dir(src / "vqa2", demo_tokenizer_dir, seed=2, answers=VQA_ANSWERS)
     cls = make_model_dir(src / "cls", demo_tokenizer_dir, seed=3, answers=CLASS_NAMES, task="classify",
                          train_data=("chestmnist/train",))
+    multi = make_model_dir(src / "multi", demo_tokenizer_dir, seed=6, answers=[*CHEST, "no finding"], task="classify",
+                           train_data=("chestmnist/train",), meta={"multi_label": True, "classes": CHEST})
     cap = make_model_dir(src / "cap", demo_tokenizer_dir, seed=4, task="caption", train_data=("iu_xray/train",))
     slake = make_model_dir(src / "slake", demo_tokenizer_dir, seed=5, answers=VQA_ANSWERS)
     reg.export(vqa1, STANFORD, "vqa-rad")
     reg.export(vqa2, STANFORD, "vqa-rad")
     reg.export(cls, STANFORD, "chest-cls")
     reg.export(cap, STANFORD, "reports")
+    reg.export(multi, STANFORD, "chest-findings")
     reg.export(slake, MAYO, "slake")
     return reg, src
 
@@ -138,8 +142,9 @@ def test_keys_departments_and_model_ids(app):
     assert code == 401 and "not a valid API key" in body["detail"]
     code, listing = call(url, "/v1/models", key=keys[STANFORD])
     assert code == 200 and listing["department"] == STANFORD
-    assert sorted(m["id"] for m in listing["models"]) == [f"{STANFORD}/chest-cls@1", f"{STANFORD}/reports@1",
-                                                         f"{STANFORD}/vqa-rad@1", f"{STANFORD}/vqa-rad@2"]
+    assert sorted(m["id"] for m in listing["models"]) == [f"{STANFORD}/chest-cls@1", f"{STANFORD}/chest-findings@1",
+                                                         f"{STANFORD}/reports@1", f"{STANFORD}/vqa-rad@1",
+                                                         f"{STANFORD}/vqa-rad@2"]
     assert [m["latest"] for m in listing["models"] if m["name"] == "vqa-rad"] == [False, True]
     code, listing = call(url, "/v1/models", key=keys[MAYO])  # the caller's department only
     assert [m["id"] for m in listing["models"]] == [f"{MAYO}/slake@1"]
@@ -197,6 +202,12 @@ def test_every_endpoint_json_and_multipart(app):
     assert code == 200 and {s["candidate"] for s in k2["scores"]} == {"cardiomegaly", "no finding"}
     code, err = call(url, "/v1/classify", {"image": b64(IMG), "model": f"{STANFORD}/reports@1"}, key=key)
     assert code == 400 and err["detail"].startswith("labels: required")
+    # a multi-label model (trained on ChestMNIST) lists its findings in class order, each with its probability
+    code, f = call(url, "/v1/classify", {"image": b64(IMG), "model": f"{STANFORD}/chest-findings@1", "top_k": 10},
+                   key=key)
+    assert code == 200 and f["decoding"] == "multilabel" and f["labels"] == sorted(set(f["labels"]), key=CHEST.index)
+    assert f["answer"] == (", ".join(f["labels"]) or "no finding")
+    assert sorted(s["candidate"] for s in f["scores"]) == sorted([*CHEST, "no finding"])
 
     code, n = call(url, "/v1/nli", {"premise": "The patient has a fever.", "hypothesis": "The patient is afebrile.",
                                     "model": vqa}, key=key)

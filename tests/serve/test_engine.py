@@ -69,6 +69,39 @@ def test_a_batch_answers_as_single_requests(loaded):
     assert batched[5]["answer"] in ("normal", "pneumonia")
 
 
+CHEST = ("atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia")
+
+
+def test_a_multi_label_model_answers_with_a_list_of_its_classes(loaded):
+    """Classification over a multi-label model's own classes decodes a list (class order, no repeats, or "no
+    finding") as evaluation does, with each class's probability; batched as one by one; a single-label query
+    with the same candidates stays a single choice."""
+    from biomedgpt.model.constrained import MultiLabelTrie, label_list_probabilities
+    from biomedgpt.tasks.classify import NO_FINDING, join_labels
+
+    instr = " what does the image describe?"
+    queries = [Query("classify", instr, _image(i), CHEST, top_k=20, multi_label=True) for i in range(3)]
+    queries.append(Query("classify", instr, _image(3), CHEST))
+    batched = run_batch(loaded, queries)
+    single = [run_batch(loaded, [q])[0] for q in queries]
+    for b, s in zip(batched[:3], single[:3]):
+        assert b["decoding"] == "multilabel" and b["answer"] == join_labels(b["labels"])
+        assert b["labels"] == s["labels"] and b["labels"] == sorted(set(b["labels"]), key=CHEST.index)
+        assert sorted(x["candidate"] for x in b["scores"]) == sorted([*CHEST, NO_FINDING])
+        assert all(0 <= x["probability"] <= 1 for x in b["scores"])
+        assert np.allclose([x["probability"] for x in b["scores"]], [x["probability"] for x in s["scores"]], atol=1e-4)
+    assert batched[3]["decoding"] == "trie" and batched[3]["answer"] in CHEST and "labels" not in batched[3]
+    # the probabilities are label_list_probabilities' for the generated lists
+    trie = MultiLabelTrie.from_texts(loaded.tok, list(CHEST), NO_FINDING)
+    from biomedgpt.serve.engine import _inputs
+
+    ids, images, masks = _inputs(loaded, "classify", queries[:1])
+    listed = [[CHEST.index(n) for n in batched[0]["labels"]]]
+    probs = label_list_probabilities(loaded.model, trie, ids, patch_images=images, patch_masks=masks, listed=listed)[0]
+    by_class = {x["candidate"]: x["probability"] for x in batched[0]["scores"]}
+    assert np.allclose([by_class[c] for c in [*CHEST, NO_FINDING]], probs.tolist(), atol=1e-5)
+
+
 LIM = Limits(max_upload_bytes=200_000, max_image_pixels=1_000_000)
 
 

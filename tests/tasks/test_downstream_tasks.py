@@ -110,6 +110,22 @@ def test_multi_label_target_lists_the_findings_in_class_order():
         "id": "train_000001", "answer": "pneumonia", "label": 1}
 
 
+def test_multi_label_classes_of_the_training_records_are_in_class_order():
+    """What a run writes into its checkpoint meta (and the exported training.json) for serving to decode a
+    multi-label model's label set as a list."""
+    from biomedgpt.runner import multi_label_meta
+    from biomedgpt.tasks.classify import multi_label_classes
+
+    recs = [{**CHEST, "label": [6, 2], "label_name": ["Pneumonia", "Effusion"]},
+            {**CHEST, "label": [], "label_name": []},
+            {**CHEST, "label": [0], "label_name": ["Atelectasis"]},
+            {**CHEST, "label_name": ["hernia"]},  # no indices: after the indexed classes
+            {"task": "vqa", "question": "q?", "answer": "yes"}]
+    assert multi_label_classes(recs) == ["atelectasis", "effusion", "pneumonia", "hernia"]
+    assert multi_label_meta(recs) == {"multi_label": True, "classes": ["atelectasis", "effusion", "pneumonia", "hernia"]}
+    assert multi_label_meta([{**CHEST, "label": 1, "label_name": "Pneumonia"}]) == {}  # single-label: nothing
+
+
 def test_multi_label_records_train(pretrain_tokenizer_dir):
     """A ChestMNIST record goes through the training preprocessing; its labels are the list's tokens, and
     the training recipe's candidates (answers.json, the constraint trie) are the classes and "no finding"."""

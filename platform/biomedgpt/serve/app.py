@@ -106,6 +106,8 @@ class DirectorySource:
                 "max_source_length": meta.get("max_source_length", 80), "answers": answers,
                 "training_data": [{"dataset": d} for d in meta.get("train_data", [])], "metrics": {},
                 "licence": None}
+        if meta.get("multi_label") and meta.get("classes"):
+            card.update(multi_label=True, classes=list(meta["classes"]))
         self.entry = ModelEntry(department, name[:63], 1, str(self.path), {"created": None}, card)
 
     def describe(self) -> str:
@@ -182,7 +184,9 @@ class SummarizeRequest(_Body):
 class Score(BaseModel):
     candidate: str
     log_prob: float
-    probability: float = Field(..., description="softmax of the log-probabilities over the candidates")
+    probability: float = Field(..., description="softmax of the log-probabilities over the candidates; for a "
+                                                "multi-label model, the probability that the image shows this "
+                                                "class (each class on its own)")
 
 
 class Answer(BaseModel):
@@ -190,9 +194,13 @@ class Answer(BaseModel):
     version: int
     task: str
     answer: str
-    decoding: str = Field(..., description="trie (scored candidates), beam or greedy")
+    decoding: str = Field(..., description="trie (scored candidates), multilabel (a list of the model's "
+                                           "classes), beam or greedy")
     scores: Optional[List[Score]] = None
     label: Optional[str] = Field(None, description="NLI: entailment, neutral or contradiction")
+    labels: Optional[List[str]] = Field(None, description="classification by a multi-label model (no labels "
+                                                          "sent): the classes found, in class order, empty for "
+                                                          "none; `answer` is them joined by ', ' or 'no finding'")
 
 
 class ErrorBody(BaseModel):
@@ -475,6 +483,7 @@ class BiomedGPTIngress:
         lim = self.limits
         record: Dict[str, Any] = {}
         candidates = None
+        multi_label = False
         if task_name == "vqa":
             record["question"] = text_field(fields.get("question"), "question", lim.max_question_chars)
             candidates = tuple(entry.answers) if entry.answers else None
@@ -489,9 +498,12 @@ class BiomedGPTIngress:
         elif task_name == "classify":
             labels = label_list(fields.get("labels"), lim)
             if labels is None:
-                if not entry.answers:
+                if entry.multi_label_classes:  # a multi-label model answers with the list of its findings
+                    labels, multi_label = entry.multi_label_classes, True
+                elif not entry.answers:
                     raise bad("labels", f"required: model {entry.id} has no label set (answers.json)")
-                labels = list(entry.answers)
+                else:
+                    labels = list(entry.answers)
             candidates = tuple(labels)
         image = None
         if task.has_image:
@@ -500,10 +512,10 @@ class BiomedGPTIngress:
                 raise bad("image", "field required", 422)
             image = await asyncio.to_thread(image_array, raw, entry.image_size, lim)
         query = Query(task=task_name, instruction=task.instruction(record), image=image, candidates=candidates,
-                      top_k=int(fields.get("top_k") or 5))
+                      top_k=int(fields.get("top_k") or 5), multi_label=multi_label)
         result = await self.models.options(multiplexed_model_id=entry.id).infer.remote(query)
         out = Answer(model=entry.id, version=entry.version, task=task_name, answer=result["answer"],
-                     decoding=result["decoding"], scores=result["scores"])
+                     decoding=result["decoding"], scores=result["scores"], labels=result.get("labels"))
         if task_name == "nli":
             out.label = NLI_LABELS.get(out.answer, out.answer)
             for s in out.scores or []:

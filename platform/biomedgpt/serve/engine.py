@@ -8,6 +8,10 @@ official decoding says (`task.decoding`):
   candidate is scored by its log-probability under the prefix tree of the candidates (OFA's
   all-candidates evaluation, the same arithmetic as `model.constrained.score_candidates`, batched over
   samples x candidates); the answer is the best candidate and the response carries the scores;
+- classification by a multi-label model over its own label set (`Query.multi_label`; the candidates are
+  its classes in class order): generation under `MultiLabelTrie` (class names in class order, no
+  repeats, or "no finding"), as evaluation decodes ChestMNIST; the answer is the list joined by ", ",
+  `labels` the list, and the scores each class's probability (`label_list_probabilities`);
 - free tasks (caption, summarise, VQA of a model without answers): `generate()` with the task's beam
   size, no-repeat n-gram size, length penalty and token budget.
 """
@@ -36,6 +40,7 @@ class Query:
     image: np.ndarray | None = None
     candidates: tuple[str, ...] | None = None
     top_k: int = 5
+    multi_label: bool = False
 
 
 @dataclass
@@ -72,6 +77,20 @@ class LoadedModel:
         while len(self._tries) > 16:
             self._tries.popitem(last=False)
         return value
+
+
+    def multi_label_trie(self, classes: tuple[str, ...]):
+        """The `MultiLabelTrie` of `classes` (class order), cached beside the answer tries."""
+        from ..model.constrained import MultiLabelTrie
+        from ..tasks.classify import NO_FINDING
+
+        key = ("multi_label", classes)
+        if key not in self._tries:
+            self._tries[key] = MultiLabelTrie.from_texts(self.tok, list(classes), NO_FINDING)
+            while len(self._tries) > 16:
+                self._tries.popitem(last=False)
+        self._tries.move_to_end(key)
+        return self._tries[key]
 
 
 def load_model(model_dir: str | Path, model_id: str, threads: int | None = None) -> LoadedModel:
@@ -152,12 +171,40 @@ def _inputs(lm: LoadedModel, task: str, queries: Sequence[Query]):
     return ids, None, None
 
 
+def _run_multi_label(lm: LoadedModel, classes: tuple[str, ...], queries: Sequence[Query], ids: torch.Tensor,
+                     images: torch.Tensor | None, masks: torch.Tensor | None, max_new_tokens: int
+                     ) -> list[dict[str, Any]]:
+    from ..model.constrained import label_list_probabilities
+    from ..tasks.classify import NO_FINDING, join_labels
+
+    trie = lm.multi_label_trie(classes)
+    kwargs: dict[str, Any] = dict(input_ids=ids, num_beams=1, do_sample=False,
+                                  max_new_tokens=max(max_new_tokens, trie.max_length),  # room for every class
+                                  prefix_allowed_tokens_fn=trie.prefix_allowed_tokens_fn())
+    if images is not None:
+        kwargs.update(patch_images=images, patch_masks=masks)
+    seqs = lm.model.generate(**kwargs)
+    listed = [trie.parse(row[1:]) for row in seqs.tolist()]
+    probs = label_list_probabilities(lm.model, trie, ids, patch_images=images, patch_masks=masks, listed=listed)
+    keys = [*classes, NO_FINDING]
+    out = []
+    for q, items, row in zip(queries, listed, probs.tolist()):
+        labels = [classes[i] for i in items]
+        order = sorted(range(len(keys)), key=lambda c: -row[c])[: max(1, q.top_k)]
+        scores = [{"candidate": keys[c], "log_prob": round(float(np.log(max(row[c], 1e-12))), 6),
+                   "probability": round(float(row[c]), 6)} for c in order]
+        out.append({"answer": join_labels(labels), "labels": labels, "scores": scores, "decoding": "multilabel"})
+    return out
+
+
 def _run_group(lm: LoadedModel, task_name: str, candidates: tuple[str, ...] | None,
                queries: Sequence[Query]) -> list[dict[str, Any]]:
     from ..tasks import get_task
 
     decoding = get_task(task_name).decoding
     ids, images, masks = _inputs(lm, task_name, queries)
+    if queries[0].multi_label and candidates:
+        return _run_multi_label(lm, candidates, queries, ids, images, masks, decoding.max_new_tokens)
     if decoding.constrained and candidates:
         trie, texts = lm.trie(candidates)
         logp = score_candidates_batched(lm.model, trie, ids, images, masks)
@@ -186,11 +233,11 @@ def _run_group(lm: LoadedModel, task_name: str, candidates: tuple[str, ...] | No
 @torch.inference_mode()  # no autograd bookkeeping at all: single requests ~20% faster than under no_grad
 def run_batch(lm: LoadedModel, queries: Sequence[Query]) -> list[dict[str, Any]]:
     """Answers for `queries` (any mix of tasks and candidate sets), in order; one model call per group."""
-    groups: dict[tuple[str, tuple[str, ...] | None], list[int]] = {}
+    groups: dict[tuple[str, tuple[str, ...] | None, bool], list[int]] = {}
     for i, q in enumerate(queries):
-        groups.setdefault((q.task, q.candidates), []).append(i)
+        groups.setdefault((q.task, q.candidates, q.multi_label), []).append(i)
     results: list[dict[str, Any] | None] = [None] * len(queries)
-    for (task, cands), idx in groups.items():
+    for (task, cands, _), idx in groups.items():
         for i, res in zip(idx, _run_group(lm, task, cands, [queries[i] for i in idx])):
             results[i] = res
     return results  # type: ignore[return-value]

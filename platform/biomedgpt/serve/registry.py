@@ -122,6 +122,11 @@ class ModelEntry:
     def answers(self) -> list[str] | None:
         return self.card.get("answers")
 
+    @property
+    def multi_label_classes(self) -> list[str] | None:
+        """The classes, in class order, of a multi-label classification model (its answers list them), else None."""
+        return list(self.card["classes"]) if self.card.get("multi_label") and self.card.get("classes") else None
+
     def summary(self) -> dict[str, Any]:
         """What `GET /v1/models` and `biomedgpt registry list --json` show."""
         c = self.card
@@ -211,6 +216,9 @@ def build_card(model_dir: Path, training: dict[str, Any], metrics: dict[str, Any
         "data_licences": {d["dataset"]: d["licence"] for d in train_data},
         "credentialed_data": sorted(d["dataset"] for d in train_data if d.get("access") == "credentialed"),
         "answers": answers,
+        # multi-label classification (ChestMNIST): the label set is listed, in this class order
+        **({"multi_label": True, "classes": list(training["classes"])}
+           if training.get("multi_label") and training.get("classes") else {}),
         "model_config": {k: cfg.get(k) for k in ("d_model", "encoder_layers", "decoder_layers", "vocab_size",
                                                   "resnet_type") if k in cfg},
         "source": source,

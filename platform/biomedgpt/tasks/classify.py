@@ -57,6 +57,28 @@ def split_labels(text: str) -> list[str]:
     return [] if names == [NO_FINDING] else names
 
 
+def multi_label_classes(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The class names of the multi-label records among `records`, in class order: by the class indices
+    (`label`) written beside the names, names without one after them in the order first seen;
+    `NO_FINDING` is not a class. What a model trained on them lists, and how (serving reads it from the
+    model's training.json)."""
+    indexed: dict[str, int] = {}
+    unindexed: list[str] = []
+    for rec in records:
+        if not is_multi_label(rec):
+            continue
+        names = [label_text(n) for n in rec["label_name"] if isinstance(n, str)]
+        indices = rec.get("label")
+        if isinstance(indices, (list, tuple)) and len(indices) == len(names) and \
+                all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            for i, n in zip(indices, names):
+                indexed.setdefault(n, i)
+        else:
+            unindexed += [n for n in names if n not in unindexed]
+    ordered = sorted(indexed, key=lambda n: indexed[n])
+    return [n for n in ordered + [n for n in unindexed if n not in indexed] if n != NO_FINDING]
+
+
 @register
 class ClassifyTask:
     name = "classify"
