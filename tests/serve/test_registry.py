@@ -91,6 +91,23 @@ def _export_worker(args):
     return Registry(registry).export(source, "stanford-like-radiology", name).version
 
 
+def test_a_multi_label_model_exports_only_with_classes_it_can_list(tmp_path, demo_tokenizer_dir):
+    from serve_helpers import make_model_dir
+
+    reg = Registry(str(tmp_path / "registry"))
+    classes = ["atelectasis", "effusion", "pneumonia"]
+    good = make_model_dir(tmp_path / "good", demo_tokenizer_dir, task="classify", answers=[*classes, "no finding"],
+                          meta={"multi_label": True, "classes": classes})
+    entry = reg.export(good, "radiology", "chest-findings")
+    assert entry.card["multi_label"] is True and entry.multi_label_classes == classes
+    assert reg.resolve("radiology/chest-findings@1").multi_label_classes == classes
+    bad = make_model_dir(tmp_path / "bad", demo_tokenizer_dir, task="classify",
+                         meta={"multi_label": True, "classes": ["effusion", "effusion"]})
+    with pytest.raises(RegistryError, match=r"bad: training.json's multi-label classes cannot be answered as a list"):
+        reg.export(bad, "radiology", "chest-findings")
+    assert reg.versions("radiology", "chest-findings") == [1]
+
+
 def test_concurrent_exports_get_distinct_versions(tmp_path, vqa_model_dir):
     registry = str(tmp_path / "registry")
     with multiprocessing.get_context("fork").Pool(4) as pool:

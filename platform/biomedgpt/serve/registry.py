@@ -191,6 +191,22 @@ def _dataset_info(dataset: str) -> dict[str, Any]:
     return {"dataset": dataset, "licence": spec.licence, "access": spec.access, "citation": spec.citation.strip()}
 
 
+def check_multi_label_classes(model_dir: Path, training: dict[str, Any], source: str) -> None:
+    """A multi-label model's classes (training.json) must decode as lists with its tokenizer (`MultiLabelTrie`):
+    checked at export, so that serving never meets a label set it cannot answer with."""
+    if not (training.get("multi_label") and training.get("classes")):
+        return
+    from ..model.constrained import MultiLabelTrie
+    from ..model.tokenizer import BiomedGPTTokenizer
+    from ..tasks.classify import NO_FINDING
+
+    try:
+        MultiLabelTrie.from_texts(BiomedGPTTokenizer.from_pretrained(model_dir), list(training["classes"]), NO_FINDING)
+    except (ValueError, TypeError) as err:
+        raise RegistryError(f"{source}: training.json's multi-label classes cannot be answered as a list with the "
+                            f"model's tokenizer: {err}") from None
+
+
 def build_card(model_dir: Path, training: dict[str, Any], metrics: dict[str, Any], licence: str,
                source: str, description: str = "", tasks: list[str] | None = None) -> dict[str, Any]:
     """The model card (as data) of a model directory."""
@@ -381,6 +397,7 @@ class Registry:
                 raise RegistryError(f"task {unknown[0]!r}: not a task family ({', '.join(task_names())})")
         with tempfile.TemporaryDirectory(prefix="biomedgpt-registry-") as tmp:
             staged, training, found_metrics, source_desc = self._stage(str(source), Path(tmp))
+            check_multi_label_classes(staged, training, str(source))
             card = build_card(staged, training, metrics if metrics is not None else found_metrics,
                               licence or DEFAULT_LICENCE, source_desc, description, tasks)
             return self._publish(staged, department, name, card)
