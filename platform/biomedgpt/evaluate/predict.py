@@ -265,21 +265,14 @@ class Predictor:
 
     def _decode_multi_label(self, plan: DecodePlan, inputs: dict[str, torch.Tensor]
                             ) -> tuple[list[list[str]], list[dict[str, Any]]]:
-        from ..model.constrained import label_list_probabilities
+        from ..model.constrained import decode_label_lists
         from ..tasks.classify import NO_FINDING
 
         trie = self.multi_label_trie(plan.candidates)
         names = [c for c in plan.candidates if c != NO_FINDING]
-        # a cap below the longest list would cut answers short: always leave room for every class
-        kwargs: dict[str, Any] = dict(inputs, num_beams=plan.beam_size, do_sample=False,
-                                      max_new_tokens=max(plan.max_new_tokens, trie.max_length),
-                                      prefix_allowed_tokens_fn=trie.prefix_allowed_tokens_fn())
-        if plan.beam_size > 1:
-            kwargs.update(length_penalty=plan.length_penalty, early_stopping=True)
-        seqs = self.model.generate(**kwargs)
-        listed = [trie.parse(row[1:]) for row in seqs.tolist()]
-        probs = label_list_probabilities(self.model, trie, inputs["input_ids"], patch_images=inputs.get("patch_images"),
-                                         patch_masks=inputs.get("patch_masks"), listed=listed).float().cpu()
+        listed, probs = decode_label_lists(self.model, trie, inputs["input_ids"], inputs.get("patch_images"),
+                                           inputs.get("patch_masks"), beam_size=plan.beam_size,
+                                           max_new_tokens=plan.max_new_tokens, length_penalty=plan.length_penalty)
         keys = [*names, NO_FINDING]
         preds = [[names[i] for i in row] for row in listed]
         return preds, [{"scores": {k: round(float(p), 6) for k, p in zip(keys, row)}} for row in probs]

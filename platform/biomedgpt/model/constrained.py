@@ -472,6 +472,35 @@ def label_list_probabilities(
     return out
 
 
+@torch.no_grad()
+def decode_label_lists(
+    model: BiomedGPTForConditionalGeneration,
+    trie: MultiLabelTrie,
+    input_ids: torch.Tensor,
+    patch_images: torch.Tensor | None = None,
+    patch_masks: torch.Tensor | None = None,
+    *,
+    beam_size: int = 1,
+    max_new_tokens: int = 16,
+    length_penalty: float = 1.0,
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Multi-label answers of a batch, as evaluation and serving decode them: generation under `trie`
+    (with room for every class whatever `max_new_tokens` says), each answer read back as its class
+    indices (empty: the answer for none), and `label_list_probabilities` of those answers (B, classes + 1)."""
+    kwargs: dict[str, Any] = dict(input_ids=input_ids, num_beams=beam_size, do_sample=False,
+                                  max_new_tokens=max(max_new_tokens, trie.max_length),
+                                  prefix_allowed_tokens_fn=trie.prefix_allowed_tokens_fn())
+    if patch_images is not None:
+        kwargs.update(patch_images=patch_images, patch_masks=patch_masks)
+    if beam_size > 1:
+        kwargs.update(length_penalty=length_penalty, early_stopping=True)
+    seqs = model.generate(**kwargs)
+    listed = [trie.parse(row[1:]) for row in seqs.tolist()]
+    probs = label_list_probabilities(model, trie, input_ids, patch_images=patch_images, patch_masks=patch_masks,
+                                     listed=listed)
+    return listed, probs.float().cpu()
+
+
 def best_candidates(trie: AnswerTrie, scores: torch.Tensor) -> list[tuple[int, ...]]:
     """The highest-scoring candidate sequence of each row of `score_candidates`' output."""
     return [trie.candidates[i] for i in scores.argmax(-1).tolist()]

@@ -64,19 +64,24 @@ class LoadedModel:
         """The prefix tree of `candidates` and, per trie candidate, the texts it stands for (cached)."""
         from ..model.constrained import AnswerTrie
 
-        if candidates in self._tries:
-            self._tries.move_to_end(candidates)
-            return self._tries[candidates]
-        seqs = [tuple(self.tok.encode_text(c)) + (self.tok.eos_token_id,) for c in candidates]
-        trie = AnswerTrie(seqs, eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)
-        texts: dict[tuple[int, ...], str] = {}
-        for seq, text in zip(seqs, candidates):
-            texts.setdefault(seq, text)  # two texts with the same tokens are one candidate
-        value = (trie, [texts[c] for c in trie.candidates])
-        self._tries[candidates] = value
-        while len(self._tries) > 16:
-            self._tries.popitem(last=False)
-        return value
+        def build():
+            seqs = [tuple(self.tok.encode_text(c)) + (self.tok.eos_token_id,) for c in candidates]
+            trie = AnswerTrie(seqs, eos_token_id=self.tok.eos_token_id, pad_token_id=self.tok.pad_token_id)
+            texts: dict[tuple[int, ...], str] = {}
+            for seq, text in zip(seqs, candidates):
+                texts.setdefault(seq, text)  # two texts with the same tokens are one candidate
+            return trie, [texts[c] for c in trie.candidates]
+
+        return self._cached_trie(candidates, build)
+
+    def _cached_trie(self, key, build):
+        """The trie under `key`, built on first use; the 16 most recently used are kept."""
+        if key not in self._tries:
+            self._tries[key] = build()
+            while len(self._tries) > 16:
+                self._tries.popitem(last=False)
+        self._tries.move_to_end(key)
+        return self._tries[key]
 
 
     def multi_label_trie(self, classes: tuple[str, ...]):
@@ -84,13 +89,8 @@ class LoadedModel:
         from ..model.constrained import MultiLabelTrie
         from ..tasks.classify import NO_FINDING
 
-        key = ("multi_label", classes)
-        if key not in self._tries:
-            self._tries[key] = MultiLabelTrie.from_texts(self.tok, list(classes), NO_FINDING)
-            while len(self._tries) > 16:
-                self._tries.popitem(last=False)
-        self._tries.move_to_end(key)
-        return self._tries[key]
+        return self._cached_trie(("multi_label", classes),
+                                 lambda: MultiLabelTrie.from_texts(self.tok, list(classes), NO_FINDING))
 
 
 def load_model(model_dir: str | Path, model_id: str, threads: int | None = None) -> LoadedModel:
@@ -174,18 +174,11 @@ def _inputs(lm: LoadedModel, task: str, queries: Sequence[Query]):
 def _run_multi_label(lm: LoadedModel, classes: tuple[str, ...], queries: Sequence[Query], ids: torch.Tensor,
                      images: torch.Tensor | None, masks: torch.Tensor | None, max_new_tokens: int
                      ) -> list[dict[str, Any]]:
-    from ..model.constrained import label_list_probabilities
+    from ..model.constrained import decode_label_lists
     from ..tasks.classify import NO_FINDING, join_labels
 
-    trie = lm.multi_label_trie(classes)
-    kwargs: dict[str, Any] = dict(input_ids=ids, num_beams=1, do_sample=False,
-                                  max_new_tokens=max(max_new_tokens, trie.max_length),  # room for every class
-                                  prefix_allowed_tokens_fn=trie.prefix_allowed_tokens_fn())
-    if images is not None:
-        kwargs.update(patch_images=images, patch_masks=masks)
-    seqs = lm.model.generate(**kwargs)
-    listed = [trie.parse(row[1:]) for row in seqs.tolist()]
-    probs = label_list_probabilities(lm.model, trie, ids, patch_images=images, patch_masks=masks, listed=listed)
+    listed, probs = decode_label_lists(lm.model, lm.multi_label_trie(classes), ids, images, masks,
+                                       max_new_tokens=max_new_tokens)  # classification decodes with beam 1
     keys = [*classes, NO_FINDING]
     out = []
     for q, items, row in zip(queries, listed, probs.tolist()):
