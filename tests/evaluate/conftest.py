@@ -126,7 +126,7 @@ def reference_meteor():
 
 @pytest.fixture(scope="session")
 def our_meteor():
-    from biomedgpt.evaluate.meteor import Meteor
+    from biomedgpt.metrics.meteor import Meteor
 
     with Meteor() as meteor:
         yield meteor

@@ -10,7 +10,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from biomedgpt.evaluate.caption import (
+from biomedgpt.metrics.caption import (
     bleu,
     caption_metrics,
     cider_d,

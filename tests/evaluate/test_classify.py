@@ -7,7 +7,7 @@ import random
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from biomedgpt.evaluate.classify import classification_metrics
+from biomedgpt.metrics.classify import classification_metrics
 
 
 def test_hand_computed_macro_f1():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, hamming_loss, roc_auc_score
 
-from biomedgpt.evaluate.classify import label_set, multilabel_auc, multilabel_metrics
+from biomedgpt.metrics.classify import label_set, multilabel_auc, multilabel_metrics
 from biomedgpt.evaluate.score import ScoreInputError, score
 
 REFS = [["a", "b"], [], ["b"], ["c"]]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from biomedgpt.evaluate.ptb_tokenizer import coco_tokenize, ptb_tokens
+from biomedgpt.metrics.ptb_tokenizer import coco_tokenize, ptb_tokens
 
 # Constructions that the lexer treats specially, each as captions and reports write them.
 TRICKY = [

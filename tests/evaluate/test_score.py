@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from biomedgpt.evaluate.caption import caption_metrics
+from biomedgpt.metrics.caption import caption_metrics
 from biomedgpt.evaluate.score import ScoreInputError, add_score_parser, score
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import json
 import pytest
 from rouge_score import rouge_scorer
 
-from biomedgpt.evaluate.summarize import rouge_f1_sample, summarization_metrics
+from biomedgpt.metrics.summarize import rouge_f1_sample, summarization_metrics
 
 SUMMARIES = [
     ("What are the side effects of metformin?", ["What are metformin's side effects?",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from biomedgpt.evaluate.vqa import normalize_answer, vqa_accuracy
+from biomedgpt.metrics.vqa import normalize_answer, vqa_accuracy
 
 
 @pytest.mark.parametrize("answer, normalized", [

@@ -360,7 +360,7 @@ def score_predictions(task: str, preds: list[dict[str, Any]], pred_path: Path, r
     if task == "classify" and "auc" in metric_names:
         metrics["auc"] = classification_auc(preds)
     if task == "vqa" and candidates is not None and candidates.counts:
-        from .vqa import normalize_answer
+        from ..metrics.vqa import normalize_answer
 
         majority = normalize_answer(candidates.counts.most_common(1)[0][0])
         metrics["majority_baseline"] = sum(normalize_answer(p["references"]) == majority for p in preds) / len(preds)
@@ -374,7 +374,7 @@ def classification_auc(preds: list[dict[str, Any]]) -> float | None:
     import torch
     from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
-    from .classify import multilabel_auc, normalize_label
+    from ..metrics.classify import multilabel_auc, normalize_label
 
     rows = [p for p in preds if p.get("scores")]
     if not rows:
@@ -447,7 +447,7 @@ def run_evaluation(spec, model_source: str, out_dir: str | Path, *, num_cpus: in
 
     meteor = None
     if ev.meteor and any(e.task == "caption" for e in entries):
-        from .meteor import Meteor
+        from ..metrics.meteor import Meteor
 
         meteor = Meteor()
     results, flat = [], {}

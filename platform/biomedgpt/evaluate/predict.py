@@ -82,7 +82,7 @@ def predict_vqa(model, tok, recs: list[dict[str, Any]], *, image_size: int, max_
 
 def vqa_scores(preds: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy overall, closed and open (the same metric code as `biomedgpt score --task vqa`)."""
-    from .vqa import vqa_accuracy
+    from ..metrics.vqa import vqa_accuracy
 
     preds = list(preds)
     return vqa_accuracy([p["prediction"] for p in preds], [p["answer"] for p in preds],
@@ -93,7 +93,7 @@ def majority_baseline(train_answers: list[str], preds: list[dict[str, Any]]) -> 
     """Accuracy of always answering the most frequent training answer."""
     if not preds or not train_answers:
         return 0.0
-    from .vqa import normalize_answer
+    from ..metrics.vqa import normalize_answer
 
     majority = normalize_answer(Counter(train_answers).most_common(1)[0][0])
     return sum(normalize_answer(p["answer"]) == majority for p in preds) / len(preds)

@@ -105,10 +105,10 @@ def _correct(task: str, p: dict[str, Any]) -> bool | None:
     if task in ("caption", "summarize"):
         return None
     if task == "vqa":
-        from .vqa import normalize_answer
+        from ..metrics.vqa import normalize_answer
 
         return normalize_answer(p["prediction"]) == normalize_answer(str(p["references"]))
-    from .classify import label_set, normalize_label
+    from ..metrics.classify import label_set, normalize_label
 
     if _multi_label(task, p):  # the whole set right
         return set(label_set(p["prediction"])) == set(label_set(p["references"]))

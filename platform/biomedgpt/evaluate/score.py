@@ -15,11 +15,11 @@ References, by task:
 Multi-label classification (ChestMNIST): when the references are lists (all of them: one file holds
 one kind), a prediction is a list of class names or a text of names joined by commas (`"atelectasis,
 effusion"`; `"no finding"`, `""` and `[]` mean none; a class name with a comma needs the list form),
-scored by `biomedgpt.evaluate.classify.multilabel_metrics` (accuracy = 1 - Hamming loss, macro-F1,
+scored by `biomedgpt.metrics.classify.multilabel_metrics` (accuracy = 1 - Hamming loss, macro-F1,
 exact match).
 
 Other fields are ignored. Every id must appear once in each file. Errors name the file, the line
-and the field. The result is a flat dict of metrics (see `biomedgpt.evaluate.metrics`) and counts;
+and the field. The result is a flat dict of metrics (see `biomedgpt.metrics`) and counts;
 all metrics are fractions in [0, 1] except `cider_d`, on the conventional x10 scale (1.227 is what
 papers print as 122.7).
 """
@@ -161,25 +161,25 @@ def score(task: str, predictions_path: str | os.PathLike, references_path: str |
           meteor: Any = True) -> dict[str, float | int | None]:
     """Metrics of one task's predictions file against its references file (formats in the module
     docstring). For captions, `meteor=False` leaves METEOR out (it needs Java) and a running
-    `biomedgpt.evaluate.meteor.Meteor` is reused instead of starting the jar."""
+    `biomedgpt.metrics.meteor.Meteor` is reused instead of starting the jar."""
     if task not in TASKS:
         raise ScoreInputError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     predictions, references, answer_types = _paired(task, Path(predictions_path), Path(references_path))
     if task == "vqa":
-        from .vqa import vqa_accuracy
+        from ..metrics.vqa import vqa_accuracy
 
         return vqa_accuracy(predictions, references, answer_types)
     if task == "caption":
-        from .caption import caption_metrics
+        from ..metrics.caption import caption_metrics
 
         result: dict[str, float | int | None] = dict(caption_metrics(predictions, references, meteor=meteor))
         result["count"] = len(predictions)
         return result
     if task == "summarize":
-        from .summarize import summarization_metrics
+        from ..metrics.summarize import summarization_metrics
 
         return summarization_metrics(predictions, references)
-    from .classify import classification_metrics, multilabel_metrics
+    from ..metrics.classify import classification_metrics, multilabel_metrics
 
     if task == "classify" and isinstance(references[0], list):
         return multilabel_metrics(predictions, references)
@@ -187,7 +187,7 @@ def score(task: str, predictions_path: str | os.PathLike, references_path: str |
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from .meteor import MeteorUnavailable
+    from ..metrics.meteor import MeteorUnavailable
 
     try:
         result = score(args.task, args.predictions, args.references, meteor=not args.no_meteor)

@@ -25,14 +25,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..metrics.classify import NO_FINDING, SEPARATOR, join_labels, split_labels  # noqa: F401 (the answer format)
 from .base import Decoding, Example, MissingFieldError, clean_text, pre_caption, register, require
 
 INSTRUCTION = " what does the image describe?"
 TEXT_INSTRUCTION = ' what is the treatment for the patient " {text} "?'
-#: the answer of a multi-label record with no positive class
-NO_FINDING = "no finding"
-#: what joins the class names of a multi-label answer
-SEPARATOR = ", "
 
 
 def label_text(name: Any) -> str:
@@ -42,19 +39,6 @@ def label_text(name: Any) -> str:
 def is_multi_label(record: dict[str, Any]) -> bool:
     """Whether a classification record is multi-label (its `label_name` is a list)."""
     return isinstance(record.get("label_name"), (list, tuple))
-
-
-def join_labels(names: Sequence[str]) -> str:
-    """A multi-label answer as text: the names joined by ", ", or `NO_FINDING` for none."""
-    return SEPARATOR.join(names) if names else NO_FINDING
-
-
-def split_labels(text: str) -> list[str]:
-    """The class names of a multi-label answer text (`join_labels`' inverse): split at commas, each
-    name stripped and lower-cased; `NO_FINDING` or an empty text is the empty list."""
-    names = [" ".join(part.split()).lower() for part in str(text).split(",")]
-    names = [n for n in names if n]
-    return [] if names == [NO_FINDING] else names
 
 
 def multi_label_classes(records: Sequence[dict[str, Any]]) -> list[str]:

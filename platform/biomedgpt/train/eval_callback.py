@@ -132,7 +132,7 @@ class EvalDuringTraining(L.Callback):
                                     max_source_length=c["max_source_length"], batch_size=c["batch_size"])
         self._records = [self.read(e["units"]) for e in c["entries"]]
         if c.get("meteor") and any(e["task"] == "caption" for e in c["entries"]):
-            from ..evaluate.meteor import Meteor
+            from ..metrics.meteor import Meteor
 
             self._meteor = Meteor()
 

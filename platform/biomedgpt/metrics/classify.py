@@ -5,7 +5,8 @@ decoded class names carry the BPE's leading space. The label set is the union of
 references and predictions, as scikit-learn does: macro-F1 is the unweighted mean over that set of the
 per-class F1 = 2 TP / (2 TP + FP + FN), so a predicted label that never occurs in the references
 counts as a class with F1 0 (sklearn's `f1_score(average="macro")`, `zero_division=0`). The arithmetic
-is torchmetrics'.
+is torchmetrics' (imported by the functions that use it: it takes seconds to load, and the answer format
+below is read by tasks/classify.py wherever a classification record is, training and serving included).
 
 Multi-label classification (`multilabel_metrics`, `multilabel_auc`; ChestMNIST): each sample's answer is
 a set of class names (normalised the same way; "no finding" or an empty list is the empty set). The
@@ -28,12 +29,23 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-from torchmetrics.functional.classification import (binary_accuracy, binary_auroc, binary_f1_score,
-                                                    multiclass_accuracy, multiclass_f1_score, multilabel_accuracy,
-                                                    multilabel_f1_score)
+#: the answer of a multi-label record with no positive class
+NO_FINDING = "no finding"
+#: what joins the class names of a multi-label answer
+SEPARATOR = ", "
 
-from ..tasks.classify import NO_FINDING, split_labels
+
+def join_labels(names: Sequence[str]) -> str:
+    """A multi-label answer as text: the names joined by ", ", or `NO_FINDING` for none."""
+    return SEPARATOR.join(names) if names else NO_FINDING
+
+
+def split_labels(text: str) -> list[str]:
+    """The class names of a multi-label answer text (`join_labels`' inverse): split at commas, each
+    name stripped and lower-cased; `NO_FINDING` or an empty text is the empty list."""
+    names = [" ".join(part.split()).lower() for part in str(text).split(",")]
+    names = [n for n in names if n]
+    return [] if names == [NO_FINDING] else names
 
 
 def normalize_label(label: str) -> str:
@@ -43,6 +55,9 @@ def normalize_label(label: str) -> str:
 
 def classification_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float | int]:
     """Accuracy and macro-F1 (fractions) of predicted label strings against reference labels."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
@@ -81,6 +96,10 @@ def multilabel_metrics(predictions: Sequence[Sequence[str] | str], references: S
     """Accuracy (1 - Hamming loss), macro-F1 and exact match (fractions) of predicted class-name sets
     against reference sets, over the classes that occur in either (see the module docstring). With no
     class anywhere (every answer "no finding") accuracy and exact match are 1 and macro-F1 is None."""
+    import torch
+    from torchmetrics.functional.classification import (binary_accuracy, binary_f1_score, multilabel_accuracy,
+                                                        multilabel_f1_score)
+
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
@@ -108,6 +127,9 @@ def multilabel_auc(scores: Sequence[Sequence[float]], references: Sequence[Seque
     """Mean over `classes` of the per-class ROC AUC of `scores[i][c]` (sample i's score of class c)
     against whether sample i's reference lists class c; classes without both outcomes are left out,
     None when none has both (module docstring)."""
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
     if len(scores) != len(references):
         raise ValueError(f"{len(scores)} score rows but {len(references)} references")
     if not scores:

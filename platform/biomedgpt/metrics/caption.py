@@ -202,7 +202,7 @@ def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
 
     `predictions[i]` is one caption, `references[i]` the non-empty list of its reference captions.
     With `tokenize`, both sides go through `coco_tokenize` first (pass already tokenised text with
-    tokenize=False). METEOR needs Java (see `biomedgpt.evaluate.meteor`); `meteor=False` leaves it out,
+    tokenize=False). METEOR needs Java (see `biomedgpt.metrics.meteor`); `meteor=False` leaves it out,
     and a running `Meteor` is used as it is (and left running), saving the jar's start-up.
     Keys: bleu_1..bleu_4, meteor, rouge_l (fractions), cider_d (conventional x10 scale).
     """

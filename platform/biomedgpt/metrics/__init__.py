@@ -1,4 +1,5 @@
-"""The metrics of the BiomedGPT paper's tasks, in one place.
+"""The metrics of the BiomedGPT paper's tasks: pure functions over predictions and references, below
+the task families (tasks/ asks them for its scores) and free of the rest of the package.
 
 | task               | function                  | metrics                                                      |
 |--------------------|---------------------------|--------------------------------------------------------------|
@@ -8,24 +9,6 @@
 | summarize          | `summarization_metrics`   | rouge1, rouge2, rougeL F1 with stemming (rouge-score's)      |
 
 All are fractions in [0, 1] except CIDEr-D, which is on the conventional scale (x10: 1.227 is the
-"122.7" that papers print). Each function is documented in its module.
+"122.7" that papers print). Each function is documented in its module. Nothing is imported here, so
+that a module's heavy backend (torchmetrics, NLTK, Java for METEOR) loads only where it is used.
 """
-
-from .caption import bleu, caption_metrics, cider_d, rouge_l
-from .classify import classification_metrics, normalize_label
-from .ptb_tokenizer import coco_tokenize
-from .summarize import summarization_metrics
-from .vqa import normalize_answer, vqa_accuracy
-
-__all__ = [
-    "bleu",
-    "caption_metrics",
-    "cider_d",
-    "classification_metrics",
-    "coco_tokenize",
-    "normalize_answer",
-    "normalize_label",
-    "rouge_l",
-    "summarization_metrics",
-    "vqa_accuracy",
-]
