@@ -176,7 +176,7 @@ def _train_export_evaluate(spec: JobSpec, *, num_cpus: int | None = None) -> Run
     import ray
 
     from .data.stream import list_shards
-    from .train.checkpoints import export_checkpoint
+    from .modeldir import export_checkpoint
     from .train.ray_trainer import fit
 
     assert spec.data is not None

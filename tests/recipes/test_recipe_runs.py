@@ -185,7 +185,7 @@ def check_ema_export(checkpoint: Path, export: Path) -> None:
     """The export holds the EMA weights kept in the checkpoint, not the last training weights."""
     from safetensors.torch import load_file
 
-    from biomedgpt.train.checkpoints import checkpoint_model_state
+    from biomedgpt.modeldir import checkpoint_model_state
 
     exported = load_file(str(export / "model.safetensors"))
     ema = checkpoint_model_state(checkpoint, ema=True)

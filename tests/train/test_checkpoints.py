@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
-from biomedgpt.train.checkpoints import StepCheckpointer, export_checkpoint, lightning_checkpoint_path
+from biomedgpt.modeldir import export_checkpoint, lightning_checkpoint_path
+from biomedgpt.train.checkpoints import StepCheckpointer
 from biomedgpt.train.module import BiomedGPTModule
 
 

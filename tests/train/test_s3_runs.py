@@ -34,7 +34,7 @@ def test_run_on_s3_storage_checkpoints_reports_and_resumes(s3_spec, s3_bucket, t
     from biomedgpt.data import storage
     from biomedgpt.runner import run_training
     from biomedgpt.spec import spec_from_dict
-    from biomedgpt.train.checkpoints import read_checkpoint_meta
+    from biomedgpt.modeldir import read_checkpoint_meta
     from biomedgpt.train.report import read_run_metrics
 
     run_url = f"{s3_bucket}/runs/demo/s3-run"

@@ -30,6 +30,7 @@ from typing import Any
 
 from .candidates import (DEFAULT_METRICS, EVAL_TASKS, SPEC_METRIC_KEYS, Candidates, EvaluationError,
                          answer_candidates, list_split_shards, load_dataset_spec_or_none, shard_records)
+from ..modeldir import CONFIG, MODEL_FILES, WEIGHTS, export_checkpoint, materialise, read_model_meta
 from .predict import DecodePlan, decode_plan
 
 
@@ -161,9 +162,9 @@ def resolve_model_dir(source: str, workdir: Path) -> Path:
             raise EvaluationError(f"{source}: nothing to download (not a model directory or checkpoint)")
         source = str(local)
     path = storage.local_path(source) if source.startswith("file://") else Path(source)
-    if (path / "config.json").is_file():
+    if (path / CONFIG).is_file():
         return path
-    if (path / "export" / "config.json").is_file():
+    if (path / "export" / CONFIG).is_file():
         return path / "export"
     checkpoint = path
     if not (path / "biomedgpt.json").is_file():
@@ -172,8 +173,6 @@ def resolve_model_dir(source: str, workdir: Path) -> Path:
             raise EvaluationError(f"{source}: not a model directory (no config.json), run directory (no export/ "
                                   "or checkpoint-*/) or run checkpoint (no biomedgpt.json)")
         checkpoint = checkpoints[-1]
-    from ..train.checkpoints import export_checkpoint
-
     say(f"evaluate: exporting checkpoint {checkpoint} for evaluation")
     return export_checkpoint(checkpoint, workdir / "model")
 
@@ -183,10 +182,9 @@ def model_bundle(model_dir: Path, tokenizer_spec: Any, workdir: Path) -> dict[st
     spec names (path, or vocab + merges), else the model directory's own."""
     from ..model.tokenizer import BiomedGPTTokenizer
 
-    files = {p.name: p.read_bytes() for p in sorted(model_dir.iterdir())
-             if p.is_file() and p.name in ("config.json", "model.safetensors", "answers.json", "training.json")}
-    if "model.safetensors" not in files:
-        raise EvaluationError(f"{model_dir}: no model.safetensors")
+    files = {p.name: p.read_bytes() for p in sorted(model_dir.iterdir()) if p.is_file() and p.name in MODEL_FILES}
+    if WEIGHTS not in files:
+        raise EvaluationError(f"{model_dir}: no {WEIGHTS}")
     if tokenizer_spec is not None and tokenizer_spec.path:
         tok = BiomedGPTTokenizer.from_pretrained(tokenizer_spec.path)
     elif tokenizer_spec is not None and tokenizer_spec.vocab:
@@ -200,19 +198,11 @@ def model_bundle(model_dir: Path, tokenizer_spec: Any, workdir: Path) -> dict[st
     tok_dir = workdir / "tokenizer"
     tok.save_pretrained(tok_dir)
     files.update({f"tokenizer/{p.name}": p.read_bytes() for p in sorted(tok_dir.iterdir()) if p.is_file()})
-    cfg = json.loads(files["config.json"])
+    cfg = json.loads(files[CONFIG])
     if cfg.get("vocab_size") != len(tok):
         raise EvaluationError(f"{model_dir}: the model has a vocabulary of {cfg.get('vocab_size')} ids but the "
                               f"tokenizer has {len(tok)}: give the tokenizer that belongs to the model")
     return files
-
-
-def materialise(bundle: dict[str, bytes], directory: Path) -> tuple[Path, Path]:
-    for rel, data in bundle.items():
-        target = directory / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return directory, directory / "tokenizer"
 
 
 # -- 2. predict (Ray actors) ------------------------------------------------------------------------
@@ -425,9 +415,8 @@ def run_evaluation(spec, model_source: str, out_dir: str | Path, *, num_cpus: in
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="biomedgpt-eval-") as tmp:
         model_dir = resolve_model_dir(str(model_source), Path(tmp))
-        answers_file = model_dir / "answers.json"
-        model_answers = json.loads(answers_file.read_text()) if answers_file.is_file() else None
-        entries = plan_entries(spec, model_answers=model_answers)
+        answers = read_model_meta(model_dir).answers
+        entries = plan_entries(spec, model_answers=list(answers) if answers else None)
         if not entries:
             return {}
         say(f"evaluate: {model_source} on " + ", ".join(describe(e) for e in entries))

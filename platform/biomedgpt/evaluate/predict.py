@@ -18,7 +18,6 @@ the answer for none} for the ROC AUC. Each is a probability of its own event: th
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,13 @@ def load_model_dir(model_dir: str | Path):
     from ..model import BiomedGPTForConditionalGeneration
     from ..model.tokenizer import BiomedGPTTokenizer
 
+    from ..modeldir import read_model_meta
+
     model_dir = Path(model_dir)
     model = BiomedGPTForConditionalGeneration.from_pretrained(model_dir).eval()
     tok = BiomedGPTTokenizer.from_pretrained(model_dir)
-    answers_file = model_dir / "answers.json"
-    answers = json.loads(answers_file.read_text()) if answers_file.is_file() else None
-    return model, tok, answers
+    answers = read_model_meta(model_dir).answers
+    return model, tok, list(answers) if answers else None
 
 
 @torch.no_grad()

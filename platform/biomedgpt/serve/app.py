@@ -96,18 +96,13 @@ class DirectorySource:
     """One exported model directory, known as `<department>/<name>@1` (name: the run that trained it)."""
 
     def __init__(self, model_dir: str, department: str) -> None:
+        from ..modeldir import read_model_meta
+
         self.path = Path(model_dir)
-        meta_file = self.path / "training.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        name = re.sub(r"[^a-z0-9._-]+", "-", str(meta.get("run") or self.path.name).lower()).strip("-._") or "model"
-        answers_file = self.path / "answers.json"
-        answers = json.loads(answers_file.read_text()) if answers_file.is_file() else None
-        card = {"tasks": [meta.get("task") or "vqa"], "size": meta.get("size"), "image_size": meta.get("image_size", 256),
-                "max_source_length": meta.get("max_source_length", 80), "answers": answers,
-                "training_data": [{"dataset": d} for d in meta.get("train_data", [])], "metrics": {},
-                "licence": None}
-        if meta.get("multi_label") and meta.get("classes"):
-            card.update(multi_label=True, classes=list(meta["classes"]))
+        meta = read_model_meta(self.path)
+        name = re.sub(r"[^a-z0-9._-]+", "-", str(meta.run or self.path.name).lower()).strip("-._") or "model"
+        card = dict(meta.card_fields(), training_data=[{"dataset": d} for d in meta.train_data], metrics={},
+                    licence=None)
         self.entry = ModelEntry(department, name[:63], 1, str(self.path), {"created": None}, card)
 
     def describe(self) -> str:

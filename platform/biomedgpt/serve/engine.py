@@ -18,7 +18,6 @@ official decoding says (`task.decoding`):
 
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -100,17 +99,14 @@ def load_model(model_dir: str | Path, model_id: str, threads: int | None = None)
     t0 = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
+    from ..modeldir import read_model_meta
+
     model_dir = Path(model_dir)
     model, tok, answers = load_model_dir(model_dir)
-    meta_file = model_dir / "training.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    card_file = model_dir / "model_card.json"
-    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
-    tasks = tuple(card.get("tasks") or ([meta["task"]] if meta.get("task") else ["vqa"]))
+    meta = read_model_meta(model_dir)
     return LoadedModel(model_id=model_id, model=model, tok=tok, answers=answers or None,
-                       image_size=int(meta.get("image_size", card.get("image_size", 256))),
-                       max_source_length=int(meta.get("max_source_length", card.get("max_source_length", 80))),
-                       trained_tasks=tasks, load_seconds=time.perf_counter() - t0)
+                       image_size=meta.image_size, max_source_length=meta.max_source_length,
+                       trained_tasks=meta.tasks, load_seconds=time.perf_counter() - t0)
 
 
 @torch.no_grad()

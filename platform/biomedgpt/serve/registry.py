@@ -40,15 +40,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..data import storage
+from ..modeldir import (CARD, CHECKPOINT_META, CONFIG, WEIGHTS, ModelMeta, export_checkpoint,
+                        read_model_meta)
 
 REGISTRY_ENV = "BIOMEDGPT_REGISTRY"
 CACHE_ENV = "BIOMEDGPT_MODEL_CACHE"
 DEFAULT_REGISTRY = "registry"
 MANIFEST = "manifest.json"
 CLAIM = ".claim"
-CARD_JSON = "model_card.json"
+CARD_JSON = CARD
 CARD_MD = "README.md"
-CHECKPOINT_META = "biomedgpt.json"  # what marks a run checkpoint (train/checkpoints.py)
 DEFAULT_LICENCE = "Apache-2.0"
 NAME = r"[a-z0-9][a-z0-9._-]{0,62}"
 _ID = re.compile(rf"^(?:(?P<department>{NAME})/)?(?P<name>{NAME})(?:@(?P<version>latest|[1-9][0-9]{{0,8}}))?$")
@@ -111,28 +112,33 @@ class ModelEntry:
         return f"{self.department}/{self.name}@{self.version}"
 
     @property
+    def meta(self) -> ModelMeta:
+        """What the model card says about the model (tasks, image size, answers, classes)."""
+        return ModelMeta.from_card(self.card)
+
+    @property
     def image_size(self) -> int:
-        return int(self.card.get("image_size") or 256)
+        return self.meta.image_size
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.card.get("tasks") or [])
+        return list(self.meta.tasks)
 
     @property
     def answers(self) -> list[str] | None:
-        return self.card.get("answers")
+        return list(self.meta.answers) if self.meta.answers else None
 
     @property
     def multi_label_classes(self) -> list[str] | None:
         """The classes, in class order, of a multi-label classification model (its answers list them), else None."""
-        return list(self.card["classes"]) if self.card.get("multi_label") and self.card.get("classes") else None
+        return list(self.meta.classes) if self.meta.classes else None
 
     def summary(self) -> dict[str, Any]:
         """What `GET /v1/models` and `biomedgpt registry list --json` show."""
-        c = self.card
+        c, m = self.card, self.meta
         return {"id": self.id, "department": self.department, "name": self.name, "version": self.version,
-                "created": self.manifest.get("created"), "tasks": self.tasks, "size": c.get("size"),
-                "image_size": self.image_size, "answers": len(self.answers) if self.answers else 0,
+                "created": self.manifest.get("created"), "tasks": list(m.tasks), "size": c.get("size"),
+                "image_size": m.image_size, "answers": len(m.answers) if m.answers else 0,
                 "training_data": [d.get("dataset") for d in c.get("training_data", [])],
                 "metrics": c.get("metrics", {}), "licence": c.get("licence")}
 
@@ -191,50 +197,43 @@ def _dataset_info(dataset: str) -> dict[str, Any]:
     return {"dataset": dataset, "licence": spec.licence, "access": spec.access, "citation": spec.citation.strip()}
 
 
-def check_multi_label_classes(model_dir: Path, training: dict[str, Any], source: str) -> None:
+def check_multi_label_classes(model_dir: Path, meta: ModelMeta, source: str) -> None:
     """A multi-label model's classes (training.json) must decode as lists with its tokenizer (`MultiLabelTrie`):
     checked at export, so that serving never meets a label set it cannot answer with."""
-    if not (training.get("multi_label") and training.get("classes")):
+    if not meta.multi_label:
         return
     from ..model.constrained import MultiLabelTrie
     from ..model.tokenizer import BiomedGPTTokenizer
     from ..tasks.classify import NO_FINDING
 
     try:
-        MultiLabelTrie.from_texts(BiomedGPTTokenizer.from_pretrained(model_dir), list(training["classes"]), NO_FINDING)
+        MultiLabelTrie.from_texts(BiomedGPTTokenizer.from_pretrained(model_dir), list(meta.classes), NO_FINDING)
     except (ValueError, TypeError) as err:
         raise RegistryError(f"{source}: training.json's multi-label classes cannot be answered as a list with the "
                             f"model's tokenizer: {err}") from None
 
 
-def build_card(model_dir: Path, training: dict[str, Any], metrics: dict[str, Any], licence: str,
+def build_card(model_dir: Path, meta: ModelMeta, metrics: dict[str, Any], licence: str,
                source: str, description: str = "", tasks: list[str] | None = None) -> dict[str, Any]:
-    """The model card (as data) of a model directory."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    answers_file = model_dir / "answers.json"
-    answers = json.loads(answers_file.read_text()) if answers_file.is_file() else None
+    """The model card (as data) of a model directory (`meta`: `read_model_meta` of it). `tasks`: what the
+    model may be asked (default: the task it was trained on; none recorded: a generalist)."""
+    cfg = json.loads((model_dir / CONFIG).read_text())
+    training = meta.training
     train_data = []
-    for item in training.get("train_data", []) or []:
+    for item in meta.train_data:
         dataset, _, split = str(item).partition("/")
         train_data.append(dict(_dataset_info(dataset), split=split or None))
-    task = training.get("task")
     return {
-        "description": description or (f"BiomedGPT fine-tuned by run {training['run']!r}" if training.get("run")
-                                       else "BiomedGPT model"),
-        "tasks": tasks or ([task] if task else ["vqa"]),
-        "size": training.get("size") or cfg.get("size") or "custom",
-        "image_size": int(training.get("image_size") or 256),
-        "max_source_length": int(training.get("max_source_length") or 80),
-        "run": training.get("run"), "team": training.get("team"), "step": training.get("step"),
+        **meta.card_fields(),
+        "description": description or (f"BiomedGPT fine-tuned by run {meta.run!r}" if meta.run else "BiomedGPT model"),
+        "tasks": list(tasks or meta.tasks),
+        "size": meta.size or cfg.get("size") or "custom",
+        "run": meta.run, "team": training.get("team"), "step": training.get("step"),
         "training_data": train_data,
         "metrics": metrics,
         "licence": licence,
         "data_licences": {d["dataset"]: d["licence"] for d in train_data},
         "credentialed_data": sorted(d["dataset"] for d in train_data if d.get("access") == "credentialed"),
-        "answers": answers,
-        # multi-label classification (ChestMNIST): the label set is listed, in this class order
-        **({"multi_label": True, "classes": list(training["classes"])}
-           if training.get("multi_label") and training.get("classes") else {}),
         "model_config": {k: cfg.get(k) for k in ("d_model", "encoder_layers", "decoder_layers", "vocab_size",
                                                   "resnet_type") if k in cfg},
         "source": source,
@@ -244,7 +243,7 @@ def build_card(model_dir: Path, training: dict[str, Any], metrics: dict[str, Any
 
 def card_markdown(card: dict[str, Any]) -> str:
     lines = [f"# {card['id']}", "", card.get("description", ""), "",
-             f"- tasks: {', '.join(card.get('tasks', []))}",
+             f"- tasks: {', '.join(card.get('tasks') or []) or 'none recorded'}",
              f"- size: {card.get('size')} (image size {card.get('image_size')} px)",
              f"- created: {card.get('created')} from `{card.get('source')}`",
              f"- licence of the model: {card.get('licence')}", "", "## Training data", ""]
@@ -396,15 +395,15 @@ class Registry:
             if unknown:
                 raise RegistryError(f"task {unknown[0]!r}: not a task family ({', '.join(task_names())})")
         with tempfile.TemporaryDirectory(prefix="biomedgpt-registry-") as tmp:
-            staged, training, found_metrics, source_desc = self._stage(str(source), Path(tmp))
-            check_multi_label_classes(staged, training, str(source))
-            card = build_card(staged, training, metrics if metrics is not None else found_metrics,
+            staged, meta, found_metrics, source_desc = self._stage(str(source), Path(tmp))
+            check_multi_label_classes(staged, meta, str(source))
+            card = build_card(staged, meta, metrics if metrics is not None else found_metrics,
                               licence or DEFAULT_LICENCE, source_desc, description, tasks)
             return self._publish(staged, department, name, card)
 
-    def _stage(self, source: str, tmp: Path) -> tuple[Path, dict[str, Any], dict[str, Any], str]:
-        """A local model directory for the source (exported if it is a checkpoint), its training.json and
-        the metrics found beside it."""
+    def _stage(self, source: str, tmp: Path) -> tuple[Path, ModelMeta, dict[str, Any], str]:
+        """A local model directory for the source (exported if it is a checkpoint), its metadata and the
+        metrics found beside it."""
         local: Path
         if storage.is_local(source):
             local = storage.local_path(source)
@@ -421,25 +420,21 @@ class Registry:
                 (local.parent / "eval").mkdir(parents=True, exist_ok=True)
                 fs.get(parent + "/eval/metrics.json", str(local.parent / "eval" / "metrics.json"))
         if (local / CHECKPOINT_META).is_file():
-            from ..train.checkpoints import export_checkpoint  # imports Lightning: only for checkpoints
-
             model_dir = tmp / "model"
             export_checkpoint(local, model_dir)
             is_checkpoint = True
-        elif (local / "config.json").is_file():
+        elif (local / CONFIG).is_file():
             model_dir = tmp / "model"
             shutil.copytree(local, model_dir, ignore=shutil.ignore_patterns(MANIFEST, CLAIM, CARD_JSON, ".*"))
             is_checkpoint = False
         else:
             raise RegistryError(f"{source}: neither a run checkpoint ({CHECKPOINT_META}) nor a model directory "
                                 "(config.json); see `biomedgpt export` and `biomedgpt convert`")
-        if not (model_dir / "model.safetensors").is_file():
+        if not (model_dir / WEIGHTS).is_file():
             raise RegistryError(f"{source}: no model.safetensors in the model directory")
         if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
             raise RegistryError(f"{source}: no tokenizer files in the model directory (a served model needs them)")
-        training_file = model_dir / "training.json"
-        training = json.loads(training_file.read_text()) if training_file.is_file() else {}
-        return model_dir, training, _find_metrics(local, is_checkpoint), source
+        return model_dir, read_model_meta(model_dir), _find_metrics(local, is_checkpoint), source
 
     def _publish(self, staged: Path, department: str, name: str, card: dict[str, Any]) -> ModelEntry:
         claim = json.dumps({"by": card["exported_by"], "pid": os.getpid(), "at": _now(),

@@ -1,12 +1,12 @@
-"""Step checkpoints reported to Ray Train, and export of a checkpoint to a model directory.
+"""Step checkpoints reported to Ray Train.
 
 A checkpoint directory holds:
     lightning/          the Lightning distributed checkpoint (FSDP: .metadata, one .distcp per rank, meta.pt)
     lightning.ckpt      ... or, with DDP, Lightning's single-file checkpoint
     biomedgpt.json      step, model config, run name, metrics
     assets/             files the run carries into every checkpoint (tokenizer, answer candidates)
-`export_checkpoint` turns one into the model directory of `biomedgpt convert` (config.json +
-model.safetensors + tokenizer files), ready for `from_pretrained` and serving.
+Reading one back (resuming, consolidating its state, exporting it to a model directory) is
+`biomedgpt.modeldir`'s, below training, evaluation and serving.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
-import torch
 
+# lightning_checkpoint_path: where ray_trainer resumes from, read back by modeldir like every checkpoint file
+from ..modeldir import ASSETS_DIR, CHECKPOINT_META, lightning_checkpoint_path  # noqa: F401
 from .faults import maybe_crash
-
-CHECKPOINT_META = "biomedgpt.json"
-ASSETS_DIR = "assets"
 
 
 def write_assets(directory: Path, assets: dict[str, bytes]) -> None:
@@ -107,94 +105,3 @@ class StepCheckpointer(L.Callback):
         trainer.strategy.barrier()
         if trainer.local_rank == 0:
             shutil.rmtree(base, ignore_errors=True)
-
-
-def lightning_checkpoint_path(checkpoint_dir: Path) -> Path:
-    """The path to hand to `trainer.fit(ckpt_path=...)` for a checkpoint directory."""
-    if (checkpoint_dir / "lightning").is_dir():
-        return checkpoint_dir / "lightning"
-    if (checkpoint_dir / "lightning.ckpt").is_file():
-        return checkpoint_dir / "lightning.ckpt"
-    raise FileNotFoundError(f"{checkpoint_dir}: no lightning/ or lightning.ckpt inside; not a BiomedGPT checkpoint")
-
-
-def read_checkpoint_meta(checkpoint_dir: Path) -> dict[str, Any]:
-    path = checkpoint_dir / CHECKPOINT_META
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: no {CHECKPOINT_META}; not a BiomedGPT checkpoint")
-    return json.loads(path.read_text())
-
-
-def checkpoint_model_state(checkpoint_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
-    """The full model state dict (keys without the LightningModule's `model.` prefix) of a checkpoint,
-    consolidated from its shards in this process (no process group needed). `ema`: the moving-average
-    weights the run kept (train/module.py's `ema.` buffers) replace the model's parameters and floating
-    buffers (integer buffers stay the model's)."""
-    sd = _lightning_state_dict(checkpoint_dir)
-    model = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items() if not k.startswith("ema.")}
-    if ema:
-        averaged = {k[len("ema."):].replace("-", "."): v for k, v in sd.items() if k.startswith("ema.")}
-        if not averaged:
-            raise ValueError(f"{checkpoint_dir}: the run kept no EMA weights (trainer.ema.enabled was false)")
-        from ..model import BiomedGPTForConditionalGeneration
-
-        tied = BiomedGPTForConditionalGeneration._tied_weights_keys  # {tied name: source name}
-        for name in list(model):
-            source = tied.get(name, name)
-            if source in averaged:
-                model[name] = averaged[source]
-    return model
-
-
-def _lightning_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """The LightningModule's state dict of a checkpoint (sharded or full), in this process."""
-    path = lightning_checkpoint_path(checkpoint_dir)
-    if path.is_dir():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "full.pt"
-            dcp_to_torch_save(str(path), str(out))
-            state = torch.load(out, map_location="cpu", weights_only=False)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    return {k: v for k, v in state["state_dict"].items() if isinstance(v, torch.Tensor)}
-
-
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write `out_dir` = config.json + model.safetensors + tokenizer files + answers.json (if the run
-    had answer candidates) + README.md (model card: training data, step, metrics). A run that kept EMA
-    weights (trainer.ema) exports them, as the official recipes evaluate and release the EMA model."""
-    from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
-    from ..model.state_dict_adapter import convert_state_dict
-
-    ckpt = Path(checkpoint_dir)
-    meta = read_checkpoint_meta(ckpt)
-    cfg = dict(meta["model_config"])
-    cfg.pop("model_type", None)
-    cfg.pop("transformers_version", None)
-    with torch.device("meta"):
-        model = BiomedGPTForConditionalGeneration(BiomedGPTConfig(**cfg))
-    sd = convert_state_dict(checkpoint_model_state(ckpt, ema=bool(meta.get("ema"))), model, str(ckpt))
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
-    model.tie_weights()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    assets = ckpt / ASSETS_DIR
-    if (assets / "tokenizer").is_dir():
-        for f in (assets / "tokenizer").iterdir():
-            shutil.copy2(f, out / f.name)
-    for name in ("answers.json", "candidates.json"):  # candidates.json: {task: answers} of mixed runs
-        if (assets / name).is_file():
-            shutil.copy2(assets / name, out / name)
-    card = [f"# {meta.get('run', 'BiomedGPT model')}", "",
-            f"BiomedGPT ({meta.get('size', 'custom')} size) trained by the BiomedGPT platform.", "",
-            f"- step: {meta.get('step')}",
-            f"- weights: {'EMA (moving average) of the training weights' if meta.get('ema') else 'the training weights'}",
-            f"- training data: {', '.join(meta.get('train_data', [])) or 'unknown'}",
-            f"- licence of the training data: {meta.get('data_licence', 'see the datasets_spec of each dataset')}",
-            f"- metrics at export: {json.dumps(meta.get('metrics', {}), sort_keys=True)}"]
-    (out / "README.md").write_text("\n".join(card) + "\n")
-    (out / "training.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return out

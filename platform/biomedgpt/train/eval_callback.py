@@ -115,10 +115,10 @@ class EvalDuringTraining(L.Callback):
     # -- rank 0 ------------------------------------------------------------------------------------
 
     def setup_rank0(self, device: torch.device) -> None:
-        from ..evaluate.job import materialise
         from ..evaluate.predict import Predictor
         from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
         from ..model.tokenizer import BiomedGPTTokenizer
+        from ..modeldir import materialise
 
         self._dir = Path(tempfile.mkdtemp(prefix="biomedgpt-train-eval-"))
         materialise({k: v for k, v in self.assets.items() if k.startswith("tokenizer/")}, self._dir)
