@@ -4,8 +4,8 @@
 prefix tree (trie) over the answer candidates for VQA and NLI (beam 1), every class name scored
 under the trie for classification (argmax), beam search with the official beam size, no-repeat
 n-gram size and length penalty for captioning and summarisation; or freely for every task
-(zero-shot). `predict_vqa` is the single-task path serving uses. The evaluation job that runs
-Predictors on Ray and writes the results is `biomedgpt.evaluate.job`.
+(zero-shot). The evaluation job that runs Predictors on Ray and writes the results is
+`biomedgpt.evaluate.job`.
 
 Multi-label classification (records whose `label_name` is a list, e.g. ChestMNIST) decodes with
 method `multilabel`: generation under `MultiLabelTrie` (class names in class order, no repeats, or
@@ -18,10 +18,9 @@ the answer for none} for the ROC AUC. Each is a probability of its own event: th
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -39,64 +38,6 @@ def load_model_dir(model_dir: str | Path):
     tok = BiomedGPTTokenizer.from_pretrained(model_dir)
     answers = read_model_meta(model_dir).answers
     return model, tok, list(answers) if answers else None
-
-
-@torch.no_grad()
-def predict_vqa(model, tok, recs: list[dict[str, Any]], *, image_size: int, max_source_length: int,
-                answers: list[str] | None, decoding: str = "trie", beam_size: int = 1, max_new_tokens: int = 16,
-                batch_size: int = 16) -> list[dict[str, Any]]:
-    """Answer each record's question about its image; returns one dict per record."""
-    from ..data.transforms import load_image, pad_sequences
-    from ..model.constrained import AnswerTrie
-    from ..tasks import get_task
-
-    task = get_task("vqa")
-    trie = None
-    if decoding == "trie":
-        if not answers:
-            raise ValueError("trie decoding needs answer candidates (answers.json beside the model)")
-        trie = AnswerTrie.from_texts(tok, answers)
-    out: list[dict[str, Any]] = []
-    for start in range(0, len(recs), batch_size):
-        chunk = recs[start:start + batch_size]
-        exs = [task.example(r) for r in chunk]
-        ids = torch.from_numpy(pad_sequences([tok.encode_source(e.instruction, max_length=max_source_length)
-                                              for e in exs], tok.pad_token_id))
-        images = np.zeros((len(chunk), 3, image_size, image_size), dtype=np.float32)
-        masks = np.zeros(len(chunk), dtype=bool)
-        for i, r in enumerate(chunk):
-            if r.get("_image"):
-                images[i] = load_image(r["_image"], image_size)
-                masks[i] = True
-        kwargs = dict(input_ids=ids, patch_images=torch.from_numpy(images), patch_masks=torch.from_numpy(masks),
-                      num_beams=beam_size, max_new_tokens=max_new_tokens, do_sample=False)
-        if trie is not None:
-            kwargs["prefix_allowed_tokens_fn"] = trie.prefix_allowed_tokens_fn()
-        seqs = model.generate(**kwargs)
-        texts = tok.batch_decode(seqs[:, 1:], skip_special_tokens=True)
-        for r, e, text in zip(chunk, exs, texts):
-            out.append({"id": e.meta["id"], "question": e.meta["question"], "prediction": text.strip().lower(),
-                        "answer": e.meta["answer"], "answer_type": e.meta["answer_type"]})
-    return out
-
-
-def vqa_scores(preds: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy overall, closed and open (the same metric code as `biomedgpt score --task vqa`)."""
-    from ..metrics.vqa import vqa_accuracy
-
-    preds = list(preds)
-    return vqa_accuracy([p["prediction"] for p in preds], [p["answer"] for p in preds],
-                        [p["answer_type"] for p in preds])
-
-
-def majority_baseline(train_answers: list[str], preds: list[dict[str, Any]]) -> float:
-    """Accuracy of always answering the most frequent training answer."""
-    if not preds or not train_answers:
-        return 0.0
-    from ..metrics.vqa import normalize_answer
-
-    majority = normalize_answer(Counter(train_answers).most_common(1)[0][0])
-    return sum(normalize_answer(p["answer"]) == majority for p in preds) / len(preds)
 
 
 # -- every task: the official decoding of each task family, or free (zero-shot) generation ---------
