@@ -352,10 +352,12 @@ class EvaluateSpec:
         for ok, name, msg in checks:
             if not ok:
                 raise SpecError(f"{where}.{name}: {msg}, got {getattr(self, name)!r}")
+        from .tasks import evaluated_task_names
+
         for task, size in self.image_sizes.items():
-            if task not in ("vqa", "caption", "classify", "nli", "summarize"):
-                raise SpecError(f"{where}.image_sizes.{task}: not a task family with an evaluation (vqa, caption, "
-                                "classify, nli, summarize)")
+            if task not in evaluated_task_names():
+                raise SpecError(f"{where}.image_sizes.{task}: not a task family with an evaluation "
+                                f"({', '.join(evaluated_task_names())})")
             if size % 16 or not 16 <= size <= 672:
                 raise SpecError(f"{where}.image_sizes.{task}: must be a multiple of 16 in [16, 672], got {size}")
         if self.mode == "zero_shot" and self.decoding == "trie":

@@ -30,6 +30,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from ..tasks import get_task, task_names
+
 #: Fine-tuning task families, then the pretraining-only record kinds: ``text`` (text infilling),
 #: ``image`` (image infilling / masked image modelling) and ``detection`` (boxes + labels).
 TASKS = ("vqa", "caption", "classify", "nli", "summarize", "text", "image", "detection")
@@ -340,8 +342,10 @@ def _check(spec: DatasetSpec, file: str) -> None:
         raise error("answer_candidates.values", "policy fixed needs the list of values")
     if cand.policy != "fixed" and cand.values:
         raise error("answer_candidates.values", f"only used with policy fixed, not {cand.policy}")
-    if cand.policy == "class_names" and spec.task != "classify":
-        raise error("answer_candidates.policy", "class_names applies to classification datasets only")
+    family = get_task(spec.task) if spec.task in task_names() else None
+    if cand.policy == "class_names" and (family is None or family.unspecified_candidates != "class_names"):
+        raise error("answer_candidates.policy", "class_names applies only to datasets of a task that answers with "
+                                                "class names (classification)")
 
 
 def parse_dataset_spec(data: Any, file: str = "<dataset spec>") -> DatasetSpec:

@@ -8,8 +8,10 @@ candidates of constrained decoding, from `datasets_spec/<name>.yaml`'s `answer_c
 | `fixed`             | the listed values                                                           |
 | `none`              | none: free generation                                                       |
 
-Candidates are written as the task's targets are (VQA answers stripped and lower-cased, class names
-lower-cased with '_' read as a space), so that decoding under the trie can produce exactly them.
+A dataset without a spec takes its task's `unspecified_candidates` policy instead: the model's own
+answers (answers.json), the task's `fixed_answers`, the class names of its shards, or none.
+Candidates are written as the task's targets are (`Task.candidate_text`), so that decoding under the
+trie can produce exactly them.
 
 A multi-label dataset (MedMNIST's ChestMNIST, or records whose `label_name` is a list) has its class
 names in class order (the converter's list; from shards, by the records' class indices `label`), the
@@ -25,26 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..tasks import get_task
+
 DATASETS_SPEC_ENV = "BIOMEDGPT_DATASETS_SPEC"
 REPO = Path(__file__).resolve().parents[3]
-
-#: dataset-spec metric name -> the key `biomedgpt score` (and the evaluation) reports it under, per task
-SPEC_METRIC_KEYS: dict[str, dict[str, str]] = {
-    "vqa": {"vqa_accuracy": "accuracy", "vqa_accuracy_closed": "closed_accuracy", "vqa_accuracy_open": "open_accuracy"},
-    "caption": {"bleu4": "bleu_4", "rouge_l": "rouge_l", "meteor": "meteor", "cider": "cider_d"},
-    "classify": {"accuracy": "accuracy", "f1_macro": "macro_f1", "auc": "auc"},
-    "nli": {"accuracy": "accuracy", "f1_macro": "macro_f1"},
-    "summarize": {"rouge1": "rouge1", "rouge2": "rouge2", "rouge_l": "rougeL"},
-}
-#: what a task reports when its dataset has no spec (the same keys)
-DEFAULT_METRICS: dict[str, list[str]] = {
-    "vqa": ["vqa_accuracy", "vqa_accuracy_closed", "vqa_accuracy_open"],
-    "caption": ["bleu4", "rouge_l", "meteor", "cider"],
-    "classify": ["accuracy", "f1_macro"],
-    "nli": ["accuracy", "f1_macro"],
-    "summarize": ["rouge1", "rouge2", "rouge_l"],
-}
-EVAL_TASKS = tuple(SPEC_METRIC_KEYS)
 
 
 class EvaluationError(ValueError):
@@ -93,16 +79,6 @@ def list_split_shards(shards_root: str, dataset: str, split: str):
                               f"`biomedgpt shards build {dataset} --source DIR --out {shards_root}`") from None
 
 
-def normalise_candidate(task: str, text: Any) -> str:
-    if task == "classify":
-        from ..tasks.classify import label_text
-
-        return label_text(text)
-    from ..tasks.vqa import normalize_answer
-
-    return normalize_answer(str(text))
-
-
 @dataclass
 class Candidates:
     """Answer candidates of one dataset (None: free generation) and, for answers_of_splits, how often
@@ -115,30 +91,29 @@ class Candidates:
     multi_label: bool | None = None
 
 
-def answer_candidates(dataset: str, task: str, spec: Any, shards_root: str,
+def answer_candidates(dataset: str, task_name: str, spec: Any, shards_root: str,
                       model_answers: list[str] | None = None) -> Candidates:
-    """The candidates of `dataset` by its dataset spec's policy (see the module docstring). Without a
-    spec, a VQA dataset decodes over the model's own answer list (answers.json) when it has one, a
-    classification dataset over the label names in its shards; NLI uses yes/no/maybe."""
+    """The candidates of `dataset` by its dataset spec's policy, or without a spec by its task's
+    `unspecified_candidates` (see the module docstring)."""
+    task = get_task(task_name)
     if spec is None:
-        if task == "vqa" and model_answers:
-            return Candidates(sorted({normalise_candidate(task, a) for a in model_answers}), "model_answers")
-        if task == "nli":
-            from ..tasks.nli import ANSWERS
-
-            return Candidates(list(ANSWERS), "fixed")
-        if task == "classify":
+        policy = task.unspecified_candidates
+        if policy == "model_answers":
+            if not model_answers:
+                raise EvaluationError(f"{dataset}: a {task_name} dataset without datasets_spec/{dataset}.yaml needs "
+                                      "the model's answers.json for its candidates")
+            return Candidates(sorted({task.candidate_text(a) for a in model_answers}), policy)
+        if policy == "fixed":
+            return Candidates(list(task.fixed_answers), policy)
+        if policy == "class_names":
             names, multi = _label_names_of_shards(dataset, shards_root, None)
-            return Candidates(names, "class_names", multi_label=multi)
-        if task == "vqa":
-            raise EvaluationError(f"{dataset}: a VQA dataset without datasets_spec/{dataset}.yaml needs the model's "
-                                  "answers.json for its candidates")
+            return Candidates(names, policy, multi_label=multi)
         return Candidates(None, "none")
     policy = spec.answer_candidates.policy
     if policy == "none":
         return Candidates(None, policy)
     if policy == "fixed":
-        return Candidates(_distinct(normalise_candidate(task, v) for v in spec.answer_candidates.values), policy)
+        return Candidates(_distinct(task.candidate_text(v) for v in spec.answer_candidates.values), policy)
     if policy == "class_names":
         from ..data.converters.medmnist import SUBSETS, label_names
 
@@ -147,13 +122,13 @@ def answer_candidates(dataset: str, task: str, spec: Any, shards_root: str,
             multi: bool | None = SUBSETS[spec.source.converter].multi_label
         else:
             names, multi = _label_names_of_shards(dataset, shards_root, list(spec.splits))
-        return Candidates(_distinct(normalise_candidate(task, n) for n in names), policy, multi_label=multi)
+        return Candidates(_distinct(task.candidate_text(n) for n in names), policy, multi_label=multi)
     # answers_of_splits
     counts: Counter = Counter()
     for split in spec.answer_candidates.splits:
         for rec in shard_records(shards_root, dataset, split, images=False):
             if rec.get("answer") is not None and str(rec["answer"]).strip():
-                counts[normalise_candidate(task, rec["answer"])] += 1
+                counts[task.candidate_text(rec["answer"])] += 1
     if not counts:
         raise EvaluationError(f"{dataset}: answer_candidates.policy answers_of_splits found no answers in the "
                               f"splits {spec.answer_candidates.splits} under {shards_root}")

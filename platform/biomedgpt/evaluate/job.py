@@ -3,14 +3,15 @@ a results table (results.md, results.json) and an HTML report (report.html).
 
 1. Plan (driver, before any model is loaded): each dataset's task and metrics from its dataset spec
    (`datasets_spec/<name>.yaml`; records name their task too), its shards, the answer candidates of
-   its policy (`candidates.py`) and its decoding (`predict.decode_plan`). Every problem of every
+   its policy (`candidates.py`) and its decoding (the task's `decode_plan`). Every problem of every
    dataset is reported at once, naming the dataset and split.
 2. Predict (Ray): `evaluate.concurrency` actors, each loading the model once (shipped through Ray's
    object store, so workers on other nodes need no shared disk), take whole shards from a queue and
    return their predictions (and image thumbnails of the first shard for the report).
 3. Score (driver): the predictions and references are written as the JSON Lines files that
-   `biomedgpt score` reads and scored by the same function, so the job's metrics are by construction
-   those of `biomedgpt score --task T --predictions P --references R` on its files.
+   `biomedgpt score` reads and scored by the same function (`score.score_predictions`), so the job's
+   metrics are by construction those of `biomedgpt score --task T --predictions P --references R` on
+   its files.
 
 Outputs in `out_dir`: predictions/<dataset>-<split>.jsonl, references/<dataset>-<split>.jsonl,
 results.json, results.md, report.html and metrics.json ({"<dataset>/<split>": metrics}).
@@ -28,10 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .candidates import (DEFAULT_METRICS, EVAL_TASKS, SPEC_METRIC_KEYS, Candidates, EvaluationError,
-                         answer_candidates, list_split_shards, load_dataset_spec_or_none, shard_records)
 from ..modeldir import CONFIG, MODEL_FILES, WEIGHTS, export_checkpoint, materialise, read_model_meta
-from .predict import DecodePlan, decode_plan
+from ..tasks import DecodePlan, evaluated_task_names, get_task
+from .candidates import (Candidates, EvaluationError, answer_candidates, list_split_shards, load_dataset_spec_or_none,
+                         shard_records)
+from .score import score_predictions
 
 
 def say(msg: str) -> None:
@@ -98,9 +100,6 @@ def plan_entries(spec, refs: list[Any] | None = None, *, model_answers: list[str
                  limit: int | None = None) -> list[EvalEntry]:
     """Plan every selected dataset (see the module docstring); raises one EvaluationError listing every
     dataset that cannot be evaluated."""
-    from ..tasks import get_task
-    from ..tasks.classify import is_multi_label
-
     ev = spec.evaluate
     refs = selected_refs(spec) if refs is None else refs
     if not refs:
@@ -119,24 +118,25 @@ def plan_entries(spec, refs: list[Any] | None = None, *, model_answers: list[str
             if first.get("task") and task != first["task"]:
                 raise EvaluationError(f"{where}: datasets_spec/{ref.dataset}.yaml says task {task!r} but its records "
                                       f"say {first['task']!r}")
-            if task not in EVAL_TASKS and any(ref is r for r in spec.data.train) and \
+            family = get_task(task) if task in evaluated_task_names() else None
+            if family is None and any(ref is r for r in spec.data.train) and \
                     all((ref.dataset, ref.split) != (r.dataset, r.split) for r in spec.data.eval):
                 say(f"evaluate: {where} skipped: its task {task!r} is a pretraining objective without an evaluation")
                 continue
-            if task not in EVAL_TASKS:
+            if family is None:
                 raise EvaluationError(f"{where}: task {task!r} has no evaluation (tasks evaluated: "
-                                      f"{', '.join(EVAL_TASKS)})")
-            get_task(task).example(first)  # a record the task family cannot read fails here, not in a worker
+                                      f"{', '.join(evaluated_task_names())})")
+            family.example(first)  # a record the task family cannot read fails here, not in a worker
             cands = answer_candidates(ref.dataset, task, dspec, spec.data.shards, model_answers)
-            multi_label = task == "classify" and is_multi_label(first)
-            if cands.multi_label is not None and task == "classify" and cands.multi_label != multi_label:
+            multi_label = family.multi_label(first)
+            if cands.multi_label is not None and cands.multi_label != multi_label:
                 raise EvaluationError(
                     f"{where}: the dataset's classes are {'multi-label' if cands.multi_label else 'single-label'} "
                     f"but its records' label_name is {'a list' if multi_label else 'one class name'}: rebuild the "
                     "shards with the dataset's converter")
-            plan = decode_plan(task, cands.values, mode=ev.mode, decoding=ev.decoding, beam_size=ev.beam_size,
-                               max_new_tokens=ev.max_new_tokens, multi_label=multi_label)
-            metric_names = list(dspec.metrics) if dspec is not None else list(DEFAULT_METRICS[task])
+            plan = family.decode_plan(cands.values, mode=ev.mode, decoding=ev.decoding, beam_size=ev.beam_size,
+                                      max_new_tokens=ev.max_new_tokens, multi_label=multi_label)
+            metric_names = list(dspec.metrics) if dspec is not None else list(family.default_metrics)
             entries.append(EvalEntry(ref.dataset, ref.split, task, [s.url for s in shards], [s.samples for s in shards],
                                      ev.max_samples if limit is None else limit, plan, metric_names,
                                      ev.image_sizes.get(task, spec.model.image_size), cands))
@@ -320,76 +320,9 @@ def predict_entries(entries: list[EvalEntry], bundle: dict[str, bytes], settings
 # -- 3. score ---------------------------------------------------------------------------------------
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def split_files(preds: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    """(prediction lines, reference lines) in `biomedgpt score`'s formats."""
-    ref_keys = ("references", "answer_type")
-    pred_lines = [{k: v for k, v in p.items() if k not in ref_keys} for p in preds]
-    ref_lines = [{"id": p["id"], **{k: p[k] for k in ref_keys if k in p}} for p in preds]
-    return pred_lines, ref_lines
-
-
-def score_predictions(task: str, preds: list[dict[str, Any]], pred_path: Path, ref_path: Path, *,
-                      meteor: Any = False, candidates: Candidates | None = None,
-                      metric_names: list[str] = ()) -> dict[str, Any]:
-    """Write the predictions and references files and score them with `biomedgpt score`'s `score()`;
-    plus, where the dataset reports them, the AUC of classification (from the candidate scores) and
-    the majority-answer baseline of VQA (from the answers of the candidate splits)."""
-    from .score import score
-
-    pred_lines, ref_lines = split_files(preds)
-    write_jsonl(pred_path, pred_lines)
-    write_jsonl(ref_path, ref_lines)
-    metrics: dict[str, Any] = dict(score(task, pred_path, ref_path, meteor=meteor))
-    if task == "classify" and "auc" in metric_names:
-        metrics["auc"] = classification_auc(preds)
-    if task == "vqa" and candidates is not None and candidates.counts:
-        from ..metrics.vqa import normalize_answer
-
-        majority = normalize_answer(candidates.counts.most_common(1)[0][0])
-        metrics["majority_baseline"] = sum(normalize_answer(p["references"]) == majority for p in preds) / len(preds)
-    return metrics
-
-
-def classification_auc(preds: list[dict[str, Any]]) -> float | None:
-    """ROC AUC of the candidate probabilities (binary: of the second class; more classes: macro
-    one-vs-rest; multi-label, i.e. references that are lists: `classify.multilabel_auc`, the mean of
-    the per-class AUCs); None without scores (free generation) or with fewer than two classes present."""
-    import torch
-    from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
-
-    from ..metrics.classify import multilabel_auc, normalize_label
-
-    rows = [p for p in preds if p.get("scores")]
-    if not rows:
-        return None
-    if isinstance(rows[0]["references"], list):
-        from ..tasks.classify import NO_FINDING
-
-        classes = [n for n in rows[0]["scores"] if normalize_label(n) != NO_FINDING]
-        return multilabel_auc([[p["scores"][c] for c in classes] for p in rows], [p["references"] for p in rows],
-                              classes)
-    names = list(rows[0]["scores"])
-    index = {normalize_label(n): i for i, n in enumerate(names)}
-    rows = [p for p in rows if normalize_label(p["references"]) in index]
-    targets = torch.tensor([index[normalize_label(p["references"])] for p in rows])
-    if len(rows) < 2 or len(set(targets.tolist())) < 2:
-        return None
-    probs = torch.tensor([[p["scores"][n] for n in names] for p in rows], dtype=torch.float32)
-    if len(names) == 2:
-        return float(binary_auroc(probs[:, 1], targets))
-    return float(multiclass_auroc(probs, targets, num_classes=len(names), average="macro"))
-
-
 def reported(task: str, metric_names: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
     """The dataset spec's metric names with their values (None when a metric could not be computed)."""
-    keys = SPEC_METRIC_KEYS[task]
+    keys = get_task(task).spec_metrics
     return {name: metrics.get(keys.get(name, name)) for name in metric_names}
 
 
@@ -435,8 +368,8 @@ def run_evaluation(spec, model_source: str, out_dir: str | Path, *, num_cpus: in
     del bundle
 
     meteor = None
-    if ev.meteor and any(e.task == "caption" for e in entries):
-        from ..metrics.meteor import Meteor
+    if ev.meteor and any(get_task(e.task).needs_meteor for e in entries):
+        from ..metrics.meteor import Meteor  # starts the METEOR jar: only when a dataset is scored with it
 
         meteor = Meteor()
     results, flat = [], {}

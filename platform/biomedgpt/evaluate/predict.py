@@ -1,6 +1,6 @@
 """Predictions of a model on shard records.
 
-`Predictor` decodes any task family (tasks/) the official way (`decode_plan`): generation under a
+`Predictor` decodes any task family (tasks/) as its `DecodePlan` says (the task's `decode_plan`): generation under a
 prefix tree (trie) over the answer candidates for VQA and NLI (beam 1), every class name scored
 under the trie for classification (argmax), beam search with the official beam size, no-repeat
 n-gram size and length penalty for captioning and summarisation; or freely for every task
@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from ..tasks import DecodePlan
 
 
 def load_model_dir(model_dir: str | Path):
@@ -38,58 +40,6 @@ def load_model_dir(model_dir: str | Path):
     tok = BiomedGPTTokenizer.from_pretrained(model_dir)
     answers = read_model_meta(model_dir).answers
     return model, tok, list(answers) if answers else None
-
-
-# -- every task: the official decoding of each task family, or free (zero-shot) generation ---------
-
-
-@dataclass(frozen=True)
-class DecodePlan:
-    """How one dataset is decoded. `method`: `trie` (generation under a prefix tree over `candidates`:
-    only a candidate can come out), `score` (every candidate scored under the trie, the best taken: the
-    official classification decoding), `multilabel` (a list of the `candidates`, the class names in
-    class order, generated under `MultiLabelTrie`, plus per-class scores) or `free` (beam search with
-    these settings)."""
-
-    task: str
-    method: str
-    beam_size: int
-    max_new_tokens: int
-    no_repeat_ngram_size: int = 0
-    length_penalty: float = 1.0
-    candidates: tuple[str, ...] | None = None
-
-
-def decode_plan(task_name: str, candidates: Sequence[str] | None, *, mode: str = "official",
-                decoding: str | None = None, beam_size: int | None = None,
-                max_new_tokens: int | None = None, multi_label: bool = False) -> DecodePlan:
-    """The decoding of `task_name` (tasks/: its official `Decoding`) for `mode` official | zero_shot;
-    `decoding` (trie | beam) overrides how constrained tasks decode in official mode, `beam_size` /
-    `max_new_tokens` override the official values. A constrained task without candidates (dataset
-    policy `none`) generates freely. `multi_label` (classification whose records list several class
-    names): the candidates are the class names in class order, decoded with method `multilabel`."""
-    from ..tasks import get_task
-
-    official = get_task(task_name).decoding
-    beams = beam_size or official.beam_size
-    max_new = max_new_tokens or official.max_new_tokens
-    cands = tuple(candidates) if candidates else None
-    if mode == "official" and official.constrained and cands and decoding != "beam":
-        if multi_label and task_name == "classify":
-            return DecodePlan(task_name, "multilabel", beams, max_new, candidates=cands)
-        method = "score" if task_name == "classify" else "trie"
-        return DecodePlan(task_name, method, beams, max_new, candidates=cands)
-    return DecodePlan(task_name, "free", beams, max_new, official.no_repeat_ngram_size, official.length_penalty,
-                      candidates=cands)
-
-
-def reference_fields(task_name: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """The fields `biomedgpt score` reads from a references line, from an Example's meta."""
-    if task_name == "vqa":
-        return {"references": meta["answer"], "answer_type": meta["answer_type"]}
-    if task_name in ("caption", "summarize"):
-        return {"references": list(meta["references"])}
-    return {"references": meta["answer"]}
 
 
 class Predictor:
@@ -121,7 +71,7 @@ class Predictor:
     def multi_label_trie(self, classes: tuple[str, ...]):
         """MultiLabelTrie over the class names (in class order) and "no finding", cached."""
         from ..model.constrained import MultiLabelTrie
-        from ..tasks.classify import NO_FINDING, SEPARATOR
+        from ..metrics.classify import NO_FINDING, SEPARATOR
 
         if classes not in self._list_tries:
             self._list_tries[classes] = MultiLabelTrie.from_texts(self.tok, [c for c in classes if c != NO_FINDING],
@@ -150,7 +100,7 @@ class Predictor:
             texts, extras = self._decode(plan, chunk, exs, image_size or self.image_size)
             for r, e, text, extra in zip(chunk, exs, texts, extras):
                 pred = {"id": e.meta["id"], "prediction": text, "instruction": e.instruction.strip()}
-                pred.update(reference_fields(plan.task, e.meta))
+                pred.update(task.reference_fields(e.meta))
                 pred.update(extra)
                 out.append(pred)
         return out

@@ -1,6 +1,7 @@
 """The evaluation's human-readable outputs: `results.md` (one table per task, the metrics each dataset
-spec reports) and `report.html` (the same tables, then sample predictions beside their images as
-embedded base64 thumbnails). Every text from data or models is HTML-escaped."""
+spec reports, then the task's `extra_columns`) and `report.html` (the same tables, then sample
+predictions beside their images as embedded base64 thumbnails, ticked where the task judges them right
+or wrong). Every text from data or models is HTML-escaped."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import html
 from pathlib import Path
 from typing import Any
 
-TASK_TITLES = {"vqa": "Visual question answering", "caption": "Captioning / report generation",
-               "classify": "Image classification", "nli": "Natural language inference",
-               "summarize": "Summarisation"}
+from ..tasks import get_task
+
 SCALE_NOTE = ("Metrics are fractions in [0, 1] (papers print x100) except CIDEr, on its conventional x10 "
               "scale (papers print x100: 1.227 = 122.7).")
 
@@ -49,11 +49,12 @@ def _tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str
         names: list[str] = []
         for r in rows:
             names += [n for n in r["reported"] if n not in names]
-        extra = ["majority_baseline"] if task == "vqa" and any("majority_baseline" in r["metrics"] for r in rows) else []
+        family = get_task(task)
+        extra = [c for c in family.extra_columns if any(c in r["metrics"] for r in rows)]
         header = ["dataset", "split", "n", *names, *extra, "decoding"]
         body = [[r["dataset"], r["split"], str(r["count"]), *[fmt(r["reported"].get(n)) for n in names],
                  *[fmt(r["metrics"].get(n)) for n in extra], _decoding(r["decoding"])] for r in rows]
-        out.append((TASK_TITLES.get(task, task), header, body))
+        out.append((family.title or task, header, body))
     return out
 
 
@@ -83,38 +84,6 @@ small { color: #666; }
 """
 
 
-def _multi_label(task: str, p: dict[str, Any]) -> bool:
-    return task == "classify" and isinstance(p.get("references"), list)
-
-
-def _answer_text(value: Any) -> str:
-    """A multi-label answer (list of class names) as text."""
-    from ..tasks.classify import join_labels
-
-    return join_labels(value) if isinstance(value, list) else str(value)
-
-
-def _ref_text(task: str, p: dict[str, Any]) -> str:
-    refs = p.get("references")
-    if _multi_label(task, p):
-        return _answer_text(refs)
-    return " | ".join(refs) if isinstance(refs, list) else str(refs)
-
-
-def _correct(task: str, p: dict[str, Any]) -> bool | None:
-    if task in ("caption", "summarize"):
-        return None
-    if task == "vqa":
-        from ..metrics.vqa import normalize_answer
-
-        return normalize_answer(p["prediction"]) == normalize_answer(str(p["references"]))
-    from ..metrics.classify import label_set, normalize_label
-
-    if _multi_label(task, p):  # the whole set right
-        return set(label_set(p["prediction"])) == set(label_set(p["references"]))
-    return normalize_label(p["prediction"]) == normalize_label(str(p["references"]))
-
-
 def write_html_report(summary: dict[str, Any], predictions: list[list[dict[str, Any]]],
                       thumbnails: list[dict[str, str]], path: Path, samples: int = 8) -> None:
     e = html.escape
@@ -139,6 +108,7 @@ def write_html_report(summary: dict[str, Any], predictions: list[list[dict[str, 
         out.append(f"<h3>{e(r['dataset'])} / {e(r['split'])} <small>({e(r['task'])}, first {min(samples, len(preds))} "
                    f"of {len(preds)})</small></h3>")
         out.append('<table class="samples"><tr><th>image</th><th>input</th><th>prediction</th><th>reference</th></tr>')
+        family = get_task(r["task"])
         for p in preds[:samples]:
             thumb = thumbs.get(p["id"], "")
             if thumb.startswith("data:image/"):
@@ -147,10 +117,11 @@ def write_html_report(summary: dict[str, Any], predictions: list[list[dict[str, 
                 img = f"<small>{e(thumb)}</small>"
             else:
                 img = "<small>no image</small>"
-            ok = _correct(r["task"], p)
+            ok = family.correct(p["prediction"], p.get("references"))
             mark = "" if ok is None else (' <span class="ok">&#10003;</span>' if ok else ' <span class="bad">&#10007;</span>')
             out.append(f"<tr><td>{img}</td><td>{e(p.get('instruction', ''))}<br><small>id {e(str(p['id']))}</small></td>"
-                       f"<td>{e(_answer_text(p['prediction']))}{mark}</td><td>{e(_ref_text(r['task'], p))}</td></tr>")
+                       f"<td>{e(family.answer_text(p['prediction']))}{mark}</td>"
+                       f"<td>{e(family.reference_text(p.get('references')))}</td></tr>")
         out.append("</table>")
     out.append("</body></html>")
     path.write_text("\n".join(out) + "\n", encoding="utf-8")

@@ -3,15 +3,18 @@
 Instruction: ` what does the image describe?`. Target: the caption as OFA trains on it (lower-cased,
 punctuation removed, whitespace collapsed, at most `max_target_words` words, 20 in the official
 recipe). The references kept for scoring are the record's captions as released (`caption`, or the
-list `captions`).
+list `captions`). Decoding: beam 10, at most 32 tokens, no repeated 3-grams. Scores: BLEU-1..4, METEOR,
+ROUGE-L and CIDEr-D as pycocoevalcap computes them (`biomedgpt.metrics.caption`). Served at
+`POST /v1/caption` (an image).
 """
 
 from __future__ import annotations
 
 import string
-from typing import Any
+from typing import Any, Sequence
 
-from .base import Decoding, Example, clean_text, register, require, truncate_words
+from ..metrics.caption import caption_metrics
+from .base import Decoding, Example, Line, Task, clean_text, register, require, truncate_words
 
 _NO_PUNCT = str.maketrans({c: None for c in string.punctuation})
 INSTRUCTION = " what does the image describe?"
@@ -30,12 +33,16 @@ def references(record: dict[str, Any]) -> list[str]:
 
 
 @register
-class CaptionTask:
+class CaptionTask(Task):
     name = "caption"
     has_image = True
     decoding = Decoding(constrained=False, beam_size=10, max_new_tokens=32, no_repeat_ngram_size=3)
-    metrics = ("bleu_4", "meteor", "rouge_l", "cider")
-    input_fields: tuple[str, ...] = ()
+    metrics = ("bleu_4", "meteor", "rouge_l", "cider_d")
+    spec_metrics = {"bleu4": "bleu_4", "rouge_l": "rouge_l", "meteor": "meteor", "cider": "cider_d"}
+    default_metrics = ("bleu4", "rouge_l", "meteor", "cider")
+    needs_meteor = True
+    title = "Captioning / report generation"
+    summary = "Describe an image (report generation / captioning)"
 
     def __init__(self, max_target_words: int = 20) -> None:
         self.max_target_words = max_target_words
@@ -53,3 +60,16 @@ class CaptionTask:
             has_image=True,
             meta={"id": str(record.get("id", "")), "references": refs},
         )
+
+    def reference_fields(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return {"references": list(meta["references"])}
+
+    def read_references(self, lines: Sequence[Line]) -> list[Any]:
+        return [line.strings("references", allow_string=False) for line in lines]
+
+    def score(self, predictions: Sequence[str], references: Sequence[Any], *, meteor: Any = True) -> dict[str, Any]:
+        """`meteor`: True (start the jar), False (leave METEOR out) or a running `Meteor` to reuse."""
+        return {**caption_metrics(list(predictions), list(references), meteor=meteor), "count": len(predictions)}
+
+    def correct(self, prediction: Any, references: Any) -> bool | None:
+        return None  # a caption is scored against its references, not right or wrong

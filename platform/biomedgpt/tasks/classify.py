@@ -19,14 +19,21 @@ scores the rest of a longer list unconstrained.
 
 Text-only classification records (a `text` field and no image, e.g. SEER case records) are asked
 ` what is the treatment for the patient " {text} "?` (datasets_spec/seer.yaml's prompt).
+
+Scores: accuracy and macro-F1 of the class names; multi-label: accuracy (1 - Hamming loss), macro-F1
+and exact match of the lists (`biomedgpt.metrics.classify`); where the dataset spec reports `auc`, the
+ROC AUC of the per-class scores. Served at `POST /v1/classify` (image, optional `labels`; without them
+the model's label set, and a multi-label model answers with the list of its findings).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from ..metrics.classify import NO_FINDING, SEPARATOR, join_labels, split_labels  # noqa: F401 (the answer format)
-from .base import Decoding, Example, MissingFieldError, clean_text, pre_caption, register, require
+from ..metrics.classify import (NO_FINDING, classification_metrics, join_labels, label_set, multilabel_auc,
+                                multilabel_metrics, normalize_label)
+from .base import (Decoding, Example, Line, MissingFieldError, RequestError, RequestField, ServedModel, ServeRequest,
+                   Task, clean_text, pre_caption, register, require)
 
 INSTRUCTION = " what does the image describe?"
 TEXT_INSTRUCTION = ' what is the treatment for the patient " {text} "?'
@@ -64,12 +71,18 @@ def multi_label_classes(records: Sequence[dict[str, Any]]) -> list[str]:
 
 
 @register
-class ClassifyTask:
+class ClassifyTask(Task):
     name = "classify"
     has_image = True
-    decoding = Decoding(constrained=True, beam_size=1, max_new_tokens=16)
+    decoding = Decoding(constrained=True, beam_size=1, max_new_tokens=16, scored=True)
     metrics = ("accuracy", "macro_f1")
-    input_fields: tuple[str, ...] = ()
+    spec_metrics = {"accuracy": "accuracy", "f1_macro": "macro_f1", "auc": "auc"}
+    default_metrics = ("accuracy", "f1_macro")
+    unspecified_candidates = "class_names"
+    title = "Image classification"
+    request_fields = (RequestField("labels", kind="labels", required=False,
+                                   description="candidate labels; omitted: the model's label set"),)
+    summary = "Classify an image among candidate labels (default: the model's label set)"
 
     def __init__(self, labels: Sequence[str] | None = None, max_text_words: int = 512) -> None:
         self.labels = tuple(label_text(x) for x in labels) if labels else None
@@ -79,6 +92,12 @@ class ClassifyTask:
         if record and record.get("text") and not record.get("image"):
             return TEXT_INSTRUCTION.format(text=pre_caption(record["text"], self.max_text_words))
         return INSTRUCTION
+
+    def multi_label(self, record: dict[str, Any]) -> bool:
+        return is_multi_label(record)
+
+    def candidate_text(self, text: Any) -> str:
+        return label_text(text)
 
     def example(self, record: dict[str, Any]) -> Example:
         if is_multi_label(record):
@@ -137,3 +156,87 @@ class ClassifyTask:
                   "multi_label": True},
             candidates=candidates,
         )
+
+    # -- scores and reports ---------------------------------------------------------------------
+
+    def read_references(self, lines: Sequence[Line]) -> list[Any]:
+        """Class names; multi-label: lists of them (every line of a file the kind of its first)."""
+        out: list[Any] = []
+        first_is_list = isinstance(lines[0].obj.get("references"), list) if lines else False
+        for line in lines:
+            if first_is_list:
+                out.append(line.labels("references", allow_string=False))
+                continue
+            if isinstance(line.obj.get("references"), list):
+                raise line.error(f"field 'references' is a list (multi-label) but on line {lines[0].lineno} a string "
+                                 "(single-label): one file holds one kind")
+            out.append(line.string("references"))
+        return out
+
+    def read_prediction(self, line: Line, reference: Any) -> Any:
+        """A class name; for a multi-label reference a list of names or a text of them joined by commas."""
+        if isinstance(reference, list):
+            return line.labels("prediction", allow_string=True)
+        return line.string("prediction")
+
+    def score(self, predictions: Sequence[Any], references: Sequence[Any], *, meteor: Any = True) -> dict[str, Any]:
+        if references and isinstance(references[0], list):
+            return multilabel_metrics(predictions, references)
+        return classification_metrics(predictions, references)
+
+    def extra_metrics(self, predictions: Sequence[dict[str, Any]], metric_names: Sequence[str],
+                      candidates: Any = None) -> dict[str, Any]:
+        """`auc` where the dataset reports it: the ROC AUC of the candidate scores."""
+        return {"auc": classification_auc(predictions)} if "auc" in metric_names else {}
+
+    def answer_text(self, value: Any) -> str:
+        return join_labels(value) if isinstance(value, list) else str(value)
+
+    def reference_text(self, references: Any) -> str:
+        return self.answer_text(references)
+
+    def correct(self, prediction: Any, references: Any) -> bool | None:
+        if isinstance(references, list):  # the whole set right
+            return set(label_set(prediction)) == set(label_set(references))
+        return normalize_label(str(prediction)) == normalize_label(str(references))
+
+    # -- serving --------------------------------------------------------------------------------
+
+    def request(self, fields: Mapping[str, Any], model: ServedModel) -> ServeRequest:
+        """The labels sent, else the model's label set: a multi-label model's classes (answered with the
+        list of its findings) or its answers.json."""
+        labels = fields.get("labels")
+        if labels is not None:
+            return ServeRequest({}, tuple(labels))
+        if model.classes:
+            return ServeRequest({}, tuple(model.classes), multi_label=True)
+        if not model.answers:
+            raise RequestError("labels", f"required: model {model.id} has no label set (answers.json)")
+        return ServeRequest({}, tuple(model.answers))
+
+
+def classification_auc(preds: Sequence[dict[str, Any]]) -> float | None:
+    """ROC AUC of the candidate probabilities (binary: of the second class; more classes: macro
+    one-vs-rest; multi-label, i.e. references that are lists: `multilabel_auc`, the mean of the
+    per-class AUCs); None without scores (free generation) or with fewer than two classes present."""
+    rows = [p for p in preds if p.get("scores")]
+    if not rows:
+        return None
+    if isinstance(rows[0]["references"], list):
+        classes = [n for n in rows[0]["scores"] if normalize_label(n) != NO_FINDING]
+        return multilabel_auc([[p["scores"][c] for c in classes] for p in rows], [p["references"] for p in rows],
+                              classes)
+    # torchmetrics takes seconds to import: only where an AUC is computed
+    import torch
+    from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
+
+    names = list(rows[0]["scores"])
+    index = {normalize_label(n): i for i, n in enumerate(names)}
+    rows = [p for p in rows if normalize_label(p["references"]) in index]
+    targets = torch.tensor([index[normalize_label(p["references"])] for p in rows])
+    if len(rows) < 2 or len(set(targets.tolist())) < 2:
+        return None
+    probs = torch.tensor([[p["scores"][n] for n in names] for p in rows], dtype=torch.float32)
+    if len(names) == 2:
+        return float(binary_auroc(probs[:, 1], targets))
+    return float(multiclass_auroc(probs, targets, num_classes=len(names), average="macro"))

@@ -45,7 +45,7 @@ from __future__ import annotations
 import random
 from typing import Any, Iterable, Mapping, Sequence
 
-from .base import Decoding, Example, MissingFieldError, clean_text, pre_caption, register, require
+from .base import Decoding, Example, MissingFieldError, Task, clean_text, pre_caption, register, require
 from .caption import caption_target
 from .infilling import center_codes, load_codes, whole_word_mask
 from .vqa import VQATask
@@ -133,7 +133,7 @@ def record_objects(record: Mapping[str, Any]) -> list[tuple[list[float], str | N
 
 
 @register
-class PretrainTask:
+class PretrainTask(Task):
     """The pretraining mixture of objectives (see the module doc). Options: `objectives` (per record task,
     objective -> proportion, replacing that task's defaults; or a list of objective names, which keeps
     the default proportions of those only), `seed`, `loss_weights` (objective -> weight, over the
@@ -145,6 +145,9 @@ class PretrainTask:
     decoding = Decoding(constrained=False, beam_size=5, max_new_tokens=32)
     metrics: tuple[str, ...] = ()
     input_fields: tuple[str, ...] = ()
+    #: a training objective: its datasets have no evaluation, and a model trained on it may be asked any task
+    evaluated = False
+    generalist = True
     #: `example` takes the batch context (negatives, codes, salt) the data pipeline passes.
     uses_batch_context = True
 

@@ -25,6 +25,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..tasks import get_task
+
 
 def full_state_dict(model: torch.nn.Module, rank0: bool) -> dict[str, torch.Tensor]:
     """The model's full (unsharded) weights on CPU on rank 0, {} elsewhere. When the model is
@@ -131,7 +133,7 @@ class EvalDuringTraining(L.Callback):
         self._predictor = Predictor(self._model, tok, image_size=c["image_size"],
                                     max_source_length=c["max_source_length"], batch_size=c["batch_size"])
         self._records = [self.read(e["units"]) for e in c["entries"]]
-        if c.get("meteor") and any(e["task"] == "caption" for e in c["entries"]):
+        if c.get("meteor") and any(get_task(e["task"]).needs_meteor for e in c["entries"]):
             from ..metrics.meteor import Meteor
 
             self._meteor = Meteor()
@@ -154,7 +156,7 @@ class EvalDuringTraining(L.Callback):
 
     @torch.no_grad()
     def run(self, state: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
-        from ..evaluate.job import score_predictions
+        from ..evaluate.score import score_predictions
 
         if self._model is None:
             self.setup_rank0(device)
