@@ -301,9 +301,9 @@ def _train_export_evaluate(spec: JobSpec, *, num_cpus: int | None = None) -> Run
     res = RunResult(run_dir=str(run_dir), checkpoint=result.checkpoint.path, export_dir=str(export_dir),
                     metrics=dict(result.metrics or {}))
     if spec.evaluate.enabled and (spec.data.eval or spec.data.train):
-        from .evaluate.predict import evaluate_model_dir
+        from .evaluate.job import run_evaluation
 
-        res.evaluation = evaluate_model_dir(export_dir, spec, out_dir=run_dir / "eval")
+        res.evaluation = run_evaluation(spec, str(export_dir), run_dir / "eval")
     if remote:
         scheme = run_url.split("://", 1)[0]
         res.run_dir, res.export_dir = run_url, st.join(run_url, "export")

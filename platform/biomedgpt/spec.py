@@ -314,7 +314,9 @@ class EvaluateSpec:
     any other name: the `data.eval` entries of that split); `max_samples` caps each dataset (0: all).
     `image_sizes` sets the input resolution per task (e.g. {caption: 480}; default model.image_size).
     The work runs on `concurrency` Ray actors (each loads the model once, `cpus_per_worker` CPUs, a GPU
-    each with `use_gpu`); the report shows `report_samples` predictions per dataset beside their images.
+    each with `use_gpu`); the model and every input run on `device` (auto: CUDA when the actor has a
+    GPU; cuda needs use_gpu) in `dtype` (float32 | bfloat16 | float16); the report shows
+    `report_samples` predictions per dataset beside their images.
     `enabled` switches the evaluation after training; `every_n_steps` > 0 evaluates during training
     too, on rank 0, on at most `max_samples_during_training` samples per dataset, logging
     `eval/<dataset>/<metric>` to the run's loggers."""
@@ -330,6 +332,8 @@ class EvaluateSpec:
     concurrency: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     meteor: bool = True
     report_samples: int = 8
     every_n_steps: int = 0
@@ -360,6 +364,9 @@ class EvaluateSpec:
                                 f"({', '.join(evaluated_task_names())})")
             if size % 16 or not 16 <= size <= 672:
                 raise SpecError(f"{where}.image_sizes.{task}: must be a multiple of 16 in [16, 672], got {size}")
+        if self.device == "cuda" and not self.use_gpu:
+            raise SpecError(f"{where}.device: cuda needs use_gpu: true (Ray gives an evaluation actor a GPU only "
+                            "then); or device: auto")
         if self.mode == "zero_shot" and self.decoding == "trie":
             raise SpecError(f"{where}.decoding: 'trie' contradicts mode zero_shot (free generation for every task); "
                             "leave decoding out")

@@ -65,16 +65,17 @@ def test_eval_every_n_steps_logs_metrics(tmp_path, shared):
     assert (exported / "config.json").is_file() and (exported / "model.safetensors").is_file()
 
     # the step-4 metrics are those of the exported step-4 model on the same samples, evaluated unsharded
-    from biomedgpt.evaluate.job import score_predictions, training_eval_config
-    from biomedgpt.evaluate.predict import Predictor, load_model_dir
+    from biomedgpt.evaluate.job import training_eval_config
+    from biomedgpt.evaluate.score import score_predictions
+    from biomedgpt.inference import Predictor
     from biomedgpt.spec import load_spec
     from biomedgpt.train.eval_callback import EvalDuringTraining
 
     spec = load_spec(spec_path)
     spec.data.shards = str(shards)
     config = training_eval_config(spec, model_answers=[])
-    model, tok, _ = load_model_dir(run / "export")
-    predictor = Predictor(model, tok, image_size=32, max_source_length=spec.data.max_source_length, batch_size=4)
+    predictor = Predictor.from_model_dir(run / "export", image_size=32, max_source_length=spec.data.max_source_length,
+                                         batch_size=4, device="cpu")
     for entry in config["entries"]:
         preds = predictor.predict(entry["plan"], EvalDuringTraining.read(entry["units"]))
         m = score_predictions(entry["task"], preds, tmp_path / "p.jsonl", tmp_path / "r.jsonl")

@@ -51,6 +51,8 @@ def base(**evaluate) -> dict:
     (lambda d: d["evaluate"].update(every_n_step=5), "e.yaml: evaluate.every_n_step: unknown field (did you mean 'every_n_steps'?)"),
     (lambda d: d["evaluate"].update(image_sizes={"caption": 500}), "e.yaml: evaluate.image_sizes.caption: must be a multiple of 16"),
     (lambda d: d["evaluate"].update(image_sizes={"detection": 256}), "e.yaml: evaluate.image_sizes.detection: not a task"),
+    (lambda d: d["evaluate"].update(device="cuda"), "e.yaml: evaluate.device: cuda needs use_gpu: true"),
+    (lambda d: d["evaluate"].update(dtype="int8"), "e.yaml: evaluate.dtype: expected one of 'float32', 'bfloat16'"),
     (lambda d: d["model"].update(tokenizer={"train_vocab_size": 500}), "e.yaml: model.tokenizer.train_vocab_size: an evaluate job uses"),
 ])
 def test_bad_evaluate_specs_name_file_and_field(change, message):

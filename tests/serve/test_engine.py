@@ -1,5 +1,5 @@
-"""Serving without Ray: batched candidate scoring equals the reference scorer, a batch answers as its
-requests one by one, and bad images become 4xx errors naming the field."""
+"""Serving without Ray: the one candidate scorer gives the same scores however its rows are batched, a
+batch answers as its requests one by one, and bad images become 4xx errors naming the field."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from serve_helpers import VQA_ANSWERS, dicom_bytes, png_bytes
 
-from biomedgpt.serve.engine import Query, load_model, run_batch, score_candidates_batched
+from biomedgpt.serve.engine import Query, load_model, run_batch
 from biomedgpt.serve.inputs import ApiError, Limits, image_array, label_list, open_image, text_field
 
 
@@ -24,22 +24,22 @@ def _image(seed: int) -> np.ndarray:
     return rng.uniform(-1, 1, (3, 64, 64)).astype(np.float32)
 
 
-def test_batched_scores_equal_the_reference_scorer(loaded):
+def test_scores_do_not_depend_on_how_rows_are_batched(loaded):
+    """`score_candidates` runs samples x candidates through the decoder in chunks of rows: the scores of a
+    batch, split across chunks anywhere, equal those of each sample alone."""
     from biomedgpt.model.constrained import score_candidates
 
-    trie, texts = loaded.trie(tuple(VQA_ANSWERS))
+    p = loaded.predictor
+    trie, texts = p.answer_trie(tuple(VQA_ANSWERS))
     assert texts == VQA_ANSWERS
-    tok = loaded.tok
-    from biomedgpt.data.transforms import pad_sequences
-
-    ids = torch.from_numpy(pad_sequences([tok.encode_source(q, max_length=32) for q in
-                                          (" is there a fracture?", " which organ?", " is the lung clear on the left?")],
-                                         tok.pad_token_id))
-    images = torch.from_numpy(np.stack([_image(i) for i in range(3)]))
-    masks = torch.ones(3, dtype=torch.bool)
-    ref = score_candidates(loaded.model, trie, ids, patch_images=images, patch_masks=masks)
-    got = score_candidates_batched(loaded.model, trie, ids, images, masks, max_rows=5)  # rows split across chunks
-    assert torch.allclose(got, ref, atol=1e-5), (got, ref)
+    questions = (" is there a fracture?", " which organ?", " is the lung clear on the left?")
+    images = [_image(i) for i in range(3)]
+    inputs = p.inputs(questions, images, source_length=32)
+    together = score_candidates(p.model, trie, **inputs)
+    split = score_candidates(p.model, trie, chunk_size=5, **inputs)  # rows split across chunks
+    alone = torch.cat([score_candidates(p.model, trie, **p.inputs([q], [im], source_length=32))
+                       for q, im in zip(questions, images)])
+    assert torch.allclose(split, together, atol=1e-5) and torch.allclose(alone, together, atol=1e-5), (split, alone)
 
 
 def test_a_batch_answers_as_single_requests(loaded):
@@ -92,12 +92,11 @@ def test_a_multi_label_model_answers_with_a_list_of_its_classes(loaded):
         assert np.allclose([x["probability"] for x in b["scores"]], [x["probability"] for x in s["scores"]], atol=1e-4)
     assert batched[3]["decoding"] == "trie" and batched[3]["answer"] in CHEST and "labels" not in batched[3]
     # the probabilities are label_list_probabilities' for the generated lists
-    trie = MultiLabelTrie.from_texts(loaded.tok, list(CHEST), NO_FINDING)
-    from biomedgpt.serve.engine import _inputs
-
-    ids, images, masks = _inputs(loaded, "classify", queries[:1])
+    p = loaded.predictor
+    trie = MultiLabelTrie.from_texts(p.tok, list(CHEST), NO_FINDING)
+    inputs = p.inputs([queries[0].instruction], [queries[0].image])
     listed = [[CHEST.index(n) for n in batched[0]["labels"]]]
-    probs = label_list_probabilities(loaded.model, trie, ids, patch_images=images, patch_masks=masks, listed=listed)[0]
+    probs = label_list_probabilities(p.model, trie, **inputs, listed=listed)[0]
     by_class = {x["candidate"]: x["probability"] for x in batched[0]["scores"]}
     assert np.allclose([by_class[c] for c in [*CHEST, NO_FINDING]], probs.tolist(), atol=1e-5)
 

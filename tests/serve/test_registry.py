@@ -78,12 +78,12 @@ def test_export_a_run_checkpoint_writes_the_model_card(tmp_path, demo_tokenizer_
     # the exported weights load and equal the checkpoint's
     import torch
 
-    from biomedgpt.evaluate.predict import load_model_dir
+    from biomedgpt.inference import load_model_dir
 
-    model, tok, answers = load_model_dir(entry.url)
+    model, tok, meta = load_model_dir(entry.url)
     state = torch.load(ckpt / "lightning.ckpt", weights_only=False)["state_dict"]
     assert torch.equal(model.state_dict()["encoder.layers.0.fc1.weight"], state["model.encoder.layers.0.fc1.weight"])
-    assert answers == VQA_ANSWERS
+    assert list(meta.answers) == VQA_ANSWERS and meta.tasks == ("vqa",)
 
 
 def _export_worker(args):
@@ -140,9 +140,9 @@ def test_registry_on_s3(s3_bucket, vqa_model_dir, tmp_path, demo_tokenizer_dir, 
     local = reg.local_dir(latest)  # downloaded once, sha256-checked against the manifest
     assert local.is_relative_to(tmp_path / "cache") and (local / "model.safetensors").is_file()
     assert reg.local_dir(latest) == local
-    from biomedgpt.evaluate.predict import load_model_dir
+    from biomedgpt.inference import load_model_dir
 
-    assert load_model_dir(local)[2] == VQA_ANSWERS
+    assert list(load_model_dir(local)[2].answers) == VQA_ANSWERS
     # an existing version's object is never replaced by the protocol's exclusive writes
     from biomedgpt.serve.registry import create_exclusive
 

@@ -6,8 +6,9 @@ a results table (results.md, results.json) and an HTML report (report.html).
    its policy (`candidates.py`) and its decoding (the task's `decode_plan`). Every problem of every
    dataset is reported at once, naming the dataset and split.
 2. Predict (Ray): `evaluate.concurrency` actors, each loading the model once (shipped through Ray's
-   object store, so workers on other nodes need no shared disk), take whole shards from a queue and
-   return their predictions (and image thumbnails of the first shard for the report).
+   object store, so workers on other nodes need no shared disk) into a `biomedgpt.inference.Predictor`
+   on `evaluate.device` in `evaluate.dtype`, take whole shards from a queue and return their
+   predictions (and image thumbnails of the first shard for the report).
 3. Score (driver): the predictions and references are written as the JSON Lines files that
    `biomedgpt score` reads and scored by the same function (`score.score_predictions`), so the job's
    metrics are by construction those of `biomedgpt score --task T --predictions P --references R` on
@@ -222,24 +223,21 @@ def thumbnail(data: bytes, size: int = 160) -> str:
 
 
 class EvalWorker:
-    """One Ray actor: loads the model once, then predicts whole shards."""
+    """One Ray actor: loads the model once (on `device` in `dtype`), then predicts whole shards."""
 
     def __init__(self, bundle: dict[str, bytes], settings: dict[str, Any]) -> None:
+        # torch and the model code load in the actors only: the driver plans and scores without them
         import torch
 
-        from ..model import BiomedGPTForConditionalGeneration
-        from ..model.tokenizer import BiomedGPTTokenizer
-        from .predict import Predictor
+        from ..inference import Predictor
 
         torch.set_num_threads(max(1, int(settings.get("threads", 1))))
         self.dir = Path(tempfile.mkdtemp(prefix="biomedgpt-eval-"))
         model_dir, tok_dir = materialise(bundle, self.dir)
-        model = BiomedGPTForConditionalGeneration.from_pretrained(model_dir)
-        if settings.get("use_gpu") and torch.cuda.is_available():
-            model = model.cuda()
-        self.predictor = Predictor(model, BiomedGPTTokenizer.from_pretrained(tok_dir),
-                                   image_size=settings["image_size"], max_source_length=settings["max_source_length"],
-                                   batch_size=settings["batch_size"])
+        self.predictor = Predictor.from_model_dir(model_dir, tokenizer_dir=tok_dir, device=settings["device"],
+                                                  dtype=settings["dtype"], image_size=settings["image_size"],
+                                                  max_source_length=settings["max_source_length"],
+                                                  batch_size=settings["batch_size"])
 
     def run(self, unit: dict[str, Any]) -> dict[str, Any]:
         from ..data.shards import read_shard
@@ -356,7 +354,8 @@ def run_evaluation(spec, model_source: str, out_dir: str | Path, *, num_cpus: in
         tokenizer_spec = spec.model.tokenizer if spec.kind == "evaluate" else None
         bundle = model_bundle(model_dir, tokenizer_spec, Path(tmp))
     settings = {"image_size": spec.model.image_size, "max_source_length": spec.data.max_source_length,
-                "batch_size": ev.batch_size, "threads": max(1, int(ev.cpus_per_worker)), "use_gpu": ev.use_gpu}
+                "batch_size": ev.batch_size, "threads": max(1, int(ev.cpus_per_worker)), "device": ev.device,
+                "dtype": ev.dtype}
     started = ensure_ray(num_cpus)
     try:
         preds, thumbs, predict_seconds, workers = predict_entries(
@@ -414,7 +413,7 @@ def training_eval_config(spec, model_answers: list[str] | None = None) -> dict[s
     entries = plan_entries(spec, model_answers=model_answers, limit=ev.max_samples_during_training)
     if not entries:
         return None
-    return {"every_n_steps": ev.every_n_steps, "batch_size": ev.batch_size, "meteor": ev.meteor,
+    return {"every_n_steps": ev.every_n_steps, "batch_size": ev.batch_size, "meteor": ev.meteor, "dtype": ev.dtype,
             "image_size": spec.model.image_size, "max_source_length": spec.data.max_source_length,
             "entries": [{"dataset": e.dataset, "split": e.split, "task": e.task, "units": e.units(), "plan": e.plan,
                          "metric_names": e.metric_names, "image_size": e.image_size} for e in entries]}

@@ -111,58 +111,54 @@ def score_candidates(
     patch_masks: torch.Tensor | None = None,
     constrain: bool = True,
     normalize: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int = 256,
 ) -> torch.Tensor:
-    """Log-probability of every candidate for every sample: (B, num_candidates), float32.
+    """Log-probability of every candidate for every sample: (B, num_candidates), float32, on the
+    inputs' device.
 
     Each candidate is teacher-forced after BOS; with `constrain`, each step's log-softmax runs only
     over the tokens the trie allows there. `normalize` divides by the candidate length in tokens.
-    The encoder runs once per sample; candidates go through the decoder in chunks of `chunk_size`.
+    The encoder runs once per sample; the decoder runs over samples x candidates together, at most
+    `chunk_size` (sample, candidate) rows per call (one call for a batch of serving requests).
     """
     device = input_ids.device
     bsz = input_ids.size(0)
     enc = model.encoder(input_ids, patch_images=patch_images, patch_masks=patch_masks)
     cands = trie.candidates
+    n = len(cands)
     max_len = max(len(c) for c in cands)
     pad = model.config.pad_token_id
-    targets = torch.full((len(cands), max_len), pad, dtype=torch.long)
-    valid = torch.zeros(len(cands), max_len, dtype=torch.bool)
+    targets = torch.full((n, max_len), pad, dtype=torch.long)
+    valid = torch.zeros(n, max_len, dtype=torch.bool)
     # Per step, the ids the trie allows (padded with -1): a (N, L, K) index instead of a vocab-wide mask.
     allowed_lists = [[trie.next_tokens(c[:i]) for i in range(len(c))] for c in cands]
     k_max = max(len(a) for steps in allowed_lists for a in steps)
-    allowed = torch.full((len(cands), max_len, k_max), -1, dtype=torch.long)
+    allowed = torch.full((n, max_len, k_max), -1, dtype=torch.long)
     for i, cand in enumerate(cands):
         targets[i, : len(cand)] = torch.tensor(cand)
         valid[i, : len(cand)] = True
         for j, ids in enumerate(allowed_lists[i]):
             allowed[i, j, : len(ids)] = torch.tensor(ids)
-    dec_in = torch.cat([torch.full((len(cands), 1), model.config.decoder_start_token_id), targets[:, :-1]], dim=1)
-    dec_in = dec_in.masked_fill(~torch.cat([torch.ones(len(cands), 1, dtype=torch.bool), valid[:, :-1]], 1), pad)
-    scores = torch.empty(bsz, len(cands), dtype=torch.float32, device=device)
-    for start in range(0, len(cands), chunk_size):
-        sl = slice(start, min(start + chunk_size, len(cands)))
-        n = sl.stop - sl.start
-        for b in range(bsz):
-            rep = BiomedGPTEncoderOutput(
-                last_hidden_state=enc.last_hidden_state[b : b + 1].expand(n, -1, -1),
-                padding_mask=enc.padding_mask[b : b + 1].expand(n, -1),
-                position_embeddings=enc.position_embeddings[b : b + 1].expand(n, -1, -1),
-            )
-            logits = model(decoder_input_ids=dec_in[sl].to(device), encoder_outputs=rep, use_cache=False).logits.float()
-            target_logit = logits.gather(-1, targets[sl].to(device)[..., None]).squeeze(-1)
-            if constrain:
-                idx = allowed[sl].to(device)
-                sub = logits.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, float("-inf"))
-                norm = torch.logsumexp(sub, dim=-1)
-            else:
-                norm = torch.logsumexp(logits, dim=-1)
-            v = valid[sl].to(device)
-            tok = (target_logit - norm).masked_fill(~v, 0.0)
-            total = tok.sum(-1)
-            if normalize:
-                total = total / v.sum(-1)
-            scores[b, sl] = total
-    return scores
+    dec_in = torch.cat([torch.full((n, 1), model.config.decoder_start_token_id), targets[:, :-1]], dim=1)
+    dec_in = dec_in.masked_fill(~torch.cat([torch.ones(n, 1, dtype=torch.bool), valid[:, :-1]], 1), pad)
+    targets, valid, allowed, dec_in = (t.to(device) for t in (targets, valid, allowed, dec_in))
+    out = torch.empty(bsz * n, dtype=torch.float32, device=device)
+    for start in range(0, bsz * n, chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, bsz * n), device=device)
+        b, c = rows // n, rows % n
+        rep = BiomedGPTEncoderOutput(last_hidden_state=enc.last_hidden_state[b], padding_mask=enc.padding_mask[b],
+                                     position_embeddings=enc.position_embeddings[b])
+        logits = model(decoder_input_ids=dec_in[c], encoder_outputs=rep, use_cache=False).logits.float()
+        target_logit = logits.gather(-1, targets[c][..., None]).squeeze(-1)
+        if constrain:
+            idx = allowed[c]
+            norm = torch.logsumexp(logits.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, float("-inf")), dim=-1)
+        else:
+            norm = torch.logsumexp(logits, dim=-1)
+        v = valid[c]
+        total = (target_logit - norm).masked_fill(~v, 0.0).sum(-1)
+        out[rows] = total / v.sum(-1) if normalize else total
+    return out.view(bsz, n)
 
 
 class _Node:

@@ -605,10 +605,12 @@ class BiomedGPTModels:
 
         ref = ModelRef.parse(model_id)
         loop = asyncio.get_running_loop()
+        m = self.spec.models
 
         def work():
             entry = self.source.resolve(ref)
-            return load_model(self.source.local_dir(entry), entry.id, threads=self.spec.models.torch_threads)
+            return load_model(self.source.local_dir(entry), entry.id, threads=m.torch_threads, device=m.device,
+                              dtype=m.dtype)
 
         loaded = await loop.run_in_executor(self._pool, work)
         self.loads[model_id] += 1

@@ -88,11 +88,15 @@ class AutoscalingSpec:
 @dataclass
 class ModelsSpec:
     """The multiplexed model deployment: each replica keeps the `max_models_per_replica` most recently used
-    models (LRU) and batches requests per model."""
+    models (LRU) and batches requests per model. Each model and every input runs on `device` (auto: CUDA
+    when the replica has a GPU, `num_gpus`; cuda needs num_gpus > 0) in `dtype` (float32 | bfloat16 |
+    float16)."""
 
     max_models_per_replica: int = 2
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int = 1
     max_ongoing_requests: int = 64
     batch: BatchSpec = field(default_factory=BatchSpec)
@@ -145,6 +149,9 @@ class ServeAppSpec:
             raise SpecError(f"{f}: registry, model_dir: give one of them (a registry, or one model directory)")
         if self.model_dir is None and not self.auth:
             raise SpecError(f"{f}: auth: a registry app serves several departments and needs API keys (auth: true)")
+        if self.models.device == "cuda" and not self.models.num_gpus:
+            raise SpecError(f"{f}: models.device: cuda needs models.num_gpus > 0 (Ray gives a replica a GPU only "
+                            "then); or device: auto")
         if not self.route_prefix.startswith("/"):
             raise fail("route_prefix", "must start with '/'", self.route_prefix)
         if not 1 <= self.http.port <= 65535:

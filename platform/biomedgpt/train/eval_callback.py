@@ -117,7 +117,7 @@ class EvalDuringTraining(L.Callback):
     # -- rank 0 ------------------------------------------------------------------------------------
 
     def setup_rank0(self, device: torch.device) -> None:
-        from ..evaluate.predict import Predictor
+        from ..inference import Predictor
         from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
         from ..model.tokenizer import BiomedGPTTokenizer
         from ..modeldir import materialise
@@ -131,7 +131,9 @@ class EvalDuringTraining(L.Callback):
         self._model = BiomedGPTForConditionalGeneration(BiomedGPTConfig(**cfg)).to(device).eval()
         c = self.config
         self._predictor = Predictor(self._model, tok, image_size=c["image_size"],
-                                    max_source_length=c["max_source_length"], batch_size=c["batch_size"])
+                                    max_source_length=c["max_source_length"], batch_size=c["batch_size"],
+                                    device=device, dtype=c.get("dtype", "float32"))
+        self._model = self._predictor.model
         self._records = [self.read(e["units"]) for e in c["entries"]]
         if c.get("meteor") and any(get_task(e["task"]).needs_meteor for e in c["entries"]):
             from ..metrics.meteor import Meteor
