@@ -99,8 +99,8 @@ def test_a_multi_label_model_exports_only_with_classes_it_can_list(tmp_path, dem
     good = make_model_dir(tmp_path / "good", demo_tokenizer_dir, task="classify", answers=[*classes, "no finding"],
                           meta={"multi_label": True, "classes": classes})
     entry = reg.export(good, "radiology", "chest-findings")
-    assert entry.card["multi_label"] is True and entry.multi_label_classes == classes
-    assert reg.resolve("radiology/chest-findings@1").multi_label_classes == classes
+    assert entry.card["multi_label"] is True and list(entry.meta.classes) == classes
+    assert list(reg.resolve("radiology/chest-findings@1").meta.classes) == classes
     bad = make_model_dir(tmp_path / "bad", demo_tokenizer_dir, task="classify",
                          meta={"multi_label": True, "classes": ["effusion", "effusion"]})
     with pytest.raises(RegistryError, match=r"bad: training.json's multi-label classes cannot be answered as a list"):

@@ -1,10 +1,11 @@
 """The Ray Serve application: a FastAPI ingress in front of a multiplexed, batching model deployment.
 
-    POST /v1/vqa        image + question                -> answer (+ candidate scores with answers.json)
-    POST /v1/caption    image                           -> caption
-    POST /v1/classify   image [+ labels]                -> label + scores (the model's label set if no labels)
-    POST /v1/nli        premise + hypothesis            -> entailment | neutral | contradiction + scores
-    POST /v1/summarize  text                            -> summary
+    POST /v1/<task>     one endpoint per task family that serves (tasks/: its `request_fields`):
+      /v1/vqa           image + question                -> answer (+ candidate scores with answers.json)
+      /v1/caption       image                           -> caption
+      /v1/classify      image [+ labels]                -> label + scores (the model's label set if no labels)
+      /v1/nli           premise + hypothesis            -> entailment | neutral | contradiction + scores
+      /v1/summarize     text                            -> summary
     GET  /v1/models     the caller's department's models
     GET  /healthz       liveness; OpenAPI at /docs and /openapi.json
 
@@ -15,15 +16,19 @@ else the query parameter `?model=`, else the header `serve_multiplexed_model_id`
 omitted, the department's only model (its latest version). Every answer names the model id and
 version it came from.
 
-Deployments (built by `build_app_from_spec`, or by `app_builder` from a `serve deploy` config):
+The rooms: `sources.py` (where models come from: the registry or one model directory), `schemas.py`
+(the API's bodies and answers), `requests.py` (limits, reading and checking a request, the model query
+it becomes), `engine.py` (a model answering a batch of queries) and, here, the two deployments:
 - `BiomedGPTIngress` (FastAPI): API key -> department (cluster/tenants.yaml: scrypt hashes, checked
   with `biomedgpt.tenancy`), 401 without a valid key; 403 for another department's model; 404 for an
-  unknown one (checked here, so the model deployment never sees an unknown id); request limits and
-  image decoding (see `inputs.py`); preprocessing exactly as training does; then one call to
-- `BiomedGPTModels`: `@serve.multiplexed` loader (LRU, `max_models_per_replica`) over the registry,
-  and `@serve.batch`: concurrent requests for the same model are answered by one batched model call
-  (`engine.run_batch`); autoscaled on ongoing requests.
+  unknown one (checked here, so the model deployment never sees an unknown id); the request read and
+  checked (`requests.py`), preprocessing exactly as training does; then one call to
+- `BiomedGPTModels`: `@serve.multiplexed` loader (LRU, `max_models_per_replica`) over the source, each
+  model on the spec's `models.device` in `models.dtype`, and `@serve.batch`: concurrent requests for
+  the same model are answered by one batched model call (`engine.run_batch`); autoscaled on ongoing
+  requests.
 
+`build_app_from_spec` / `app_builder` (a `serve deploy` config's import path) build the application;
 `start(model_dir)` / `build_app(model_dir, team=...)` serve one exported model directory (what
 `biomedgpt serve MODEL_DIR` and the demo do): the same application over a one-model source.
 """
@@ -32,242 +37,25 @@ import asyncio
 import collections
 import concurrent.futures
 import hashlib
-import json
-import re
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from .inputs import ApiError, Limits, bad, decode_base64, image_array, label_list, text_field
-from .registry import BadModelId, ModelEntry, ModelRef, Registry, UnknownModel, registry_url
-from .spec import (INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, ServeAppSpec, deployment_options, serve_spec_from_dict)
-
-# --------------------------------------------------------------------------------------------------
-# Where models come from: the registry, or one model directory
-# --------------------------------------------------------------------------------------------------
-
-
-class RegistrySource:
-    """Models of a registry; `@latest` resolutions are cached for `ttl` seconds, exact versions for good
-    (versions are immutable)."""
-
-    def __init__(self, url: str, ttl: float = 5.0) -> None:
-        self.registry = Registry(url)
-        self.ttl = ttl
-        self._cache: "collections.OrderedDict[tuple, tuple[float, Any]]" = collections.OrderedDict()
-
-    def describe(self) -> str:
-        return f"registry {self.registry.url}"
-
-    def _cached(self, key: tuple, ttl: float, compute):
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] > now:
-            value = hit[1]
-        else:
-            try:
-                value = compute()
-            except UnknownModel as err:
-                value = err
-            self._cache[key] = (now + ttl, value)
-            while len(self._cache) > 1024:
-                self._cache.popitem(last=False)
-        if isinstance(value, Exception):
-            raise value
-        return value
-
-    def resolve(self, ref: ModelRef) -> ModelEntry:
-        exact = ref.version is not None
-        return self._cached(("resolve", ref), 1e9 if exact else self.ttl, lambda: self.registry.resolve(ref))
-
-    def list(self, department: str) -> List[ModelEntry]:
-        return self._cached(("list", department), self.ttl, lambda: self.registry.list(department))
-
-    def local_dir(self, entry: ModelEntry) -> Path:
-        return self.registry.local_dir(entry)
-
-
-class DirectorySource:
-    """One exported model directory, known as `<department>/<name>@1` (name: the run that trained it)."""
-
-    def __init__(self, model_dir: str, department: str) -> None:
-        from ..modeldir import read_model_meta
-
-        self.path = Path(model_dir)
-        meta = read_model_meta(self.path)
-        name = re.sub(r"[^a-z0-9._-]+", "-", str(meta.run or self.path.name).lower()).strip("-._") or "model"
-        card = dict(meta.card_fields(), training_data=[{"dataset": d} for d in meta.train_data], metrics={},
-                    licence=None)
-        self.entry = ModelEntry(department, name[:63], 1, str(self.path), {"created": None}, card)
-
-    def describe(self) -> str:
-        return f"model directory {self.path}"
-
-    def resolve(self, ref: ModelRef) -> ModelEntry:
-        e = self.entry
-        if (ref.department, ref.name) != (e.department, e.name) or ref.version not in (None, e.version):
-            raise UnknownModel(f"no model {ref}; this app serves {e.id}")
-        return e
-
-    def list(self, department: str) -> List[ModelEntry]:
-        return [self.entry] if department == self.entry.department else []
-
-    def local_dir(self, entry: ModelEntry) -> Path:
-        return self.path
-
-
-def make_source(spec: ServeAppSpec):
-    if spec.model_dir:
-        return DirectorySource(spec.model_dir, spec.team or "local")
-    return RegistrySource(registry_url(spec.registry), spec.latest_ttl_s)
-
-
-def limits_of(spec: ServeAppSpec) -> Limits:
-    return Limits(**{k: getattr(spec.limits, k) for k in Limits.__dataclass_fields__})
-
-
-# --------------------------------------------------------------------------------------------------
-# The HTTP API (schemas are for validation of JSON bodies and for the OpenAPI document)
-# --------------------------------------------------------------------------------------------------
+from ..tasks import Task, get_task, task_names
+from .engine import load_model, run_batch
+from .registry import BadModelId, ModelEntry, ModelRef, UnknownModel
+from .requests import ApiError, AskedModel, bad, prepare, read_fields
+from .schemas import ERRORS, Answer, ModelList, body_doc
+from .sources import DirectorySource, make_source
+from .spec import INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, ServeAppSpec, deployment_options, serve_spec_from_dict
 
 api = FastAPI(title="BiomedGPT", version="0.2",
               description="Biomedical vision-language model API: VQA, captioning, classification, NLI and "
                           "summarisation by registered BiomedGPT models. Send `Authorization: Bearer <key>` (or "
                           "`X-API-Key`); choose the model with `model` (`<department>/<name>@<version|latest>`).")
-
-MODEL_DOC = ("model id: `<department>/<name>@<version>` or `@latest`, or `<name>[@version]` in your department; "
-             "omitted: your department's only model")
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: Optional[str] = Field(None, description=MODEL_DOC)
-
-
-class _Scored(_Body):
-    top_k: int = Field(5, ge=1, le=100, description="how many candidate scores to return")
-
-
-class VQARequest(_Scored):
-    question: str = Field(..., description="the question about the image")
-    image: str = Field(..., description="the image (JPEG, PNG, TIFF, BMP, WebP, GIF or DICOM bytes) in base64")
-
-
-class CaptionRequest(_Body):
-    image: str = Field(..., description="the image in base64 (JPEG, PNG, ... or DICOM)")
-
-
-class ClassifyRequest(_Scored):
-    image: str = Field(..., description="the image in base64 (JPEG, PNG, ... or DICOM)")
-    labels: Optional[List[str]] = Field(None, description="candidate labels; omitted: the model's label set")
-
-
-class NLIRequest(_Scored):
-    premise: str
-    hypothesis: str
-
-
-class SummarizeRequest(_Body):
-    text: str = Field(..., description="the text to summarise")
-
-
-class Score(BaseModel):
-    candidate: str
-    log_prob: float
-    probability: float = Field(..., description="softmax of the log-probabilities over the candidates; for a "
-                                                "multi-label model, the probability that the image shows this "
-                                                "class (each class on its own)")
-
-
-class Answer(BaseModel):
-    model: str = Field(..., description="the model id that answered, with its version")
-    version: int
-    task: str
-    answer: str
-    decoding: str = Field(..., description="trie (scored candidates), multilabel (a list of the model's "
-                                           "classes), beam or greedy")
-    scores: Optional[List[Score]] = None
-    label: Optional[str] = Field(None, description="NLI: entailment, neutral or contradiction")
-    labels: Optional[List[str]] = Field(None, description="classification by a multi-label model (no labels "
-                                                          "sent): the classes found, in class order, empty for "
-                                                          "none; `answer` is them joined by ', ' or 'no finding'")
-
-
-class ErrorBody(BaseModel):
-    detail: str = Field(..., description="what is wrong, starting with the field it concerns")
-    field: Optional[str] = None
-
-
-class ModelInfo(BaseModel):
-    id: str
-    department: str
-    name: str
-    version: int
-    created: Optional[str] = None
-    tasks: List[str]
-    size: Optional[str] = None
-    image_size: int
-    answers: int
-    training_data: List[Optional[str]]
-    metrics: Dict[str, Any]
-    licence: Optional[str] = None
-    latest: bool
-
-
-class ModelList(BaseModel):
-    department: str
-    models: List[ModelInfo]
-
-
-ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
-    (400, "bad input (undecodable or truncated image, empty or overlong text, ...)"),
-    (401, "no API key, or not a valid one"),
-    (403, "the model belongs to another department"),
-    (404, "no such model"),
-    (413, "upload or image too large (bytes or pixels)"),
-    (415, "unsupported Content-Type"),
-    (422, "body does not match the schema (missing or unknown field, wrong type, bad JSON)"))}
-
-
-def _image_schema(doc: str) -> Dict[str, Any]:
-    return {"type": "string", "format": "binary", "description": doc}
-
-
-def _multipart(model_cls, text_fields: Dict[str, Dict[str, Any]], required: List[str]) -> Dict[str, Any]:
-    props: Dict[str, Any] = {"image": _image_schema("the image file (JPEG, PNG, TIFF, BMP, WebP, GIF or DICOM)"),
-                             "model": {"type": "string", "description": MODEL_DOC}}
-    props.update(text_fields)
-    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
-
-
-def _body_doc(model_cls, multipart: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    content: Dict[str, Any] = {"application/json": {"schema": model_cls.model_json_schema()}}
-    if multipart is not None:
-        content["multipart/form-data"] = {"schema": multipart}
-    return {"requestBody": {"required": True, "content": content}}
-
-
-TOP_K_FIELD = {"top_k": {"type": "integer", "minimum": 1, "maximum": 100}}
-
-BODY_DOCS = {
-    "vqa": _body_doc(VQARequest, _multipart(VQARequest, {"question": {"type": "string"}, **TOP_K_FIELD},
-                                            ["image", "question"])),
-    "caption": _body_doc(CaptionRequest, _multipart(CaptionRequest, {}, ["image"])),
-    "classify": _body_doc(ClassifyRequest, _multipart(ClassifyRequest, {
-        "labels": {"type": "array", "items": {"type": "string"},
-                   "description": "candidate labels (repeat the field, or one JSON array / comma-separated list)"},
-        **TOP_K_FIELD}, ["image"])),
-    "nli": _body_doc(NLIRequest),
-    "summarize": _body_doc(SummarizeRequest),
-}
-REQUEST_MODELS = {"vqa": VQARequest, "caption": CaptionRequest, "classify": ClassifyRequest, "nli": NLIRequest,
-                  "summarize": SummarizeRequest}
-NLI_LABELS = {"yes": "entailment", "no": "contradiction", "maybe": "neutral"}
 
 
 @api.exception_handler(ApiError)
@@ -275,39 +63,17 @@ async def _api_error(request: Request, err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-def _validation_detail(err: ValidationError) -> ApiError:
-    first = err.errors()[0]
-    loc = ".".join(str(x) for x in first.get("loc", ())) or "body"
-    kind = first.get("type", "")
-    msg = {"missing": "field required", "extra_forbidden": "unknown field"}.get(kind, first.get("msg", "invalid"))
-    return bad(loc, msg, 422)
+def served_tasks() -> List[Task]:
+    """The task families with an endpoint: those that describe a request (`Task.summary`)."""
+    return [t for t in (get_task(n) for n in task_names()) if t.summary]
 
 
-async def _read_body(request: Request, cap: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > cap:
-                raise bad("body", f"{declared} bytes exceeds the upload limit of {cap} bytes", 413)
-        except ValueError:
-            raise bad("Content-Length", f"not a number: {declared!r}") from None
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > cap:
-            raise bad("body", f"more than the upload limit of {cap} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-@serve.deployment(name=INGRESS_DEPLOYMENT)
-@serve.ingress(api)
 class BiomedGPTIngress:
     def __init__(self, models, spec: Dict[str, Any], source: str = "<dict>") -> None:
         self.spec = serve_spec_from_dict(spec, source)
         self.models = models
         self.source = make_source(self.spec)
-        self.limits = limits_of(self.spec)
+        self.limits = self.spec.limits
         self.tenants = None
         self.single = isinstance(self.source, DirectorySource)
         needs_keys = self.spec.auth and (not self.single or bool(self.spec.team))
@@ -377,144 +143,20 @@ class BiomedGPTIngress:
         except UnknownModel:
             raise bad("model", f"no model {str(ref)!r} in {self.source.describe()}", 404) from None
 
-    # -- what was sent ---------------------------------------------------------------------------
-
-    async def payload(self, request: Request, task: str) -> Dict[str, Any]:
-        """The request's fields (image as bytes) from a JSON or multipart body."""
-        from starlette.datastructures import UploadFile
-        from starlette.formparsers import MultiPartException
-        from starlette.requests import Request as StarletteRequest
-
-        ctype = request.headers.get("content-type") or ""
-        mime = ctype.split(";", 1)[0].strip().lower()
-        if mime not in ("application/json", "multipart/form-data"):
-            kinds = "application/json" + (" or multipart/form-data" if "image" in REQUEST_MODELS[task].model_fields
-                                          else "")
-            raise ApiError(415, f"Content-Type: {mime or 'missing'} is not supported; send {kinds}", "Content-Type")
-        body = await _read_body(request, self.limits.max_upload_bytes + 65536)
-        model_cls = REQUEST_MODELS[task]
-        if mime == "application/json":
-            try:
-                data = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as err:
-                raise bad("body", f"not valid JSON ({err})", 422) from None
-            if not isinstance(data, dict):
-                raise bad("body", f"expected a JSON object, got {type(data).__name__}", 422)
-            try:
-                parsed = model_cls.model_validate(data)
-            except ValidationError as err:
-                raise _validation_detail(err) from None
-            fields = parsed.model_dump()
-            if "image" in fields:
-                fields["image"] = decode_base64(fields["image"])
-            return fields
-        sent = False
-
-        async def receive():
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await StarletteRequest(request.scope, receive).form(
-                max_files=2, max_fields=64, max_part_size=max(self.limits.max_text_chars * 4, 65536))
-        except MultiPartException as err:
-            raise bad("body", f"malformed multipart/form-data ({err.message})") from None
-        except Exception as err:  # starlette raises HTTPException(400) for malformed forms
-            raise bad("body", f"malformed multipart/form-data ({getattr(err, 'detail', err)})") from None
-        known = set(model_cls.model_fields)
-        fields: Dict[str, Any] = {}
-        for key in form.keys():
-            if key not in known:
-                raise bad(key, "unknown field", 422)
-            values = form.getlist(key)
-            if key == "labels":
-                fields[key] = ([v for v in values if isinstance(v, str)] if len(values) > 1
-                               else (values[0] if isinstance(values[0], str) else None))
-                continue
-            if len(values) > 1:
-                raise bad(key, "given more than once", 422)
-            value = values[0]
-            if key == "image":
-                if isinstance(value, UploadFile):
-                    data = await value.read(self.limits.max_upload_bytes + 1)
-                    if len(data) > self.limits.max_upload_bytes:
-                        raise bad("image", f"more than the {self.limits.max_upload_bytes} byte limit", 413)
-                    fields["image"] = data
-                else:
-                    fields["image"] = decode_base64(value)
-            elif isinstance(value, UploadFile):
-                raise bad(key, "expected a text field, got a file", 422)
-            elif key == "top_k":
-                try:
-                    fields[key] = int(value)
-                except ValueError:
-                    raise bad("top_k", f"expected an integer, got {value!r}", 422) from None
-                if not 1 <= fields[key] <= 100:
-                    raise bad("top_k", "must be in 1..100", 422)
-            else:
-                fields[key] = value
-        for name, info in model_cls.model_fields.items():
-            if info.is_required() and name not in fields:
-                raise bad(name, "field required", 422)
-        if "image" in known and "image" not in fields:
-            raise bad("image", "field required", 422)
-        return fields
-
     # -- the endpoints ---------------------------------------------------------------------------
 
     async def handle(self, request: Request, task_name: str) -> JSONResponse:
-        from ..tasks import get_task
-        from .engine import Query
-
+        """`POST /v1/<task_name>`: who asks, what (`requests.read_fields`), of which model; the query the
+        task makes of it (`requests.prepare`); the answer as the task presents it."""
+        task = get_task(task_name)
         department = await self.department(request)
-        fields = await self.payload(request, task_name)
+        fields = await read_fields(request, task, self.limits)
         requested = fields.get("model") or request.query_params.get("model") or \
             request.headers.get("serve_multiplexed_model_id")
         entry = await self.resolve(requested, department)
-        task = get_task(task_name)
-        lim = self.limits
-        record: Dict[str, Any] = {}
-        candidates = None
-        multi_label = False
-        if task_name == "vqa":
-            record["question"] = text_field(fields.get("question"), "question", lim.max_question_chars)
-            candidates = tuple(entry.answers) if entry.answers else None
-        elif task_name == "nli":
-            record["premise"] = text_field(fields.get("premise"), "premise", lim.max_text_chars)
-            record["hypothesis"] = text_field(fields.get("hypothesis"), "hypothesis", lim.max_text_chars)
-            from ..tasks.nli import ANSWERS
-
-            candidates = tuple(ANSWERS)
-        elif task_name == "summarize":
-            record["text"] = text_field(fields.get("text"), "text", lim.max_text_chars)
-        elif task_name == "classify":
-            labels = label_list(fields.get("labels"), lim)
-            if labels is None:
-                if entry.multi_label_classes:  # a multi-label model answers with the list of its findings
-                    labels, multi_label = entry.multi_label_classes, True
-                elif not entry.answers:
-                    raise bad("labels", f"required: model {entry.id} has no label set (answers.json)")
-                else:
-                    labels = list(entry.answers)
-            candidates = tuple(labels)
-        image = None
-        if task.has_image:
-            raw = fields.get("image")
-            if raw is None:
-                raise bad("image", "field required", 422)
-            image = await asyncio.to_thread(image_array, raw, entry.image_size, lim)
-        query = Query(task=task_name, instruction=task.instruction(record), image=image, candidates=candidates,
-                      top_k=int(fields.get("top_k") or 5), multi_label=multi_label)
+        query = await prepare(task, fields, AskedModel(entry.id, entry.meta), self.limits)
         result = await self.models.options(multiplexed_model_id=entry.id).infer.remote(query)
-        out = Answer(model=entry.id, version=entry.version, task=task_name, answer=result["answer"],
-                     decoding=result["decoding"], scores=result["scores"], labels=result.get("labels"))
-        if task_name == "nli":
-            out.label = NLI_LABELS.get(out.answer, out.answer)
-            for s in out.scores or []:
-                s.candidate = NLI_LABELS.get(s.candidate, s.candidate)
+        out = Answer(model=entry.id, version=entry.version, task=task.name, **task.present(result))
         return JSONResponse(out.model_dump(exclude_none=True))
 
     @api.get("/healthz")
@@ -534,30 +176,27 @@ class BiomedGPTIngress:
         models = [dict(e.summary(), latest=e.version == latest[e.name]) for e in entries]
         return JSONResponse({"department": department, "models": models})
 
-    @api.post("/v1/vqa", response_model=Answer, responses=ERRORS, openapi_extra=BODY_DOCS["vqa"],
-              summary="Answer a question about an image")
-    async def vqa(self, request: Request) -> JSONResponse:
-        return await self.handle(request, "vqa")
 
-    @api.post("/v1/caption", response_model=Answer, responses=ERRORS, openapi_extra=BODY_DOCS["caption"],
-              summary="Describe an image (report generation / captioning)")
-    async def caption(self, request: Request) -> JSONResponse:
-        return await self.handle(request, "caption")
+def _add_task_endpoints(cls) -> None:
+    """One `POST /v1/<task>` per served task family (documented with its request schema), as methods of the
+    ingress class so that Serve binds them to its replicas."""
+    def for_task(name: str):
+        async def endpoint(self, request: Request) -> JSONResponse:
+            return await self.handle(request, name)
 
-    @api.post("/v1/classify", response_model=Answer, responses=ERRORS, openapi_extra=BODY_DOCS["classify"],
-              summary="Classify an image among candidate labels (default: the model's label set)")
-    async def classify(self, request: Request) -> JSONResponse:
-        return await self.handle(request, "classify")
+        return endpoint
 
-    @api.post("/v1/nli", response_model=Answer, responses=ERRORS, openapi_extra=BODY_DOCS["nli"],
-              summary="Does the premise entail the hypothesis?")
-    async def nli(self, request: Request) -> JSONResponse:
-        return await self.handle(request, "nli")
+    for task in served_tasks():
+        endpoint = for_task(task.name)
+        endpoint.__name__ = f"post_{task.name}"
+        endpoint.__qualname__ = f"{cls.__qualname__}.{endpoint.__name__}"
+        setattr(cls, endpoint.__name__, endpoint)
+        api.post(f"/v1/{task.name}", response_model=Answer, responses=ERRORS, openapi_extra=body_doc(task),
+                 summary=task.summary)(endpoint)
 
-    @api.post("/v1/summarize", response_model=Answer, responses=ERRORS, openapi_extra=BODY_DOCS["summarize"],
-              summary="Summarise a text")
-    async def summarize(self, request: Request) -> JSONResponse:
-        return await self.handle(request, "summarize")
+
+_add_task_endpoints(BiomedGPTIngress)
+BiomedGPTIngress = serve.deployment(name=INGRESS_DEPLOYMENT)(serve.ingress(api)(BiomedGPTIngress))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,8 +240,6 @@ class BiomedGPTModels:
         self.batch_sizes: "collections.deque[int]" = collections.deque(maxlen=10000)
 
     async def _load(self, model_id: str) -> _Resident:
-        from .engine import load_model
-
         ref = ModelRef.parse(model_id)
         loop = asyncio.get_running_loop()
         m = self.spec.models
@@ -626,8 +263,6 @@ class BiomedGPTModels:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer_batch(self, queries: List[Any]) -> List[Dict[str, Any]]:
-        from .engine import run_batch
-
         resident = await self.get_model(serve.get_multiplexed_model_id())
         self.batch_sizes.append(len(queries))
         # On the event loop, not in a thread: the decoding loop is Python-heavy and would hold the GIL against

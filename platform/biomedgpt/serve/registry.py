@@ -116,23 +116,6 @@ class ModelEntry:
         """What the model card says about the model (tasks, image size, answers, classes)."""
         return ModelMeta.from_card(self.card)
 
-    @property
-    def image_size(self) -> int:
-        return self.meta.image_size
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.meta.tasks)
-
-    @property
-    def answers(self) -> list[str] | None:
-        return list(self.meta.answers) if self.meta.answers else None
-
-    @property
-    def multi_label_classes(self) -> list[str] | None:
-        """The classes, in class order, of a multi-label classification model (its answers list them), else None."""
-        return list(self.meta.classes) if self.meta.classes else None
-
     def summary(self) -> dict[str, Any]:
         """What `GET /v1/models` and `biomedgpt registry list --json` show."""
         c, m = self.card, self.meta
@@ -216,7 +199,7 @@ def check_multi_label_classes(model_dir: Path, meta: ModelMeta, source: str) -> 
 def build_card(model_dir: Path, meta: ModelMeta, metrics: dict[str, Any], licence: str,
                source: str, description: str = "", tasks: list[str] | None = None) -> dict[str, Any]:
     """The model card (as data) of a model directory (`meta`: `read_model_meta` of it). `tasks`: what the
-    model may be asked (default: the task it was trained on; none recorded: a generalist)."""
+    model may be asked (default: the task it was trained on)."""
     cfg = json.loads((model_dir / CONFIG).read_text())
     training = meta.training
     train_data = []

@@ -104,8 +104,8 @@ class ModelsSpec:
 
 
 @dataclass
-class LimitsSpec:
-    """Request limits; larger or longer input gets a 4xx naming the field."""
+class Limits:
+    """Request limits (`requests.py` checks them); larger or longer input gets a 4xx naming the field."""
 
     max_upload_bytes: int = 20 * 2**20
     max_image_pixels: int = 40_000_000
@@ -133,7 +133,7 @@ class ServeAppSpec:
     http: HttpSpec = field(default_factory=HttpSpec)
     ingress: IngressSpec = field(default_factory=IngressSpec)
     models: ModelsSpec = field(default_factory=ModelsSpec)
-    limits: LimitsSpec = field(default_factory=LimitsSpec)
+    limits: Limits = field(default_factory=Limits)
     description: str = ""
     source: str = field(default="<dict>", metadata={"internal": True})
 
@@ -178,7 +178,7 @@ class ServeAppSpec:
              a.target_ongoing_requests),
             (self.latest_ttl_s >= 0, "latest_ttl_s", "must be >= 0", self.latest_ttl_s),
         ]
-        for lf in dataclasses.fields(LimitsSpec):
+        for lf in dataclasses.fields(Limits):
             value = getattr(self.limits, lf.name)
             checks.append((value >= 1, f"limits.{lf.name}", "must be >= 1", value))
         for ok, where, msg, value in checks:
