@@ -11,7 +11,7 @@ A model directory (`biomedgpt export`, `biomedgpt convert`, a registry version) 
 
 `read_model_meta` is the one reader of these files, and `ModelMeta` the one set of defaults of a
 directory that records nothing (image size 256, source length 80, no task: a converted official
-checkpoint). Evaluation, serving and the registry all read a model through it.
+checkpoint, served as a generalist). Evaluation, serving and the registry all read a model through it.
 
 A run checkpoint (`<run>/checkpoint-N`, written by `train.checkpoints.StepCheckpointer`) holds the
 Lightning state (`lightning/` sharded or `lightning.ckpt`), `biomedgpt.json` (the checkpoint meta, which
@@ -27,6 +27,8 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
+
+from .tasks import get_task, task_names
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -70,6 +72,16 @@ class ModelMeta:
     @property
     def multi_label(self) -> bool:
         return self.classes is not None
+
+    @property
+    def generalist(self) -> bool:
+        """Whether the model may be asked any task: nothing records what it was trained for (a converted
+        official checkpoint), or it was trained on a generalist family (`Task.generalist`: pretraining)."""
+        return not self.tasks or any(t in task_names() and get_task(t).generalist for t in self.tasks)
+
+    def trained_for(self, task: str) -> bool:
+        """Whether the model was trained for `task`, or is a generalist."""
+        return task in self.tasks or self.generalist
 
     @classmethod
     def from_training(cls, training: Mapping[str, Any], answers: Any = None) -> "ModelMeta":

@@ -200,7 +200,8 @@ def test_every_endpoint_json_and_multipart(app):
                             {"image": ("x.png", IMG, "image/png")})
     code, k2 = call(url, "/v1/classify", body, key=key, content_type=ctype)
     assert code == 200 and {s["candidate"] for s in k2["scores"]} == {"cardiomegaly", "no finding"}
-    code, err = call(url, "/v1/classify", {"image": b64(IMG), "model": f"{STANFORD}/reports@1"}, key=key)
+    code, err = call(url, "/v1/classify", {"image": b64(IMG), "model": f"{STANFORD}/reports@1", "zero_shot": True},
+                     key=key)
     assert code == 400 and err["detail"].startswith("labels: required")
     # a multi-label model (trained on ChestMNIST) lists its findings in class order, each with its probability
     code, f = call(url, "/v1/classify", {"image": b64(IMG), "model": f"{STANFORD}/chest-findings@1", "top_k": 10},
@@ -210,12 +211,56 @@ def test_every_endpoint_json_and_multipart(app):
     assert sorted(s["candidate"] for s in f["scores"]) == sorted([*CHEST, "no finding"])
 
     code, n = call(url, "/v1/nli", {"premise": "The patient has a fever.", "hypothesis": "The patient is afebrile.",
-                                    "model": vqa}, key=key)
+                                    "model": vqa, "zero_shot": True}, key=key)
     assert code == 200 and n["label"] in ("entailment", "neutral", "contradiction") and n["answer"] in ("yes", "no", "maybe")
     assert {s["candidate"] for s in n["scores"]} == {"entailment", "neutral", "contradiction"}
-    code, s = call(url, "/v1/summarize", {"text": "Chest pain for two days. ECG normal. Discharged home.", "model": vqa},
-                   key=key)
+    code, s = call(url, "/v1/summarize", {"text": "Chest pain for two days. ECG normal. Discharged home.", "model": vqa,
+                                          "zero_shot": True}, key=key)
     assert code == 200 and s["task"] == "summarize" and isinstance(s["answer"], str)
+
+
+def test_a_model_is_asked_only_its_tasks_unless_zero_shot(app):
+    """A VQA fine-tune asked to caption, summarise or classify answers 422 naming its tasks (it would answer
+    "yes" to a caption request); with "zero_shot": true it answers; its own task needs no flag."""
+    url, keys = app
+    key, vqa = keys[STANFORD], f"{STANFORD}/vqa-rad@2"
+    asks = [("/v1/caption", {"image": b64(IMG)}), ("/v1/summarize", {"text": "Chest pain. ECG normal."}),
+            ("/v1/nli", {"premise": "The patient has a fever.", "hypothesis": "The patient is ill."}),
+            ("/v1/classify", {"image": b64(IMG), "labels": ["normal", "pneumonia"]})]
+    for path, body in asks:
+        code, err = call(url, path, dict(body, model=vqa), key=key)
+        assert code == 422 and err["field"] == "model", (path, code, err)
+        assert err["detail"].startswith(f"model: {vqa} was trained for vqa, not {path.split('/')[-1]}") and \
+            '"zero_shot": true' in err["detail"], err
+        code, ok = call(url, path, dict(body, model=vqa, zero_shot=True), key=key)
+        assert code == 200 and ok["model"] == vqa, (path, ok)
+    body, ctype = multipart({"model": vqa, "zero_shot": "true"}, {"image": ("x.png", IMG, "image/png")})
+    assert call(url, "/v1/caption", body, key=key, content_type=ctype)[0] == 200  # the flag as a form field
+    body, ctype = multipart({"model": vqa}, {"image": ("x.png", IMG, "image/png")})
+    assert call(url, "/v1/caption", body, key=key, content_type=ctype)[0] == 422
+    # its own task, and a classification model's, need no flag; the caption model is asked to caption
+    assert call(url, "/v1/vqa", {"question": "q?", "image": b64(IMG), "model": vqa}, key=key)[0] == 200
+    assert call(url, "/v1/classify", {"image": b64(IMG), "model": f"{STANFORD}/chest-cls@1"}, key=key)[0] == 200
+    code, err = call(url, "/v1/vqa", {"question": "q?", "image": b64(IMG), "model": f"{STANFORD}/reports@1"}, key=key)
+    assert code == 422 and "was trained for caption, not vqa" in err["detail"]
+
+
+def test_a_generalist_is_asked_anything(app, registry, demo_tokenizer_dir):
+    """A pretrained checkpoint answers every task; a model whose card lists tasks answers those."""
+    url, keys = app
+    reg, src = registry
+    key = keys[STANFORD]
+    pretrained = make_model_dir(src / "pretrained", demo_tokenizer_dir, seed=7, task="pretrain",
+                                train_data=("roco/train",))
+    reg.export(pretrained, STANFORD, "pretrained")
+    reg.export(src / "vqa1", STANFORD, "vqa-and-reports", tasks=["vqa", "caption"])  # the card lists two tasks
+    for path, body in [("/v1/caption", {"image": b64(IMG)}), ("/v1/summarize", {"text": "Chest pain. ECG normal."}),
+                       ("/v1/vqa", {"question": "q?", "image": b64(IMG)})]:
+        code, ok = call(url, path, dict(body, model=f"{STANFORD}/pretrained@latest"), key=key)
+        assert code == 200, (path, ok)
+    assert call(url, "/v1/caption", {"image": b64(IMG), "model": f"{STANFORD}/vqa-and-reports@1"}, key=key)[0] == 200
+    code, err = call(url, "/v1/summarize", {"text": "x y z", "model": f"{STANFORD}/vqa-and-reports@1"}, key=key)
+    assert code == 422 and "was trained for vqa, caption, not summarize" in err["detail"]
 
 
 def test_bad_input_is_4xx_naming_the_problem_and_the_replica_keeps_serving(app):
@@ -260,11 +305,12 @@ def test_bad_input_is_4xx_naming_the_problem_and_the_replica_keeps_serving(app):
     body, ctype = multipart({"question": "q?", "model": model}, {"image": ("x.jpg", b"\xff\xd8\xff\xe0 truncated", "image/jpeg")})
     code, payload = call(url, "/v1/vqa", body, key=key, content_type=ctype)
     assert code == 400 and payload["detail"].startswith("image: cannot decode image")
-    code, payload = call(url, "/v1/nli", {"premise": "", "hypothesis": "x", "model": model}, key=key)
+    code, payload = call(url, "/v1/nli", {"premise": "", "hypothesis": "x", "model": model, "zero_shot": True}, key=key)
     assert code == 400 and payload["detail"] == "premise: empty"
-    code, payload = call(url, "/v1/summarize", {"text": "w " * 3000, "model": model}, key=key)
+    code, payload = call(url, "/v1/summarize", {"text": "w " * 3000, "model": model, "zero_shot": True}, key=key)
     assert code == 400 and payload["detail"].startswith("text: longer than 4000 characters")
-    code, payload = call(url, "/v1/classify", {"image": b64(IMG), "labels": [], "model": model}, key=key)
+    code, payload = call(url, "/v1/classify", {"image": b64(IMG), "labels": [], "model": model, "zero_shot": True},
+                         key=key)
     assert code == 400 and payload["detail"] == "labels: empty list"
     # still serving
     assert call(url, "/healthz", method="GET")[0] == 200
@@ -278,7 +324,8 @@ def test_multiplexing_evicts_the_least_recently_used_model(app):
     assert before["max_models_per_replica"] == 2
     order = [f"{STANFORD}/vqa-rad@1", f"{STANFORD}/chest-cls@1", f"{STANFORD}/reports@1", f"{STANFORD}/vqa-rad@1"]
     for model in order:
-        code, body = call(url, "/v1/classify", {"image": b64(IMG), "model": model, "labels": ["a", "b"]}, key=key)
+        code, body = call(url, "/v1/classify", {"image": b64(IMG), "model": model, "labels": ["a", "b"],
+                                                "zero_shot": True}, key=key)
         assert code == 200 and body["model"] == model
     after = stats()
     assert len(after["resident"]) <= 2 and after["resident"][-1] == f"{STANFORD}/vqa-rad@1"

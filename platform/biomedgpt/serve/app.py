@@ -14,7 +14,8 @@ is accepted wherever an image is. The model is chosen per request by the field `
 else the query parameter `?model=`, else the header `serve_multiplexed_model_id`: a registry id
 `<department>/<name>@<version>` or `@latest`, or `<name>[@version]` within the caller's department;
 omitted, the department's only model (its latest version). Every answer names the model id and
-version it came from.
+version it came from. A model is asked only the tasks it was trained for (its card's tasks), unless
+it is a generalist or the body says `"zero_shot": true`; else 422 naming its tasks.
 
 The rooms: `sources.py` (where models come from: the registry or one model directory), `schemas.py`
 (the API's bodies and answers), `requests.py` (limits, reading and checking a request, the model query

@@ -199,7 +199,7 @@ def check_multi_label_classes(model_dir: Path, meta: ModelMeta, source: str) -> 
 def build_card(model_dir: Path, meta: ModelMeta, metrics: dict[str, Any], licence: str,
                source: str, description: str = "", tasks: list[str] | None = None) -> dict[str, Any]:
     """The model card (as data) of a model directory (`meta`: `read_model_meta` of it). `tasks`: what the
-    model may be asked (default: the task it was trained on)."""
+    model may be asked (default: the task it was trained on; none recorded: a generalist)."""
     cfg = json.loads((model_dir / CONFIG).read_text())
     training = meta.training
     train_data = []
@@ -226,7 +226,7 @@ def build_card(model_dir: Path, meta: ModelMeta, metrics: dict[str, Any], licenc
 
 def card_markdown(card: dict[str, Any]) -> str:
     lines = [f"# {card['id']}", "", card.get("description", ""), "",
-             f"- tasks: {', '.join(card.get('tasks') or []) or 'none recorded'}",
+             f"- tasks: {', '.join(card.get('tasks') or []) or 'any (no training task recorded: a generalist)'}",
              f"- size: {card.get('size')} (image size {card.get('image_size')} px)",
              f"- created: {card.get('created')} from `{card.get('source')}`",
              f"- licence of the model: {card.get('licence')}", "", "## Training data", ""]

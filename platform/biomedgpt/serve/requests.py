@@ -1,12 +1,16 @@
 """Requests of the serving API, from the HTTP body to the model query: within the serving spec's
 `limits` (`spec.Limits`), reading a JSON or multipart body against the task's request schema,
-checking each field (text lengths, label lists, image decoding of JPEG/PNG/... and DICOM), and the
-`Query` the task makes of it (`prepare`).
+checking each field (text lengths, label lists, image decoding of JPEG/PNG/... and DICOM), whether the
+model may be asked the task at all, and the `Query` the task makes of it (`prepare`).
 
 Everything a client can send wrong becomes an `ApiError` (a 4xx status and a message that starts
 with the field it is about); nothing here raises anything else for bad input, so a replica keeps
 serving. Images are checked before their pixels are decoded: the pixel count from the header against
 `max_image_pixels` (decompression bombs), then a full decode (truncated or corrupt files).
+
+A request for a task the model was not trained for (its training task, or the tasks its model card
+lists) gets 422 naming the model's tasks, unless the model is a generalist (a pretrained checkpoint, or
+one that records no task) or the body asks for it with `"zero_shot": true` (`Task.serves`).
 """
 
 from __future__ import annotations
@@ -216,6 +220,15 @@ async def read_body(request: Request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
+def _flag(value: str, field: str) -> bool:
+    text = value.strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise bad(field, f"expected true or false, got {value!r}", 422)
+
+
 async def read_fields(request: Request, task: Task, limits: Limits) -> dict[str, Any]:
     """The request's fields (the image as bytes) from a JSON or multipart body, checked against the task's
     request schema (`schemas.request_model`): 415 for another Content-Type, 413 over the upload limit,
@@ -292,6 +305,8 @@ async def read_fields(request: Request, task: Task, limits: Limits) -> dict[str,
                 raise bad("top_k", f"expected an integer, got {value!r}", 422) from None
             if not 1 <= fields[key] <= 100:
                 raise bad("top_k", "must be in 1..100", 422)
+        elif key == "zero_shot":
+            fields[key] = _flag(value, key)
         else:
             fields[key] = value
     for name, info in model_cls.model_fields.items():
@@ -320,6 +335,18 @@ class AskedModel:
     def classes(self) -> tuple[str, ...] | None:
         return self.meta.classes
 
+    def trained_for(self, task: str) -> bool:
+        return self.meta.trained_for(task)
+
+
+def check_task(task: Task, model: AskedModel, zero_shot: bool) -> None:
+    """422 when `model` may not be asked `task` (`Task.serves`) and the request does not ask for zero-shot."""
+    if zero_shot or task.serves(model):
+        return
+    tasks = ", ".join(model.meta.tasks) or "none recorded"
+    raise bad("model", f"{model.id} was trained for {tasks}, not {task.name}: ask a model of that task, or send "
+                       "\"zero_shot\": true to ask this one anyway", 422)
+
 
 def task_fields(task: Task, fields: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
     """The task's request fields checked: texts (empty, overlong, NUL: 400) and label lists."""
@@ -333,9 +360,10 @@ def task_fields(task: Task, fields: Mapping[str, Any], limits: Limits) -> dict[s
 
 
 async def prepare(task: Task, fields: Mapping[str, Any], model: AskedModel, limits: Limits) -> Query:
-    """The model query of a request whose body `read_fields` read: its fields checked, the record and
-    candidates the task makes of them (`Task.request`), the image decoded and preprocessed as training
-    does (in a thread)."""
+    """The model query of a request whose body `read_fields` read: the task checked against the model
+    (`check_task`), its fields checked, the record and candidates the task makes of them
+    (`Task.request`), the image decoded and preprocessed as training does (in a thread)."""
+    check_task(task, model, bool(fields.get("zero_shot")))
     values = task_fields(task, fields, limits)
     try:
         asked = task.request(values, model)

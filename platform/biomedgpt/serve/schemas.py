@@ -1,7 +1,7 @@
 """The serving API's schemas: request bodies (built from each task's `request_fields`), answers, errors
 and model listings, for validating JSON bodies and for the OpenAPI document.
 
-A task's request body (`request_model(task)`) has `model` always, `top_k` when the
+A task's request body (`request_model(task)`) has `model` and `zero_shot` always, `top_k` when the
 task decodes over candidates, `image` when it reads images, then the task's own fields; tasks with an
 image also take multipart/form-data (`body_doc`).
 """
@@ -14,6 +14,8 @@ from ..tasks import Task
 
 MODEL_DOC = ("model id: `<department>/<name>@<version>` or `@latest`, or `<name>[@version]` in your department; "
              "omitted: your department's only model")
+ZERO_SHOT_DOC = ("ask a model that was not trained for this task (and is no generalist) anyway; without it such "
+                 "a request gets 422 naming the model's tasks")
 IMAGE_DOC = "the image (JPEG, PNG, TIFF, BMP, WebP, GIF or DICOM bytes) in base64"
 TOP_K_DOC = "how many candidate scores to return"
 
@@ -73,7 +75,8 @@ ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
     (404, "no such model"),
     (413, "upload or image too large (bytes or pixels)"),
     (415, "unsupported Content-Type"),
-    (422, "body does not match the schema (missing or unknown field, wrong type, bad JSON)"))}
+    (422, "body does not match the schema (missing or unknown field, wrong type, bad JSON), or the model was not "
+          "trained for the task (send zero_shot: true to ask it anyway)"))}
 
 _REQUEST_MODELS: Dict[str, type] = {}
 
@@ -81,7 +84,8 @@ _REQUEST_MODELS: Dict[str, type] = {}
 def request_model(task: Task) -> type:
     """The pydantic model of `POST /v1/<task>`'s JSON body (unknown fields are errors)."""
     if task.name not in _REQUEST_MODELS:
-        fields: Dict[str, Any] = {"model": (Optional[str], Field(None, description=MODEL_DOC))}
+        fields: Dict[str, Any] = {"model": (Optional[str], Field(None, description=MODEL_DOC)),
+                                  "zero_shot": (bool, Field(False, description=ZERO_SHOT_DOC))}
         if task.decoding.constrained:
             fields["top_k"] = (int, Field(5, ge=1, le=100, description=TOP_K_DOC))
         for f in task.request_fields:
@@ -98,7 +102,8 @@ def request_model(task: Task) -> type:
 def _multipart(task: Task) -> Dict[str, Any]:
     props: Dict[str, Any] = {"image": {"type": "string", "format": "binary",
                                        "description": "the image file (JPEG, PNG, TIFF, BMP, WebP, GIF or DICOM)"},
-                             "model": {"type": "string", "description": MODEL_DOC}}
+                             "model": {"type": "string", "description": MODEL_DOC},
+                             "zero_shot": {"type": "boolean", "description": ZERO_SHOT_DOC}}
     for f in task.request_fields:
         props[f.name] = {"type": "array", "items": {"type": "string"},
                          "description": f"{f.description} (repeat the field, or one JSON array / comma-separated "
