@@ -17,7 +17,7 @@ DEMO = REPO / "jobs" / "demo" / "vqa_rad.yaml"
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_job_spec_validates(path):
-    from biomedgpt.serve.spec import ServeAppSpec
+    from biomedgpt.spec import ServeAppSpec
 
     spec = load_spec(path)
     assert isinstance(spec, ServeAppSpec if spec.kind == "serve" else JobSpec)

@@ -60,7 +60,8 @@ def app(registry, api_keys, tmp_path_factory):
 
     from biomedgpt.demo import wait_healthy
     from biomedgpt.runner import ensure_ray, free_port
-    from biomedgpt.serve.spec import deploy_config, load_serve_spec
+    from biomedgpt.serve.spec import deploy_config
+    from biomedgpt.spec import load_serve_spec
 
     reg, _ = registry
     tenants, keys = api_keys

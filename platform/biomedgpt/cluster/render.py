@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from ..serve.spec import ServeAppSpec, deploy_config, load_serve_spec, serve_spec_from_dict
+from ..serve.spec import deploy_config
+from ..spec import ServeAppSpec, load_serve_spec, serve_spec_from_dict
 from ..tenancy import Institution, Limit, Tenants
 from .quantity import format_quantity, parse_quantity
 

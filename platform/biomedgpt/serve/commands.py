@@ -28,7 +28,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     if target.suffix in (".yaml", ".yml") and target.is_file():
-        from .spec import load_serve_spec
+        from ..spec import load_serve_spec
 
         spec = load_serve_spec(target)  # validated before Ray starts
         ensure_ray()
@@ -52,7 +52,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_config(args: argparse.Namespace) -> int:
-    from .spec import dump_deploy_config, load_serve_spec
+    from ..spec import load_serve_spec
+    from .spec import dump_deploy_config
 
     text = dump_deploy_config(load_serve_spec(args.spec))
     if args.out:
