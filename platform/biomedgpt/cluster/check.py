@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..tenancy import REPO, Tenants, load_tenants
+from ..tenancy.schema import SCHEMA
 from .launcher import launcher_problems, load_launcher_config
 from .render import render, stale_files
-from .tenants_schema import SCHEMA
 from .validate import ManifestValidator, check_references, kustomize_build, kustomize_dirs, load_documents
 
 CRDS_ENV = "BIOMEDGPT_CRDS"
