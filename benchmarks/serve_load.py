@@ -342,7 +342,7 @@ def main() -> int:
     from ray import serve
 
     from biomedgpt.demo import wait_healthy
-    from biomedgpt.runner import ensure_ray, free_port
+    from biomedgpt.session import ensure_ray, free_port
     from biomedgpt.serve.app import build_app_from_spec
     from biomedgpt.spec import serve_spec_from_dict
 

@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-from .runner import ensure_ray, free_port, records, run_training, say
+from .data.stream import records
+from .runner import run_training
+from .session import ensure_ray, free_port, say
 from .spec import spec_from_dict
 
 REPO = Path(__file__).resolve().parents[2]

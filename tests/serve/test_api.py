@@ -59,7 +59,7 @@ def app(registry, api_keys, tmp_path_factory):
     from ray.serve.schema import ServeDeploySchema
 
     from biomedgpt.demo import wait_healthy
-    from biomedgpt.runner import ensure_ray, free_port
+    from biomedgpt.session import ensure_ray, free_port
     from biomedgpt.serve.spec import deploy_config
     from biomedgpt.spec import load_serve_spec
 

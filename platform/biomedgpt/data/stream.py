@@ -32,6 +32,7 @@ CPUs and each task's output is one shard's rows.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 from collections import deque
@@ -41,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import storage
-from .shards import iter_tar_samples, read_manifest, split_url
+from .shards import iter_tar_samples, read_manifest, read_shard, split_url
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,18 @@ def list_shards(shards_root: str, dataset: str, split: str) -> list[ShardInfo]:
         raise ValueError(f"{url}: the shard build of {dataset}/{split} is incomplete; rerun `biomedgpt shards build`")
     return [ShardInfo(storage.join(url, e.name), dataset, split, e.samples, e.bytes)
             for e in manifest.shards if e.samples]
+
+
+def records(shards_root: str, dataset: str, split: str) -> Iterator[dict[str, Any]]:
+    """The decoded records of one split, shard by shard: the json fields, plus `_image` (the image bytes,
+    None for text records) and, for image infilling, the VQGAN `codes` (.npy bytes) when the sample has them."""
+    for shard in list_shards(shards_root, dataset, split):
+        for sample in read_shard(shard.url):
+            rec = json.loads(sample["json"])
+            rec["_image"] = sample.get("jpg") or sample.get("png")
+            if sample.get("codes.npy") is not None and "codes" not in rec:
+                rec["codes"] = sample["codes.npy"]
+            yield rec
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ REGISTRY_HELP = "registry URL: a path, file:// or s3:// (default $BIOMEDGPT_REGI
 def _cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from ..runner import ensure_ray
+    from ..session import ensure_ray
     from .spec import apply_serve_ray_env
 
     apply_serve_ray_env()  # before Ray starts (and before ray.serve reads its constants)
