@@ -19,7 +19,7 @@ import json
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, Iterable, Iterator, Mapping
 
 from . import storage
 
@@ -657,8 +657,3 @@ def shard_urls(url: str) -> list[str]:
         directory = where[: -len(MANIFEST_NAME)].rstrip("/")
         out += [storage.join(directory, s.name) for s in manifest.shards]
     return out
-
-
-def sample_counts(manifests: Sequence[Manifest]) -> dict[str, int]:
-    """``{"dataset/split": samples}`` for a list of manifests."""
-    return {f"{m.dataset}/{m.split}": m.samples for m in manifests}

@@ -8,7 +8,9 @@ turns such a string into a filesystem:
   helpers over it, so callers never branch on the scheme;
 - :func:`pyarrow_filesystem` builds the ``pyarrow.fs`` filesystem Ray Data and Ray Train need
   (Ray does not read ``AWS_ENDPOINT_URL`` by itself, see FIELD_NOTES "Data and S3");
-- :func:`register_webdataset_s3` teaches the ``webdataset`` library to open ``s3://`` URLs.
+- :func:`register_webdataset_s3` teaches the ``webdataset`` library to open ``s3://`` URLs, for reading
+  our shards with that library (the tests and benchmarks do; the platform reads them with its own tar
+  reader and Ray Data, so ``webdataset`` is a dev extra, not a runtime dependency).
 
 S3 is configured only through the standard AWS variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``),
