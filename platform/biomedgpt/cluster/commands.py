@@ -42,6 +42,12 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import missing_tooling
+
+    if missing := missing_tooling():
+        print(f"biomedgpt cluster validate: needs the dev tooling ({', '.join(missing)} not installed): "
+              "pip install -e '.[dev]' (make install does)", file=sys.stderr)
+        return 2
     from .check import check_everything, default_crd_dir
 
     crds = Path(args.crds) if args.crds else default_crd_dir()
