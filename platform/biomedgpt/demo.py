@@ -78,7 +78,8 @@ def run_demo(out: str = "runs/demo", spec_path: str | None = None) -> dict[str, 
         say(f"held-back questions: overall {fmt(test_m['accuracy'])}, closed {fmt(test_m['closed_accuracy'])}, "
             f"open {fmt(test_m['open_accuracy'])} (n={test_m['count']})")
 
-    # Serve the exported model and ask it about one held-back image.
+    # Serve the exported model and ask it about one held-back image. Ray is imported here, once
+    # run_training's ensure_ray has set its environment (serve.app imports Ray Serve at its top).
     import ray
     from ray import serve
 
