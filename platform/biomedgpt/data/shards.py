@@ -21,6 +21,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterable, Iterator, Mapping
 
+from PIL import Image, UnidentifiedImageError
+
 from . import storage
 
 SCHEMA_VERSION = 1
@@ -94,8 +96,6 @@ def image_as_stored(data: bytes, source: str = "<image>") -> tuple[bytes, str]:
     ext = sniff_image_format(data)
     if ext is not None:
         return data, ext
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()

@@ -19,6 +19,7 @@ so any S3-compatible store works (AWS S3, MinIO, Ceph, moto in the tests).
 
 from __future__ import annotations
 
+import importlib
 import os
 import posixpath
 import uuid
@@ -311,8 +312,6 @@ def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kwargs: Any) -> 
 
 def register_webdataset_s3() -> None:
     """Register :func:`gopen_s3` for ``s3://`` (and ``s3a://``) in ``webdataset.gopen``; idempotent."""
-    import importlib
-
     # `webdataset.gopen` the attribute is the function; the module holding the table is imported by name
     wds_gopen = importlib.import_module("webdataset.gopen")
     for name in S3_SCHEMES:

@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from . import storage
+from .pipeline import preprocess_batch
 from .shards import iter_tar_samples, read_manifest, read_shard, split_url
 
 log = logging.getLogger(__name__)
@@ -217,8 +219,6 @@ def preprocess_rows(batch: dict[str, np.ndarray], **preprocess: Any) -> dict[str
 
     A failing batch is retried row by row to find the bad rows, then the good rows are processed
     together again (so batch-level context, e.g. the other rows' captions, stays that of good rows)."""
-    from .pipeline import preprocess_batch
-
     meta = {k: batch[k] for k in ("__read__", "__row__", "__key__")}
     raw = {k: v for k, v in batch.items() if k not in meta}
     n = len(meta["__key__"])
@@ -402,7 +402,7 @@ class ShardStream:
     def _read(self, shards: Sequence[ShardInfo], epochs: Sequence[int]) -> Iterator[dict[str, np.ndarray]]:
         """Preprocessed rows (good and flagged) of `shards`, in order, as numpy batches (one Ray Data
         execution), each row tagged with its read index and its row index in the shard."""
-        import ray.data
+        import ray.data  # Ray reads its environment when imported: not before the session set it up
 
         if not shards:
             return
@@ -430,8 +430,6 @@ class ShardStream:
         self.batches_in_epoch += 1
         if not self.as_torch:
             return batch
-        import torch
-
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -536,7 +534,7 @@ def _gather(parts: Sequence[dict[str, np.ndarray]], starts: np.ndarray, rows: np
 def default_buffer_bytes() -> int:
     """Object-store bytes a rank's reading may run ahead: 256 MiB per CPU of the Ray cluster (room for
     each concurrent read/preprocess task's output), at least 512 MiB and at most 4 GiB."""
-    import ray
+    import ray  # see _read
 
     cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
     return min(4 << 30, max(512 << 20, (256 << 20) * cpus))
