@@ -9,7 +9,7 @@ suggestion when the key looks mistyped), types and ranges are checked, and every
 and the field path.
 
     spec = load_spec("jobs/demo/vqa_rad.yaml")          # a JobSpec, or a ServeAppSpec for kind: serve
-    serving = load_serve_spec("jobs/serve/radiology.yaml")
+    serving = load_serve_spec("jobs/serve/cluster.yaml")
 """
 
 from __future__ import annotations

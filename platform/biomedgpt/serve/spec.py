@@ -6,7 +6,7 @@ batching, autoscaling, resources) and the request limits. Its schema, `ServeAppS
 other job kinds in `biomedgpt.spec` (loaded as strictly: unknown keys are errors naming the file and
 the field path, types and ranges are checked); this module turns it into what Ray Serve runs.
 
-    spec = load_serve_spec("jobs/serve/radiology.yaml")   # biomedgpt.spec
+    spec = load_serve_spec("jobs/serve/cluster.yaml")     # biomedgpt.spec
     config = deploy_config(spec)        # the YAML `serve deploy` / `serve run` / a RayService accept
     app = build_app_from_spec(spec)     # biomedgpt.serve.app: the same application, bound in Python
 
