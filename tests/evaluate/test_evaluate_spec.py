@@ -129,7 +129,7 @@ def test_model_source_errors(tmp_path):
 
 def test_evaluate_command_builds_a_valid_spec(tmp_path):
     from biomedgpt.cli import build_parser
-    from biomedgpt.evaluate.commands import spec_from_args
+    from biomedgpt.cli.evaluate import spec_from_args
 
     args = build_parser().parse_args(["evaluate", "runs/x/export", "--shards", "s3://b/shards", "--dataset", "vqa_rad:test",
                                       "--dataset", "pneumoniamnist:val", "--mode", "zero_shot", "--max-samples", "10",

@@ -12,7 +12,7 @@ from serve_helpers import VQA_ANSWERS, dicom_bytes, png_bytes
 
 from biomedgpt.serve.engine import Query, load_model, run_batch
 from biomedgpt.serve.requests import ApiError, image_array, label_list, open_image, text_field
-from biomedgpt.serve.spec import Limits
+from biomedgpt.spec import Limits
 
 
 @pytest.fixture(scope="module")

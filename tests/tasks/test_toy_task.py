@@ -119,7 +119,7 @@ def test_serving(predictor):
     from biomedgpt.serve.engine import LoadedModel, run_batch
     from biomedgpt.serve.requests import ApiError, AskedModel, prepare, read_fields
     from biomedgpt.serve.schemas import Answer, body_doc, request_model
-    from biomedgpt.serve.spec import Limits
+    from biomedgpt.spec import Limits
 
     task = get_task("truth")
     assert task.name in [t.name for t in served_tasks()]  # an endpoint POST /v1/truth

@@ -31,14 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from ..modeldir import CONFIG, MODEL_FILES, WEIGHTS, export_checkpoint, materialise, read_model_meta
+from ..session import RunResult, ensure_ray, say, staging_dir
 from ..tasks import DecodePlan, evaluated_task_names, get_task
 from .candidates import (Candidates, EvaluationError, answer_candidates, list_split_shards, load_dataset_spec_or_none,
                          shard_records)
 from .score import score_predictions
-
-
-def say(msg: str) -> None:
-    print(f"[biomedgpt] {msg}", flush=True)
 
 
 @dataclass
@@ -337,7 +334,6 @@ def run_evaluation(spec, model_source: str, out_dir: str | Path, *, num_cpus: in
     in the module docstring to out_dir; returns {"<dataset>/<split>": metrics}."""
     import ray
 
-    from ..runner import ensure_ray
     from .report import write_html_report, write_results_markdown
 
     ev = spec.evaluate
@@ -424,7 +420,6 @@ def run_evaluate_job(spec, *, num_cpus: int | None = None):
     to the run directory `<output.storage>/<team>/<name>/` (staged locally and uploaded when that is
     object storage). Returns the runner's RunResult."""
     from ..data import storage as st
-    from ..runner import RunResult, staging_dir
 
     run_url = spec.run_dir
     remote = not st.is_local(run_url)

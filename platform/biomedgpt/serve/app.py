@@ -45,13 +45,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from ..spec import ServeAppSpec, serve_spec_from_dict
 from ..tasks import Task, get_task, task_names
 from .engine import load_model, run_batch
 from .registry import BadModelId, ModelEntry, ModelRef, UnknownModel
 from .requests import ApiError, AskedModel, bad, prepare, read_fields
 from .schemas import ERRORS, Answer, ModelList, body_doc
 from .sources import DirectorySource, make_source
-from .spec import INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, ServeAppSpec, deployment_options, serve_spec_from_dict
+from .spec import INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, deployment_options
 
 api = FastAPI(title="BiomedGPT", version="0.2",
               description="Biomedical vision-language model API: VQA, captioning, classification, NLI and "

@@ -29,10 +29,10 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from ..modeldir import ModelMeta
+from ..spec import Limits
 from ..tasks import RequestError, Task
 from .engine import Query
 from .schemas import request_model
-from .spec import Limits
 
 IMAGE_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF", "MPO")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, List
 
 from ..modeldir import read_model_meta
+from ..spec import ServeAppSpec
 from .registry import ModelEntry, ModelRef, Registry, UnknownModel, registry_url
-from .spec import ServeAppSpec
 
 
 class RegistrySource:

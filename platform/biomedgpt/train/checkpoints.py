@@ -19,8 +19,7 @@ from typing import Any, Callable
 
 import lightning as L
 
-# lightning_checkpoint_path: where ray_trainer resumes from, read back by modeldir like every checkpoint file
-from ..modeldir import ASSETS_DIR, CHECKPOINT_META, lightning_checkpoint_path  # noqa: F401
+from ..modeldir import ASSETS_DIR, CHECKPOINT_META
 from .faults import maybe_crash
 
 

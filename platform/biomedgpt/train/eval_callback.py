@@ -15,6 +15,7 @@ rank 0 copies its own weights. Every rank makes the same calls at the same steps
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,13 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..data.shards import read_shard
+from ..evaluate.score import score_predictions
+from ..inference import Predictor
+from ..metrics.meteor import Meteor
+from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from ..model.tokenizer import BiomedGPTTokenizer
+from ..modeldir import materialise
 from ..tasks import get_task
 
 
@@ -117,11 +125,6 @@ class EvalDuringTraining(L.Callback):
     # -- rank 0 ------------------------------------------------------------------------------------
 
     def setup_rank0(self, device: torch.device) -> None:
-        from ..inference import Predictor
-        from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
-        from ..model.tokenizer import BiomedGPTTokenizer
-        from ..modeldir import materialise
-
         self._dir = Path(tempfile.mkdtemp(prefix="biomedgpt-train-eval-"))
         materialise({k: v for k, v in self.assets.items() if k.startswith("tokenizer/")}, self._dir)
         tok = BiomedGPTTokenizer.from_pretrained(self._dir / "tokenizer")
@@ -136,16 +139,10 @@ class EvalDuringTraining(L.Callback):
         self._model = self._predictor.model
         self._records = [self.read(e["units"]) for e in c["entries"]]
         if c.get("meteor") and any(get_task(e["task"]).needs_meteor for e in c["entries"]):
-            from ..metrics.meteor import Meteor
-
             self._meteor = Meteor()
 
     @staticmethod
     def read(units: list[tuple[str, int | None]]) -> list[dict[str, Any]]:
-        import json
-
-        from ..data.shards import read_shard
-
         recs: list[dict[str, Any]] = []
         for url, take in units:
             for i, sample in enumerate(read_shard(url)):
@@ -158,8 +155,6 @@ class EvalDuringTraining(L.Callback):
 
     @torch.no_grad()
     def run(self, state: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
-        from ..evaluate.score import score_predictions
-
         if self._model is None:
             self.setup_rank0(device)
         missing, unexpected = self._model.load_state_dict(state, strict=False)
