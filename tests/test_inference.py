@@ -128,3 +128,19 @@ def test_the_spy_catches_float32_inputs_to_a_bfloat16_model(bf16_predictor):
     with pytest.raises(RuntimeError):  # the bf16 convolution refuses float32 pixels ...
         p.decode(DecodePlan("vqa", "score", 1, 8, candidates=("yes", "no")), inputs)
     assert any("patch_images in torch.float32" in x for x in spy.problems)  # ... and the spy names them
+
+
+def test_training_works_after_inference_in_the_same_process(bf16_predictor):
+    """The position-bias tables are cached per process: built under the predictor's inference mode they must
+    still be ordinary tensors, or a later training step in that process (rank 0 evaluating during training,
+    a test session) fails with "Inference tensors cannot be saved for backward"."""
+    from biomedgpt.model import BiomedGPTForConditionalGeneration
+
+    p = bf16_predictor
+    p.decode(DecodePlan("vqa", "score", 1, 8, candidates=("yes", "no")), p.inputs([" is it?"]))
+    torch.manual_seed(1)
+    model = BiomedGPTForConditionalGeneration(p.model.config).float().train()
+    ids = p.inputs([" is there a fracture?"])["input_ids"]
+    out = model(input_ids=ids, decoder_input_ids=ids[:, :4], labels=ids[:, 1:5])
+    out.loss.backward()
+    assert torch.isfinite(out.loss)

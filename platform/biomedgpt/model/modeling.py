@@ -96,16 +96,20 @@ class _DeviceTables:
         key = (name, device)
         if key not in self._cache:
             c = self.config
-            if name == "token":
-                table = token_bucket_table(c.token_bucket_size, c.max_position_embeddings)
-            elif name == "image":
-                table = image_bucket_table(c.image_bucket_size)
-            elif name == "code_positions":
-                table = decoder_image_position_ids(c.code_image_size, c.image_bucket_size,
-                                                   c.max_position_embeddings + 1)
-            else:
-                raise KeyError(name)
-            self._cache[key] = table.to(device)
+            # Built as ordinary tensors even when first asked for under torch.inference_mode (the predictor's
+            # mode): the tables are cached for the whole process, and a training step that later indexes an
+            # inference tensor fails ("Inference tensors cannot be saved for backward").
+            with torch.inference_mode(False):
+                if name == "token":
+                    table = token_bucket_table(c.token_bucket_size, c.max_position_embeddings)
+                elif name == "image":
+                    table = image_bucket_table(c.image_bucket_size)
+                elif name == "code_positions":
+                    table = decoder_image_position_ids(c.code_image_size, c.image_bucket_size,
+                                                       c.max_position_embeddings + 1)
+                else:
+                    raise KeyError(name)
+                self._cache[key] = table.to(device)
         return self._cache[key]
 
 
