@@ -214,6 +214,8 @@ class Task:
     evaluated: bool = True
     #: whether a model trained on this task may be asked any task (a pretrained generalist)
     generalist: bool = False
+    #: whether the family draws each record's example from a `seed` option (training passes the job's seed)
+    seeded: bool = False
     #: dataset-spec metric name -> the key `score` (or `extra_metrics`) reports it under
     spec_metrics: Mapping[str, str] = {}
     #: the dataset-spec metric names reported for a dataset without a spec

@@ -148,6 +148,7 @@ class PretrainTask(Task):
     #: a training objective: its datasets have no evaluation, and a model trained on it may be asked any task
     evaluated = False
     generalist = True
+    seeded = True
     #: `example` takes the batch context (negatives, codes, salt) the data pipeline passes.
     uses_batch_context = True
 

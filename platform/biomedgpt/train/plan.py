@@ -25,6 +25,7 @@ from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from ..model.tokenizer import BiomedGPTTokenizer
 from ..session import say
 from ..spec import JobSpec, TrainerSpec
+from ..tasks import get_task
 from ..tasks.classify import multi_label_classes
 from .recipe import (TaskExamples, answer_candidates, candidate_label_ids, local_dir, local_file, mixing_weights,
                      steps_for_epochs)
@@ -124,8 +125,8 @@ def plan_training(spec: JobSpec, run_dir: Path, *, log_url: str | None = None, s
             preprocess=dict(task_name=d.task, tokenizer_dir=str((assets_dir / "tokenizer").resolve()),
                             image_size=spec.model.image_size, max_source_length=d.max_source_length,
                             max_target_length=d.max_target_length, augment=d.augment.to_config(),
-                            # the pretraining family draws each record's objective from the seed
-                            task_options={"seed": t.seed} if d.task == "pretrain" else None)),
+                            # a family that draws each record's example from the seed (pretraining) gets it
+                            task_options={"seed": t.seed} if get_task(d.task).seeded else None)),
         log_dir=str((run_dir / "logs").resolve()),
         log_url=log_url,
         checkpoint_meta={"run": spec.name, "team": spec.team, "size": spec.model.size, "model_config": model_config,
