@@ -228,7 +228,10 @@ class EMASpec:
 class TrainerSpec:
     """How to train: workers, strategy, precision, batch, schedule (AdamW, linear warmup then linear
     decay to 0, as the official recipes), checkpointing and retries. `torch_threads` (default: the
-    whole CPUs reserved per worker, 4 on GPUs) sets each worker's intra-op threads. With FSDP, checkpoints are
+    whole CPUs reserved per worker, `cpus_per_worker`, GPU workers included) sets each worker's intra-op
+    threads. `strategy`: `ddp` replicates the model on every worker, `fsdp` shards it (FSDP2), `auto` (the
+    default) picks DDP when the model's training state fits comfortably on one device and FSDP2 otherwise
+    (`train/plan.py: choose_strategy`; the plan says which and why). With FSDP, checkpoints are
     `sharded` (one file per rank, written in parallel) or `full` (one file gathered on rank 0).
 
     Length: `max_steps` optimizer steps, or `epochs` passes over the training data, turned into steps
@@ -247,7 +250,7 @@ class TrainerSpec:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int | None = None
-    strategy: Literal["fsdp", "ddp"] = "fsdp"
+    strategy: Literal["auto", "fsdp", "ddp"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     batch_size: int = 8
     grad_accumulation: int = 1

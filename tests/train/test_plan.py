@@ -46,3 +46,12 @@ def test_epochs_become_optimizer_steps_in_the_plan(demo_shards, tmp_path):
     one = plan_training(demo_spec(demo_shards, tmp_path, max_steps=None, epochs=1, workers=1, batch_size=8,
                                   grad_accumulation=2), tmp_path / "run1")
     assert plan.max_steps in (2 * one.max_steps, 2 * one.max_steps + 1)
+
+
+def test_the_plan_resolves_strategy_auto(demo_shards, tmp_path, capsys):
+    plan = plan_training(demo_spec(demo_shards, tmp_path, strategy="auto"), tmp_path / "run")
+    # the demo model (a few M parameters) fits any device many times over: replicated, not sharded
+    assert plan.trainer.strategy == "ddp"
+    assert "strategy: ddp (auto: " in capsys.readouterr().out
+    explicit = plan_training(demo_spec(demo_shards, tmp_path), tmp_path / "run2")
+    assert explicit.trainer.strategy == "fsdp"  # the demo spec asks for FSDP2 by name

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..data.stream import ErrorBudget, ShardInfo, list_shards, records
 from ..evaluate.job import training_eval_config
-from ..model import BiomedGPTConfig
+import torch
+
+from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from ..model.tokenizer import BiomedGPTTokenizer
 from ..session import say
 from ..spec import JobSpec, TrainerSpec
@@ -96,6 +99,8 @@ def plan_training(spec: JobSpec, run_dir: Path, *, log_url: str | None = None, s
     shard_lists = [list_shards(d.shards, r.dataset, r.split) for r in d.train]
     groups = list(zip(shard_lists, mixing_weights(d.train, shard_lists, d.group_ratios)))
     budget = ErrorBudget(d.max_bad_samples, d.max_bad_fraction)
+    strategy, why = choose_strategy(t, model_config)
+    say(f"strategy: {strategy} ({why})")
     max_steps = t.max_steps or steps_for_epochs(groups, t.epochs, world=t.workers, batch_size=t.batch_size,
                                                 grad_accumulation=t.grad_accumulation, seed=t.seed, budget=budget)
     if t.epochs is not None:
@@ -106,14 +111,14 @@ def plan_training(spec: JobSpec, run_dir: Path, *, log_url: str | None = None, s
     return TrainPlan(
         name=spec.name,
         storage=storage or str(run_dir.parent.resolve()),
-        trainer=dataclasses.replace(t, max_steps=max_steps, epochs=None),
+        trainer=dataclasses.replace(t, max_steps=max_steps, epochs=None, strategy=strategy),
         model_config=model_config,
         init_dir=spec.model.init,
         # OFA's noise and smoothing tokens are text tokens: ids below the first image code
         noise_vocab_end=tok.code_offset if tok.num_codes else len(tok),
         constraint_candidates=candidate_label_ids(tok, constrained, d.max_target_length)
         if t.label_smoothing_candidates and constrained else None,
-        torch_threads=t.torch_threads or (max(1, int(t.cpus_per_worker)) if not t.use_gpu else 4),
+        torch_threads=t.torch_threads or max(1, int(t.cpus_per_worker)),
         data=DataPlan(
             groups=groups, shuffle_buffer=d.shuffle_buffer, error_budget=budget,
             preprocess=dict(task_name=d.task, tokenizer_dir=str((assets_dir / "tokenizer").resolve()),
@@ -131,6 +136,52 @@ def plan_training(spec: JobSpec, run_dir: Path, *, log_url: str | None = None, s
         # evaluation during training (evaluate.every_n_steps > 0), planned here: the workers only decode
         evaluate=training_eval_config(spec, model_answers=answers),
     )
+
+
+#: Bytes of training state per parameter: float32 weights and gradients, and AdamW's two moments.
+STATE_BYTES_PER_PARAM = 16
+#: `auto` picks DDP when the training state takes at most this share of one device's memory: the rest is
+#: for activations (which grow with batch and image size), communication buffers and the allocator.
+DDP_FIT_FRACTION = 0.25
+#: A GPU's memory when the driver cannot see the workers' GPUs: the smallest common data-centre GPU.
+ASSUMED_GPU_MEMORY = 16 * 2**30
+
+
+def count_parameters(model_config: dict[str, Any]) -> int:
+    """Parameters of the model `model_config` describes, counted on the meta device (no memory used)."""
+    cfg = {k: v for k, v in model_config.items() if k not in ("model_type", "transformers_version")}
+    with torch.device("meta"):
+        model = BiomedGPTForConditionalGeneration(BiomedGPTConfig(**cfg))
+    return sum(p.numel() for p in model.parameters())
+
+
+def device_memory(trainer: TrainerSpec) -> tuple[int, str]:
+    """(bytes, where the figure comes from) of one worker's device: the GPU this process sees (or
+    ASSUMED_GPU_MEMORY), or this machine's memory shared by the workers."""
+    if trainer.use_gpu:
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+        return ASSUMED_GPU_MEMORY, "a GPU assumed to have 16 GiB"
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // trainer.workers, f"this machine's memory / {trainer.workers} worker(s)"
+
+
+def choose_strategy(trainer: TrainerSpec, model_config: dict[str, Any],
+                    memory: tuple[int, str] | None = None) -> tuple[str, str]:
+    """(`ddp` | `fsdp`, the reason): the spec's explicit choice, or for `auto` DDP when the model's training
+    state (STATE_BYTES_PER_PARAM per parameter) fits in DDP_FIT_FRACTION of one device, else FSDP2. Data
+    parallelism without sharding runs faster for models that fit (no gathers of parameters per layer:
+    benchmarks/strategy.py measures the difference)."""
+    if trainer.strategy != "auto":
+        return trainer.strategy, "as the spec says"
+    params = count_parameters(model_config)
+    state = params * STATE_BYTES_PER_PARAM
+    capacity, source = memory or device_memory(trainer)
+    fits = state <= DDP_FIT_FRACTION * capacity
+    return ("ddp" if fits else "fsdp"), (
+        f"auto: {params / 1e6:.1f}M parameters need {state / 2**30:.2f} GiB of weights, gradients and optimizer "
+        f"state, {'within' if fits else 'more than'} {DDP_FIT_FRACTION:.0%} of {capacity / 2**30:.1f} GiB "
+        f"({source})")
 
 
 def prepare_tokenizer(spec: JobSpec, train_records: list[dict[str, Any]], out_dir: Path) -> BiomedGPTTokenizer:

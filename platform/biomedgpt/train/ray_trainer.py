@@ -223,6 +223,12 @@ class ProgressPrinter(L.Callback):
         sys.stdout.flush()
 
 
+def scaling_config(t: TrainerSpec) -> ScalingConfig:
+    """`trainer.workers` workers, each reserving `cpus_per_worker` CPUs and, with `use_gpu`, one GPU."""
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources)
+
+
 def fit(plan: TrainPlan) -> Result:
     """Run the plan on a TorchTrainer (`trainer.workers` workers; the run `<storage>/<name>`, resumed from
     its latest checkpoint when there is one); returns Ray's Result (`.checkpoint`: the latest checkpoint)."""
@@ -233,8 +239,7 @@ def fit(plan: TrainPlan) -> Result:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},  # Ray's config is a dict: the typed plan is its one entry
-        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
-                                     resources_per_worker=None if t.use_gpu else {"CPU": t.cpus_per_worker}),
+        scaling_config=scaling_config(t),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
             name=plan.name, storage_path=path, storage_filesystem=fs,
