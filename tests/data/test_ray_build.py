@@ -101,14 +101,14 @@ def test_failed_task_is_reported_and_the_rest_recorded(local_ray, vqa_rad_copy: 
     assert len(result.kept) == first_failing and result["train"].complete and verify_shards(str(out)).ok
 
 
-def test_cli_build_with_ray(local_ray, shared: Path, tmp_path: Path, capsys):
+def test_cli_build_with_ray(local_ray, dev_data: Path, tmp_path: Path, capsys):
     parser = argparse.ArgumentParser(prog="biomedgpt")
     add_shards_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["shards", "build", "pneumoniamnist", "--source", str(shared / "data/medmnist"),
+    args = parser.parse_args(["shards", "build", "pneumoniamnist", "--source", str(dev_data / "medmnist"),
                               "--out", str(tmp_path), "--split", "val", "--file", "npz=dev.npz",
-                              "--shard-max-samples", "100", "--ray", "--workers", "2", "--quiet"])
+                              "--shard-max-samples", "15", "--ray", "--workers", "2", "--quiet"])
     assert args.func(args) == 0
-    assert "pneumoniamnist/val: 367 samples, 4 shards" in capsys.readouterr().out
+    assert "pneumoniamnist/val: 50 samples, 4 shards" in capsys.readouterr().out
     assert verify_shards(str(tmp_path)).ok
     with pytest.raises(ValueError, match="--workers: only with --ray"):
         bad = parser.parse_args(["shards", "build", "vqa_rad", "--source", "x", "--out", "y", "--workers", "2"])
