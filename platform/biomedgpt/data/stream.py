@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import storage
+from .error_budget import ErrorBudget
 from .shards import iter_tar_samples, read_manifest, split_url
 
 log = logging.getLogger(__name__)
@@ -68,38 +69,6 @@ def list_shards(shards_root: str, dataset: str, split: str) -> list[ShardInfo]:
         raise ValueError(f"{url}: the shard build of {dataset}/{split} is incomplete; rerun `biomedgpt shards build`")
     return [ShardInfo(storage.join(url, e.name), dataset, split, e.samples, e.bytes)
             for e in manifest.shards if e.samples]
-
-
-@dataclass(frozen=True)
-class ErrorBudget:
-    """How many bad samples one training rank may skip per epoch: at most `max_bad_samples` and at most
-    `max_bad_fraction` of the rows it planned for the epoch (whichever is smaller; None: no such
-    limit; both None: no bad sample allowed)."""
-
-    max_bad_samples: int | None = 0
-    max_bad_fraction: float | None = None
-
-    def allowance(self, rows: int) -> int:
-        limits = []
-        if self.max_bad_samples is not None:
-            limits.append(int(self.max_bad_samples))
-        if self.max_bad_fraction is not None:
-            limits.append(int(self.max_bad_fraction * rows))
-        return max(0, min(limits)) if limits else 0
-
-    def describe(self) -> str:
-        parts = []
-        if self.max_bad_samples is not None:
-            parts.append(f"max_bad_samples={self.max_bad_samples}")
-        if self.max_bad_fraction is not None:
-            parts.append(f"max_bad_fraction={self.max_bad_fraction}")
-        return ", ".join(parts) or "no bad sample allowed"
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any] | None) -> "ErrorBudget":
-        if not config:
-            return cls()
-        return cls(max_bad_samples=config.get("max_bad_samples"), max_bad_fraction=config.get("max_bad_fraction"))
 
 
 class BadDataError(RuntimeError):
