@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -228,41 +229,52 @@ def vqa_rad_record(**overrides):
     return record
 
 
+def defects(conv, split: str) -> list[str]:
+    """What the converter says about the records of `split` it skipped."""
+    return [d.describe() for d in conv.defects_of(split)]
+
+
 @pytest.mark.parametrize("overrides, field, message", [
     ({"answer_type": "MAYBE"}, "answer_type", "expected CLOSED or OPEN"),
     ({"phrase_type": "validation"}, "phrase_type", "expected one of"),
     ({"answer": None}, "answer", "expected str or int or float"),
     ({"question": "  "}, "question", "empty question"),
+    ({"answer": " "}, "answer", "empty answer"),
 ])
-def test_vqa_rad_malformed_fields(tmp_path: Path, overrides, field, message):
+def test_vqa_rad_malformed_record_is_skipped_and_named(tmp_path: Path, overrides, field, message):
     root = write_vqa_rad(tmp_path, [vqa_rad_record(qid=1), vqa_rad_record(**overrides)])
-    with pytest.raises(SourceFormatError) as err:
-        records(open_converter("vqa_rad", str(root)), "train")
-    text = str(err.value)
-    assert "VQA_RAD Dataset Public.json" in text and "record 1 (qid 7)" in text
-    assert f"field '{field}'" in text and message in text
+    conv = open_converter("vqa_rad", str(root))
+    assert [r["id"] for r in records(conv, "train")] == ["1"]
+    (defect,) = conv.defects_of("train")
+    assert defect.file.endswith("VQA_RAD Dataset Public.json") and defect.index == 1 and defect.id == "7"
+    assert defect.field == field and message in defect.reason
+    assert defect.describe().endswith(f"VQA_RAD Dataset Public.json: record 1 (qid 7): field '{field}': {defect.reason}")
 
 
-def test_vqa_rad_missing_field_and_bad_json(tmp_path: Path):
+def test_vqa_rad_missing_field_duplicate_and_bad_json(tmp_path: Path):
     bad = vqa_rad_record()
     del bad["question"]
     root = write_vqa_rad(tmp_path, [bad])
-    with pytest.raises(SourceFormatError, match=r"record 0 \(qid 7\): field 'question': missing"):
-        open_converter("vqa_rad", str(root)).splits()
+    conv = open_converter("vqa_rad", str(root))
+    assert conv.splits() == [] and defects(conv, "train")[0].endswith("record 0 (qid 7): field 'question': missing")
+    root = write_vqa_rad(tmp_path, [vqa_rad_record(), vqa_rad_record()])
+    conv = open_converter("vqa_rad", str(root))
+    assert len(records(conv, "train")) == 1 and "duplicate qid (also record 0)" in defects(conv, "train")[0]
+    # a file that cannot be read at all is not a record's defect: it stops the converter
     (root / "VQA_RAD Dataset Public.json").write_text('[{"qid": 1,\n "answer": }]')
     with pytest.raises(SourceFormatError, match=r"Public\.json: invalid JSON at line 2 column"):
         open_converter("vqa_rad", str(root)).splits()
-    root = write_vqa_rad(tmp_path, [vqa_rad_record(), vqa_rad_record()])
-    with pytest.raises(SourceFormatError, match="duplicate qid"):
-        open_converter("vqa_rad", str(root)).splits()
 
 
-def test_missing_images_error_or_skip(tmp_path: Path):
+def test_missing_images_are_defects_or_skipped_on_purpose(tmp_path: Path):
     root = write_vqa_rad(tmp_path, [vqa_rad_record(qid=1), vqa_rad_record(qid=2, image_name="synpic404.jpg")])
-    with pytest.raises(SourceFormatError, match=r"record 1 \(qid 2\): field 'image_name': image 'synpic404.jpg' not found"):
-        open_converter("vqa_rad", str(root)).splits()
+    conv = open_converter("vqa_rad", str(root))
+    assert [r["id"] for r in records(conv, "train")] == ["1"]
+    assert defects(conv, "train") == [f"{root / 'VQA_RAD Dataset Public.json'}: record 1 (qid 2): field 'image_name': "
+                                      "image 'synpic404.jpg' not found (use on_missing_image='skip' to drop such records)"]
     conv = open_converter("vqa_rad", str(root), on_missing_image="skip")
     assert [r["id"] for r in records(conv, "train")] == ["1"] and conv.skipped == {"train": ["synpic404.jpg"]}
+    assert conv.defects_of("train") == []
 
 
 def test_no_release_found(tmp_path: Path):
@@ -274,31 +286,36 @@ def test_no_release_found(tmp_path: Path):
 
 def test_other_malformed_sources(tmp_path: Path):
     (tmp_path / "test.json").write_text(json.dumps([{"qid": 1, "q_lang": "fr"}]))
-    with pytest.raises(SourceFormatError, match=r"test\.json: record 0 \(qid 1\): field 'q_lang': expected one of"):
-        records(open_converter("slake", str(tmp_path)), "test")
+    conv = open_converter("slake", str(tmp_path))
+    assert records(conv, "test") == []
+    assert re.search(r"test\.json: record 0 \(qid 1\): field 'q_lang': expected one of", defects(conv, "test")[0])
 
     (tmp_path / "pvqa_val.json").write_text(json.dumps(
         [{"img_id": "val_0001", "sentf": {"pvqa": ["Is it?", "What?"]}, "labelf": {"pvqa": [{"yes": 1}]}}]))
-    with pytest.raises(SourceFormatError, match=r"pvqa_val\.json: record 0 \(val_0001\): field 'labelf': 2 questions"):
-        records(open_converter("pathvqa", str(tmp_path)), "val")
+    conv = open_converter("pathvqa", str(tmp_path))
+    assert records(conv, "val") == []
+    assert re.search(r"pvqa_val\.json: record 0 \(val_0001\): field 'labelf': 2 questions", defects(conv, "val")[0])
 
     (tmp_path / "annotation.json").write_text(json.dumps({"train": [], "    ": []}))
     with pytest.raises(SourceFormatError, match=r"annotation\.json: field ''    '': unknown split key"):
         open_converter("iu_xray", str(tmp_path)).splits()
     (tmp_path / "annotation.json").write_text(json.dumps({"test": [{"id": "CXR1", "image_path": ["CXR1/0.png"]}]}))
-    with pytest.raises(SourceFormatError, match=r"test\[0\] \(CXR1\): field 'report': missing"):
-        records(open_converter("iu_xray", str(tmp_path)), "test")
+    conv = open_converter("iu_xray", str(tmp_path))
+    assert records(conv, "test") == [] and re.search(r"test\[0\] \(CXR1\): field 'report': missing", defects(conv, "test")[0])
 
     captions = tmp_path / "data/test/radiology/captions.txt"
     captions.parent.mkdir(parents=True)
     captions.write_text("ROCO_00001\t fine caption\nROCO_00002 no tab here\n")
-    with pytest.raises(SourceFormatError, match=r"captions\.txt: line 2: expected 'ROCO_<n><TAB>caption'"):
-        records(open_converter("roco", str(tmp_path), on_missing_image="skip"), "test")
+    conv = open_converter("roco", str(tmp_path), on_missing_image="skip")
+    assert records(conv, "test") == [] and conv.skipped == {"test": ["ROCO_00001.jpg"]}
+    assert re.search(r"captions\.txt: line 2: expected 'ROCO_<n><TAB>caption'", defects(conv, "test")[0])
 
     np.savez(tmp_path / "breastmnist.npz", train_images=np.zeros((2, 28, 28), np.uint8),
              train_labels=np.array([[0], [5]], np.uint8))
-    with pytest.raises(SourceFormatError, match=r"breastmnist\.npz: field 'train_labels\[1\]': label 5 outside 0\.\.1"):
-        records(open_converter("breastmnist", str(tmp_path)), "train")
+    conv = open_converter("breastmnist", str(tmp_path))
+    assert [r["id"] for r in records(conv, "train")] == ["train_000000"]
+    assert re.search(r"breastmnist\.npz: record 1: field 'train_labels\[1\]': label 5 outside 0\.\.1",
+                     defects(conv, "train")[0])
     (tmp_path / "info.json").write_text(json.dumps({"breastmnist": {"label": {"0": "benign", "1": "malignant"}}}))
     with pytest.raises(SourceFormatError, match=r"info\.json: field 'breastmnist\.label\.0'"):
         open_converter("breastmnist", str(tmp_path)).splits()

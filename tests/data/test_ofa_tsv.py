@@ -6,12 +6,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from data_testing import tiny_jpeg, tiny_png
+from data_testing import skipped, tiny_jpeg, tiny_png
 from PIL import Image
 
 from biomedgpt.data.build import build_shards
@@ -117,11 +118,11 @@ def test_image_and_detection_tsv(tmp_path: Path):
 
 def test_tsv_errors_name_file_line_and_field(tmp_path: Path):
     (tmp_path / "train.tsv").write_text(f"1\timg\tis it?\tsure|!+yes\torgan\t{b64(tiny_jpeg())}\n")
-    with pytest.raises(SourceFormatError, match=r"train\.tsv: line 1: field 'answer': expected '<confidence>\|!\+<answer>'"):
-        list(open_converter("x", str(tmp_path), converter="ofa_tsv_vqa").records("train"))
+    assert re.search(r"train\.tsv: line 1: field 'answer': expected '<confidence>\|!\+<answer>'",
+                     skipped(open_converter("x", str(tmp_path), converter="ofa_tsv_vqa"), "train"))
     (tmp_path / "train.tsv").write_text("1\timg\tis it?\n")
-    with pytest.raises(SourceFormatError, match=r"train\.tsv: line 1: 3 tab-separated columns, expected at least 6"):
-        list(open_converter("x", str(tmp_path), converter="ofa_tsv_vqa").records("train"))
+    assert re.search(r"train\.tsv: line 1: 3 tab-separated columns, expected at least 6",
+                     skipped(open_converter("x", str(tmp_path), converter="ofa_tsv_vqa"), "train"))
     (tmp_path / "train.tsv").write_text("1\timg\tis it?\t1.0|!+yes\t\t%%%notbase64\n")
     rec = next(open_converter("x", str(tmp_path), converter="ofa_tsv_vqa").records("train"))
     with pytest.raises(SourceFormatError, match="image column is not valid base64"):

@@ -128,3 +128,25 @@ def test_converted_images_are_identical_from_ray_tasks(local_ray, tmp_path: Path
     build_shards("ct", str(src), str(tmp_path / "single"), **kwargs)
     result = build_shards("ct", str(src), str(tmp_path / "ray"), workers=2, **kwargs)
     assert len(result.written) == 3 and files_of(tmp_path / "ray") == files_of(tmp_path / "single")
+
+
+def test_unusable_images_in_ray_tasks_are_skipped_like_in_the_driver(local_ray, tmp_path: Path):
+    """A DICOM that does not convert, met inside a Ray task: the same shards, the same manifest (with the
+    record named in notes.defects) as the single-process build; past the budget the build stops."""
+    import numpy as np
+    from data_testing import write_dicom
+
+    from biomedgpt.data.plan import BadRecordsError
+
+    src = tmp_path / "src"
+    for i in range(6):
+        write_dicom(src / f"case{i}/slice.dcm", np.arange(48, dtype=np.uint16).reshape(6, 8) * (i + 1), uid_suffix=100 + i)
+    (src / "case3/slice.dcm").write_bytes(b"not a DICOM" * 20)
+    kwargs = dict(converter="dicom_folder", shard_max_samples=2, progress=False)
+    build_shards("ct", str(src), str(tmp_path / "single"), max_bad_fraction=0.2, **kwargs)
+    result = build_shards("ct", str(src), str(tmp_path / "ray"), workers=2, max_bad_fraction=0.2, **kwargs)
+    assert files_of(tmp_path / "ray") == files_of(tmp_path / "single")
+    assert result["train"].samples == 5 and [d["id"] for d in result["train"].notes["defects"]["skipped"]] == ["case3/slice"]
+    with pytest.raises(BadRecordsError, match=r"ct/train: 1 of 6 source records .*/case3/slice\.dcm"):
+        build_shards("ct", str(src), str(tmp_path / "strict"), workers=2, **kwargs)
+    assert not read_manifest(str(tmp_path / "strict/ct/train")).complete
