@@ -264,6 +264,10 @@ class ShardStream:
         self._window_rows: int | None = None  # raw offset of the current window when bad rows moved it
         self._bad: dict[tuple[int, int], tuple[int, str, str]] = {}  # (epoch, offset) -> (count, shard, key)
         self._summary: dict[tuple[str, str], _Summary] = {}
+        # the position after each of the last batches handed out (a consumer may fetch ahead of what it
+        # has used: Lightning prefetches one batch): batches yielded since the start or the last seek
+        self._yielded = 0
+        self._after: deque[tuple[int, dict[str, int]]] = deque([(0, self.position)], maxlen=16)
         plan = plan_epoch(self.groups, 0, seed)
         if len(plan) < world:
             names = sorted({f"{s.dataset}/{s.split}" for s in plan})
@@ -298,6 +302,18 @@ class ShardStream:
         if by_rank is not None:
             rows = by_rank[self.rank] if len(by_rank) == self.world else None
         self._window_rows = None if rows is None else int(rows)
+        self._yielded = 0
+        self._after = deque([(0, self.position)], maxlen=16)
+
+    def position_after(self, batches: int) -> dict[str, int]:
+        """The position right after the `batches`-th batch this stream handed out since it was built or
+        last sought: what to save when the consumer has used only that many of the batches it fetched (a
+        checkpoint taken while the next batch is already prefetched must not skip that batch on resume)."""
+        for count, position in self._after:
+            if count == batches:
+                return dict(position)
+        raise ValueError(f"no position after batch {batches}: the stream has handed out {self._yielded} batches "
+                         f"and remembers the last {len(self._after) - 1}")
 
     # -- bad data ------------------------------------------------------------------------------
 
@@ -384,6 +400,8 @@ class ShardStream:
 
     def _emit(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         self.batches_in_epoch += 1
+        self._yielded += 1
+        self._after.append((self._yielded, self.position))
         if not self.as_torch:
             return batch
         import torch
