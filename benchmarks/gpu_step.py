@@ -1,11 +1,13 @@
 """Base-size BiomedGPT training throughput and model FLOPs utilisation on one GPU: our LightningModule
-sharded with FSDP2 (`fully_shard` per encoder/decoder layer and the image backbone, bf16 parameters,
-float32 gradient reduction) under Lightning's ModelParallelStrategy, the same code path the Ray Train
+sharded with FSDP2 (`--strategy fsdp`: `fully_shard` per encoder/decoder layer and the image backbone,
+bf16 parameters, float32 gradient reduction) under Lightning's ModelParallelStrategy, or replicated
+with DDP (`--strategy ddp`: float32 weights, bf16 autocast), the same code paths the Ray Train
 workers run, on synthetic batches of the pretraining shape (256 px images = 256 patches, 80 source and
 30 target tokens). No Ray and no shards: the GPU machines lent here have PyTorch, Lightning and
 transformers but cannot install Ray, and the data path is measured on CPUs by data_pipeline.py.
 
     python3 benchmarks/gpu_step.py                 # on a GPU: base size, batch 32, 300 steps
+    python3 benchmarks/gpu_step.py --strategy ddp  # the same with DDP and bf16 autocast
     python3 benchmarks/gpu_step.py --smoke         # anywhere: demo size on CPU, 4 steps (checks the script)
 
 Prints a table and, as its last line, one JSON object (samples/s, tokens/s, MFU, GPU name).
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20, help="steps left out of the figures")
     ap.add_argument("--image", type=int, default=256)
+    ap.add_argument("--strategy", choices=("fsdp", "ddp"), default="fsdp")
     ap.add_argument("--smoke", action="store_true", help="demo size on CPU, batch 2, 4 steps, 64 px")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -40,16 +43,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     import lightning as L
     import torch
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     from biomedgpt.model import BiomedGPTConfig
     from biomedgpt.train.module import BiomedGPTModule, peak_flops
 
     gpu = torch.cuda.is_available() and not args.smoke
+    fsdp = args.strategy == "fsdp"
     cfg = BiomedGPTConfig.from_size(args.size)
     module = BiomedGPTModule(model_config=json.loads(cfg.to_json_string(use_diff=False)), lr=5e-5,
-                             warmup_ratio=0.04, max_steps=args.steps, clip_grad_norm=5.0, fsdp=True,
-                             param_dtype="bfloat16" if gpu else None, log_every=10**9)
+                             warmup_ratio=0.04, max_steps=args.steps, clip_grad_norm=5.0, fsdp=fsdp,
+                             param_dtype="bfloat16" if gpu and fsdp else None, log_every=10**9)
     n_src, n_tgt, vocab = 80, 30, cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     batches = []
@@ -81,9 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t)
 
+    if fsdp:  # bf16 parameters inside FSDP2's mixed-precision policy; Lightning's precision stays 32
+        strategy, precision = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), "32-true"
+    else:  # as train/ray_trainer.py: frozen parts give no gradients, so DDP must tolerate unused parameters
+        strategy = DDPStrategy(process_group_backend="nccl" if gpu else "gloo", find_unused_parameters=True)
+        precision = "bf16-mixed" if gpu else "32-true"
     trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=1, max_steps=args.steps,
-                        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-                        precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        strategy=strategy, precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[Clock()], use_distributed_sampler=False)
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=Cycle())
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = args.batch * (n_src + patches + n_tgt)  # encoder text + image patches + decoder tokens
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     peak = peak_flops(device)
-    out = {"benchmark": "gpu_step", "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+    out = {"benchmark": "gpu_step", "strategy": args.strategy, "device": torch.cuda.get_device_name(0) if gpu else "cpu",
            "size": args.size, "params": n_params, "batch": args.batch, "image_px": args.image,
            "steps": args.steps, "step_ms": round(step_s * 1000, 2),
            "samples_per_s": round(args.batch / step_s, 2), "tokens_per_s": round(tokens / step_s, 1),
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
            "mfu": round(6 * n_params * tokens / step_s / peak, 4) if peak else None,
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
            "wall_s": round(wall, 1)}
-    print(f"BiomedGPT-{args.size} ({n_params / 1e6:.1f}M), FSDP2 {'bf16' if gpu else 'fp32'}, 1 x {out['device']}, "
+    print(f"BiomedGPT-{args.size} ({n_params / 1e6:.1f}M), {'FSDP2' if fsdp else 'DDP'} {'bf16' if gpu else 'fp32'}, 1 x {out['device']}, "
           f"batch {args.batch}, {args.image} px, median of steps {args.warmup + 1}..{args.steps}")
     print(f"| {'figure':<14} | {'value':>12} |\n|{'-' * 16}|{'-' * 14}|")
     for k in ("step_ms", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gib", "wall_s"):

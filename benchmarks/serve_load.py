@@ -342,9 +342,9 @@ def main() -> int:
     from ray import serve
 
     from biomedgpt.demo import wait_healthy
-    from biomedgpt.runner import ensure_ray, free_port
+    from biomedgpt.session import ensure_ray, free_port
     from biomedgpt.serve.app import build_app_from_spec
-    from biomedgpt.serve.spec import serve_spec_from_dict
+    from biomedgpt.spec import serve_spec_from_dict
 
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))

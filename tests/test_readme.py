@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from biomedgpt.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -38,18 +42,6 @@ def test_the_two_commands_and_ci():
     assert "torch==$(TORCH_VERSION)" in makefile and "TORCH_VERSION := 2.13.0" in makefile
 
 
-def test_model_info_commands_in_readme_run():
-    info = [c for c in commands() if c.startswith(".venv/bin/biomedgpt model info")]
-    assert info, "README shows no model info command"
-    for cmd in info:
-        args = shlex.split(cmd)[1:]
-        out = subprocess.run([sys.executable, "-m", "biomedgpt.cli", *args], capture_output=True, text=True, check=True)
-        if "--json" in args:
-            assert json.loads(out.stdout)["parameters"] == 182_238_536
-        else:
-            assert "33,488,336 parameters" in out.stdout
-
-
 def test_readme_parameter_table_matches_model_info(capsys):
     from biomedgpt.cli import main
 
@@ -77,28 +69,183 @@ def test_python_example_runs():
     assert "torch.Size([1, 2, 59457])" in out.stdout
 
 
-def test_job_commands_in_readme(tmp_path):
-    """The README's job commands: the spec validates, the shard commands run, the others parse;
-    `ray job submit` is the command tests/test_slice.py runs against a local head."""
-    from biomedgpt.cli import build_parser
-    from biomedgpt.spec import load_spec
+CLI = [sys.executable, "-m", "biomedgpt.cli"]
+ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Where the launcher config puts this repository on its servers (cluster/launcher/*.yaml file_mounts).
+CLUSTER_CHECKOUT = "/home/ray/biomedgpt/"
 
-    cmds = [c for c in commands() if c.startswith(("biomedgpt ", "ray "))]
-    run = [c for c in cmds if c.startswith("biomedgpt run ")]
-    assert run and all(load_spec(REPO / shlex.split(c)[2]) for c in run)
-    submit = [c for c in cmds if c.startswith("ray job submit")]
+
+def cli_commands() -> list[tuple[str, list[str]]]:
+    """(README line, arguments after `biomedgpt`) of every `biomedgpt` command in README's bash blocks:
+    `.venv/bin/biomedgpt ...`, our part of a pipeline, and the command after `--` of `ray job submit`."""
+    out = []
+    for line in commands():
+        args = shlex.split(line)
+        if "|" in args:
+            args = args[:args.index("|")]
+        if args[0] == "ray" and "--" in args:
+            args = args[args.index("--") + 1:]
+        if args[0] in ("biomedgpt", ".venv/bin/biomedgpt"):
+            out.append((line, args[1:]))
+    return out
+
+
+def command_path(args: list[str]) -> tuple[str, ...]:
+    """The (sub)command words of an argument list: ("registry", "list"), ("run",) ..."""
+    parser, path = build_parser(), []
+    for word in args:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        path.append(word)
+        parser = subs[0].choices[word]
+    return tuple(path)
+
+
+def readme_line(prefix: str) -> list[str]:
+    """The arguments of the one README command that starts with `biomedgpt <prefix>`."""
+    found = [args for line, args in cli_commands() if line.startswith("biomedgpt " + prefix)]
+    assert len(found) == 1, f"README should show one `biomedgpt {prefix}` command, shows {len(found)}"
+    return found[0]
+
+
+_GROUPED = """
+import contextlib, io, json, sys
+from biomedgpt.cli import main
+out = {}
+for argv in json.loads(sys.argv[1]):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            rc = main(argv)
+        except SystemExit as stop:
+            rc = stop.code
+    out[" ".join(argv)] = [rc, buf.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def test_readme_commands_parse_and_their_help_shows_their_flags():
+    """Every `biomedgpt` command of the README parses, and `biomedgpt <command> --help` (run like a user's,
+    all in one interpreter to keep it quick) lists every flag the README gives it; `model info` runs."""
+    cmds = cli_commands()
+    assert len(cmds) >= 25
+    paths = {}
+    for line, args in cmds:
+        parsed = build_parser().parse_args(args)  # a renamed flag or a removed command: SystemExit(2)
+        assert parsed.command == args[0], line
+        paths.setdefault(command_path(args), set()).update(a.split("=")[0] for a in args if a.startswith("-"))
+    assert {("run",), ("submit",), ("shards", "build"), ("shards", "inspect"), ("score",), ("registry", "list"),
+            ("model", "info"), ("serve",), ("evaluate",), ("k8s", "rayjob")} <= set(paths)
+    argvs = [[*p, "--help"] for p in sorted(paths)] + [["--help"]]
+    info = [args for _, args in cmds if command_path(args) == ("model", "info")]
+    out = subprocess.run([*CLI[:1], "-c", _GROUPED, json.dumps(argvs + info)], capture_output=True, text=True,
+                         cwd=REPO, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.splitlines()[-1])
+    for path, flags in paths.items():
+        rc, text = results[" ".join([*path, "--help"])]
+        assert rc == 0 and text.startswith("usage: biomedgpt " + " ".join(path)), (path, text[:200])
+        for flag in flags:
+            assert re.search(rf"(^|[\s\[,]){re.escape(flag)}\b", text), f"`biomedgpt {' '.join(path)} --help` lacks {flag}"
+    top = results["--help"][1]
+    assert results["--help"][0] == 0 and all(re.search(rf"^    {re.escape(p[0])}\b", top, flags=re.M) for p in paths)
+    for args in info:
+        rc, text = results[" ".join(args)]
+        assert rc == 0, args
+        if "--json" in args:
+            assert json.loads(text)["parameters"] == 182_238_536
+        else:
+            assert "33,488,336 parameters" in text
+
+
+def readme_specs() -> list[tuple[str, str, Path]]:
+    """(README line, command, spec file) of every spec a README command names."""
+    out = []
+    for line, args in cli_commands():
+        path = command_path(args)
+        rest = args[len(path):]
+        for before, a in zip([""] + rest, rest):
+            if a.endswith((".yaml", ".yml")) and not before.startswith("-"):  # not an option's value (-o out.yaml)
+                local = REPO / (a[len(CLUSTER_CHECKOUT):] if a.startswith(CLUSTER_CHECKOUT) else a)
+                out.append((line, " ".join(path), local))
+    return out
+
+
+def test_every_spec_a_readme_command_names_validates_and_is_admitted():
+    """Job specs of `run`, `submit` and `k8s rayjob` load and pass admission (cluster/jobs/ specs as cluster runs,
+    the others as a workstation's), serving specs of `serve` and `serve-config` load: e.g. the paper's evaluation
+    (`biomedgpt run jobs/evaluate/paper.yaml`) is admitted as documented."""
+    from biomedgpt.spec import load_serve_spec, load_spec
+    from biomedgpt.tenancy import admit, load_tenants
+
+    tenants = load_tenants(REPO / "cluster" / "tenants.yaml")
+    specs = readme_specs()
+    jobs = set()
+    for line, cmd, path in specs:
+        assert path.is_file(), f"README: {line}: {path} does not exist"
+        if cmd in ("run", "submit", "k8s rayjob"):
+            spec = load_spec(path)
+            admit(spec, tenants, on_cluster=path.parent == REPO / "cluster" / "jobs")  # raises AdmissionError
+            jobs.add(path.relative_to(REPO).as_posix())
+        elif cmd in ("serve", "serve-config"):
+            load_serve_spec(path)
+        else:
+            raise AssertionError(f"README: {line}: no check for a spec of `biomedgpt {cmd}`")
+    assert {"jobs/demo/vqa_rad.yaml", "jobs/evaluate/paper.yaml", "jobs/evaluate/demo_export.yaml",
+            "cluster/jobs/mayo-like-radiology-slake.yaml"} <= jobs
+    for line in commands():  # the cluster launcher's configs (`ray up FILE`) exist
+        if line.startswith(("ray up ", "ray down ")):
+            assert (REPO / shlex.split(line)[2]).is_file(), line
+
+
+def test_ray_job_submit_line():
+    """`ray job submit` is the command tests/test_slice.py runs against a local head."""
+    submit = [c for c in commands() if c.startswith("ray job submit --address http://127.0.0.1")]
     assert submit and shlex.split(submit[0])[-4:] == ["--", "biomedgpt", "run", "jobs/demo/vqa_rad.yaml"]
     assert "--working-dir ." in submit[0]
-    for cmd in cmds:
-        args = shlex.split(cmd)
-        if args[:2] == ["biomedgpt", "shards"] and "runs/shards" in cmd:  # the Jobs section's local examples
-            args = [a.replace("runs/shards", str(tmp_path / "shards")) for a in args]
-            out = subprocess.run([sys.executable, "-m", "biomedgpt.cli", *args[1:]], capture_output=True, text=True,
-                                 cwd=REPO, timeout=300)
-            assert out.returncode == 0, out.stderr[-2000:]
-        elif args[0] == "biomedgpt":
-            if "|" in args:  # a pipeline (biomedgpt k8s rayjob ... | kubectl apply -f -): parse our part
-                args = args[:args.index("|")]
-            parsed = build_parser().parse_args(args[1:])
-            assert parsed.command == args[1]
-    assert (tmp_path / "shards" / "vqa_rad" / "train" / "manifest.json").is_file()
+
+
+def test_readme_shards_score_and_registry_commands_run(tmp_path):
+    """The README's cheap commands run as a user runs them: subprocesses in the repository root with the
+    paths as written, except output locations (the shard root runs/shards, which would be written into the
+    checkout, and the registry, `registry/` of the current directory by default, given as
+    $BIOMEDGPT_REGISTRY, the documented variable) and the inputs of `score` (a run's predictions and references,
+    generated here)."""
+    shards = tmp_path / "shards"
+    build = readme_line("shards build vqa_rad --source datasets_spec/samples/")
+    assert "runs/shards" in build
+    build = [a.replace("runs/shards", str(shards)) for a in build]
+    inspect = [a.replace("runs/shards", str(shards)) for a in readme_line("shards inspect runs/shards/")]
+
+    score = readme_line("score ")
+    pred, ref = tmp_path / "pred.jsonl", tmp_path / "ref.jsonl"
+    pred.write_text('{"id": "1", "prediction": "yes"}\n{"id": "2", "prediction": "right lung"}\n')
+    ref.write_text('{"id": "1", "references": "yes", "answer_type": "closed"}\n'
+                   '{"id": "2", "references": ["left lung"], "answer_type": "open"}\n')
+    score[score.index("--predictions") + 1], score[score.index("--references") + 1] = str(pred), str(ref)
+
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    listing = [args for _, args in cli_commands() if command_path(args) == ("registry", "list")]
+    assert listing and all("--registry" not in args for args in listing)
+    env = {**ENV, "BIOMEDGPT_REGISTRY": str(registry)}
+
+    def start(args, **kw):
+        return subprocess.Popen([*CLI, *args], cwd=REPO, env=kw.get("env", ENV), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def finish(proc):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (proc.args, err[-2000:])
+        return out
+
+    running = [start(build), start(score)] + [start(args, env=env) for args in listing]
+    built, scored, *listed = (finish(p) for p in running)
+    assert (shards / "vqa_rad" / "train" / "manifest.json").is_file(), built
+    metrics = json.loads(scored)
+    assert (metrics["accuracy"], metrics["closed_accuracy"], metrics["open_accuracy"], metrics["count"]) == (0.5, 1.0, 0.0, 2)
+    for args, text in zip(listing, listed):
+        assert (json.loads(text) == []) if "--json" in args else ("no models in" in text), (args, text)
+    shown = finish(start(inspect))
+    assert "train" in shown and "test" in shown, shown

@@ -80,7 +80,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """`ray start --head --block` on 127.0.0.1; stopping that process stops exactly this head."""
-    from biomedgpt.runner import free_port
+    from biomedgpt.session import free_port
 
     tmp_path = tmp_path_factory.mktemp("head")
     port, dash = free_port(), free_port()

@@ -17,7 +17,7 @@ DEMO = REPO / "jobs" / "demo" / "vqa_rad.yaml"
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_job_spec_validates(path):
-    from biomedgpt.serve.spec import ServeAppSpec
+    from biomedgpt.spec import ServeAppSpec
 
     spec = load_spec(path)
     assert isinstance(spec, ServeAppSpec if spec.kind == "serve" else JobSpec)
@@ -48,7 +48,7 @@ def edited(**changes):
 @pytest.mark.parametrize("changes, message", [
     (dict(trainer__max_stpes=3), "my.yaml: trainer.max_stpes: unknown field (did you mean 'max_steps'?)"),
     (dict(trainer__batch_size="eight"), "my.yaml: trainer.batch_size: expected an integer, got 'eight'"),
-    (dict(trainer__strategy="zero3"), "my.yaml: trainer.strategy: expected one of 'fsdp', 'ddp', got 'zero3'"),
+    (dict(trainer__strategy="zero3"), "my.yaml: trainer.strategy: expected one of 'auto', 'fsdp', 'ddp', got 'zero3'"),
     (dict(trainer__lr=-1), "my.yaml: trainer.lr: must be > 0"),
     (dict(model__size="huge"), "my.yaml: model.size: 'huge' is not a named size"),
     (dict(model__image_size=100), "my.yaml: model.image_size: must be a multiple of 16"),

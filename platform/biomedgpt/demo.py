@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-from .runner import ensure_ray, free_port, records, run_training, say
+from .data.stream import records
+from .runner import run_training
+from .session import ensure_ray, free_port, say
 from .spec import spec_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +78,8 @@ def run_demo(out: str = "runs/demo", spec_path: str | None = None) -> dict[str, 
         say(f"held-back questions: overall {fmt(test_m['accuracy'])}, closed {fmt(test_m['closed_accuracy'])}, "
             f"open {fmt(test_m['open_accuracy'])} (n={test_m['count']})")
 
-    # Serve the exported model and ask it about one held-back image.
+    # Serve the exported model and ask it about one held-back image. Ray is imported here, once
+    # run_training's ensure_ray has set its environment (serve.app imports Ray Serve at its top).
     import ray
     from ray import serve
 

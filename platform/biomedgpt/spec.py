@@ -1,28 +1,37 @@
 """The job-spec schema: one typed, validated description of every job.
 
-A job is one YAML document with `kind` (finetune | pretrain | evaluate | serve) and the sections
-`team`, `name`, `model`, `data`, `trainer`, `evaluate`, `serve`, `output`. Loading validates
-everything before any resource is used: unknown keys are errors (with a suggestion when the key
-looks mistyped), types and ranges are checked, and every error names the file and the field path.
+A job is one YAML document with `kind` (finetune | pretrain | evaluate | serve). Training and evaluation
+jobs (`JobSpec`) have the sections `team`, `name`, `model`, `data`, `trainer`, `evaluate`, `output`; a
+serving application (`kind: serve`, jobs/serve/, `ServeAppSpec`) names its registry, ingress, model
+deployment and limits (its Ray Serve deploy config is made by `biomedgpt.serve.spec`). Loading validates
+everything before any resource is used (`biomedgpt.yamlspec`): unknown keys are errors (with a
+suggestion when the key looks mistyped), types and ranges are checked, and every error names the file
+and the field path.
 
-    spec = load_spec("jobs/demo/vqa_rad.yaml")
+    spec = load_spec("jobs/demo/vqa_rad.yaml")          # a JobSpec, or a ServeAppSpec for kind: serve
+    serving = load_serve_spec("jobs/serve/cluster.yaml")
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from .data.transforms import Augment
+from .tasks import task_names
+from .yamlspec import Dialect, SchemaError, build
 
-class SpecError(ValueError):
+
+class SpecError(SchemaError):
     """A job spec is invalid. The message names the file and the field path."""
+
+
+DIALECT = Dialect(error=SpecError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +71,7 @@ class ModelSpec:
     image_size: int = 256
 
     def validate(self, where: str) -> None:
-        from .model.configuration import SIZES
+        from .model.configuration import SIZES  # transformers: heavy (~4 s), needed only to check a job's model
 
         if self.size not in SIZES:
             raise SpecError(f"{where}.size: {self.size!r} is not a named size ({', '.join(SIZES)})")
@@ -121,8 +130,6 @@ class AugmentSpec:
     random_erasing: float = 0.0
 
     def validate(self, where: str) -> None:
-        from .data.transforms import Augment
-
         try:
             Augment.from_config(self.to_config())
         except ValueError as err:
@@ -177,8 +184,6 @@ epoch's batches (so ranks stay equal)."""
         if self.max_bad_fraction is not None and not 0 <= self.max_bad_fraction < 1:
             raise SpecError(f"{where}.max_bad_fraction: must be in [0, 1), got {self.max_bad_fraction}")
         if self.task is not None:
-            from .tasks import task_names
-
             if self.task not in task_names():
                 raise SpecError(f"{where}.task: {self.task!r} is not a task family ({', '.join(task_names())}; "
                                 "null: each record's own task)")
@@ -223,7 +228,10 @@ class EMASpec:
 class TrainerSpec:
     """How to train: workers, strategy, precision, batch, schedule (AdamW, linear warmup then linear
     decay to 0, as the official recipes), checkpointing and retries. `torch_threads` (default: the
-    whole CPUs reserved per worker, 4 on GPUs) sets each worker's intra-op threads. With FSDP, checkpoints are
+    whole CPUs reserved per worker, `cpus_per_worker`, GPU workers included) sets each worker's intra-op
+    threads. `strategy`: `ddp` replicates the model on every worker, `fsdp` shards it (FSDP2), `auto` (the
+    default) picks DDP when the model's training state fits comfortably on one device and FSDP2 otherwise
+    (`train/plan.py: choose_strategy`; the plan says which and why). With FSDP, checkpoints are
     `sharded` (one file per rank, written in parallel) or `full` (one file gathered on rank 0).
 
     Length: `max_steps` optimizer steps, or `epochs` passes over the training data, turned into steps
@@ -242,7 +250,7 @@ class TrainerSpec:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int | None = None
-    strategy: Literal["fsdp", "ddp"] = "fsdp"
+    strategy: Literal["auto", "fsdp", "ddp"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     batch_size: int = 8
     grad_accumulation: int = 1
@@ -364,16 +372,6 @@ class EvaluateSpec:
 
 
 @dataclass
-class ServeSpec:
-    """Ray Serve deployment of the exported model (host is always loopback for local runs)."""
-
-    model: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    replicas: int = 1
-
-
-@dataclass
 class OutputSpec:
     """Run storage: checkpoints and reports go to `<storage>/<team>/<name>/`."""
 
@@ -389,14 +387,11 @@ class JobSpec:
     data: DataSpec | None = None
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
-    serve: ServeSpec = field(default_factory=ServeSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     description: str = ""
     source: str = field(default="<dict>", metadata={"internal": True})
 
     def validate(self, where: str) -> None:
-        import re
-
         for name, value in (("name", self.name), ("team", self.team)):
             if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", value):
                 raise SpecError(f"{where}.{name}: {value!r} must be lower-case letters, digits, '.', '_' or '-' "
@@ -439,116 +434,176 @@ class JobSpec:
 
 
 # ----------------------------------------------------------------------------------------------
-# Typed loading
+# The serving application (kind: serve)
 # ----------------------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "mapping"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+@dataclass
+class HttpSpec:
+    """Where Serve's HTTP proxy listens (loopback unless the spec says otherwise)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
 
 
-def _convert(value: Any, tp: Any, path: str, file: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, path, file)
-            except SpecError as err:
-                errors.append(err)
-        raise errors[-1] if len(errors) == 1 else SpecError(f"{file}: {path}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise SpecError(f"{file}: {path}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise SpecError(f"{file}: {path}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{path}[{i}]", file) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise SpecError(f"{file}: {path}: expected a mapping, got {value!r}")
-        key_tp, val_tp = typing.get_args(tp)
-        return {_convert(k, key_tp, f"{path}.{k}", file): (v if val_tp is Any else _convert(v, val_tp, f"{path}.{k}", file))
-                for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, file)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise SpecError(f"{file}: {path}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"{file}: {path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML reads 1e-3 as a string (YAML 1.1); accept numeric strings explicitly
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            raise SpecError(f"{file}: {path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise SpecError(f"{file}: {path}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported schema type {tp!r} at {path}")
+@dataclass
+class IngressSpec:
+    """The FastAPI ingress: authentication, input checks, model resolution."""
+
+    replicas: int = 1
+    num_cpus: float = 0.25
+    max_ongoing_requests: int = 256
 
 
-def _build(cls: type, data: Any, path: str, file: str) -> Any:
-    if not isinstance(data, dict):
-        raise SpecError(f"{file}: {path or 'top level'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = unknown[0]
-        where = f"{path}.{key}" if path else str(key)
-        close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
-        raise SpecError(f"{file}: {where}: unknown field{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        where = f"{path}.{name}" if path else name
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], where, file)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise SpecError(f"{file}: {where}: required field is missing")
-    return cls(**kwargs)
+@dataclass
+class BatchSpec:
+    """Dynamic batching (`@serve.batch`): requests for the same model within `wait_timeout_s` form one batch."""
+
+    max_batch_size: int = 16
+    wait_timeout_s: float = 0.01
+
+
+@dataclass
+class AutoscalingSpec:
+    """Ray Serve autoscaling of the model deployment (replicas follow ongoing requests per replica)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 16.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+
+
+@dataclass
+class ModelsSpec:
+    """The multiplexed model deployment: each replica keeps the `max_models_per_replica` most recently used
+    models (LRU) and batches requests per model."""
+
+    max_models_per_replica: int = 2
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    max_ongoing_requests: int = 64
+    batch: BatchSpec = field(default_factory=BatchSpec)
+    autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
+
+
+@dataclass
+class LimitsSpec:
+    """Request limits; larger or longer input gets a 4xx naming the field."""
+
+    max_upload_bytes: int = 20 * 2**20
+    max_image_pixels: int = 40_000_000
+    max_question_chars: int = 1000
+    max_text_chars: int = 20_000
+    max_labels: int = 100
+    max_label_chars: int = 200
+
+
+@dataclass
+class ServeAppSpec:
+    """A serving application over the model registry. With `model_dir` instead of a registry it serves that one
+    model directory (as `biomedgpt serve MODEL_DIR`), under the department `team` (or `local`)."""
+
+    kind: Literal["serve"]
+    name: str
+    registry: str | None = None
+    model_dir: str | None = None
+    team: str | None = None
+    tenants: str | None = None
+    auth: bool = True
+    route_prefix: str = "/"
+    latest_ttl_s: float = 5.0
+    env: dict[str, str] = field(default_factory=dict)
+    http: HttpSpec = field(default_factory=HttpSpec)
+    ingress: IngressSpec = field(default_factory=IngressSpec)
+    models: ModelsSpec = field(default_factory=ModelsSpec)
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
+    description: str = ""
+    source: str = field(default="<dict>", metadata={"internal": True})
+
+    def validate(self) -> None:
+        f = self.source
+
+        def fail(where: str, msg: str, value: Any) -> SpecError:
+            return SpecError(f"{f}: {where}: {msg}, got {value!r}")
+
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", self.name):
+            raise fail("name", "lower-case letters, digits, '.', '_' or '-'", self.name)
+        if self.registry and self.model_dir:
+            raise SpecError(f"{f}: registry, model_dir: give one of them (a registry, or one model directory)")
+        if self.model_dir is None and not self.auth:
+            raise SpecError(f"{f}: auth: a registry app serves several departments and needs API keys (auth: true)")
+        if not self.route_prefix.startswith("/"):
+            raise fail("route_prefix", "must start with '/'", self.route_prefix)
+        if not 1 <= self.http.port <= 65535:
+            raise fail("http.port", "must be in 1..65535", self.http.port)
+        a, m = self.models.autoscaling, self.models
+        checks = [
+            (self.ingress.replicas >= 1, "ingress.replicas", "must be >= 1", self.ingress.replicas),
+            (self.ingress.num_cpus >= 0, "ingress.num_cpus", "must be >= 0", self.ingress.num_cpus),
+            (self.ingress.max_ongoing_requests >= 1, "ingress.max_ongoing_requests", "must be >= 1",
+             self.ingress.max_ongoing_requests),
+            (m.max_models_per_replica >= 1, "models.max_models_per_replica", "must be >= 1", m.max_models_per_replica),
+            (m.num_cpus >= 0, "models.num_cpus", "must be >= 0", m.num_cpus),
+            (m.num_gpus >= 0, "models.num_gpus", "must be >= 0", m.num_gpus),
+            (m.torch_threads >= 1, "models.torch_threads", "must be >= 1", m.torch_threads),
+            (m.max_ongoing_requests >= 1, "models.max_ongoing_requests", "must be >= 1", m.max_ongoing_requests),
+            (m.batch.max_batch_size >= 1, "models.batch.max_batch_size", "must be >= 1", m.batch.max_batch_size),
+            (m.batch.wait_timeout_s >= 0, "models.batch.wait_timeout_s", "must be >= 0", m.batch.wait_timeout_s),
+            (a.min_replicas >= 0, "models.autoscaling.min_replicas", "must be >= 0", a.min_replicas),
+            (a.max_replicas >= max(1, a.min_replicas), "models.autoscaling.max_replicas",
+             "must be >= 1 and >= min_replicas", a.max_replicas),
+            (a.initial_replicas is None or a.min_replicas <= a.initial_replicas <= a.max_replicas,
+             "models.autoscaling.initial_replicas", "must lie in [min_replicas, max_replicas]", a.initial_replicas),
+            (a.target_ongoing_requests > 0, "models.autoscaling.target_ongoing_requests", "must be > 0",
+             a.target_ongoing_requests),
+            (self.latest_ttl_s >= 0, "latest_ttl_s", "must be >= 0", self.latest_ttl_s),
+        ]
+        for lf in dataclasses.fields(LimitsSpec):
+            value = getattr(self.limits, lf.name)
+            checks.append((value >= 1, f"limits.{lf.name}", "must be >= 1", value))
+        for ok, where, msg, value in checks:
+            if not ok:
+                raise fail(where, msg, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source", None)
+        return data
+
+
+def serve_spec_from_dict(data: Any, source: str = "<dict>") -> ServeAppSpec:
+    spec = build(ServeAppSpec, data, file=source, dialect=DIALECT)
+    spec.source = source
+    spec.validate()
+    return spec
+
+
+def load_serve_spec(path: str | Path) -> ServeAppSpec:
+    """Read and validate a serving spec (raises SpecError naming the file and the field path)."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as err:
+        raise SpecError(f"{p}: cannot read serving spec: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{p}: not valid YAML: {err}") from None
+    return serve_spec_from_dict(data, str(p))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
 
 
 def spec_from_dict(data: Any, source: str = "<dict>") -> Any:
     """Validate a parsed YAML document into a JobSpec (raises SpecError naming `source` and the field).
-    A serving spec (`kind: serve`, jobs/serve/) has its own schema: it becomes a
-    `biomedgpt.serve.spec.ServeAppSpec`."""
+    A serving spec (`kind: serve`, jobs/serve/) has its own schema: it becomes a `ServeAppSpec`."""
     if isinstance(data, dict) and data.get("kind") == "serve":
-        from .serve.spec import serve_spec_from_dict
-
         return serve_spec_from_dict(data, source)
-    spec = _build(JobSpec, data, "", source)
+    spec = build(JobSpec, data, file=source, dialect=DIALECT)
     spec.source = source
     try:
         spec.validate(source)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .spec import load_spec
+from .tenancy import admit, load_tenants
 
 # Variables forwarded to the job: where object storage is (credentials come from the cluster's own
 # identity, not from the submitting laptop) and the local-Ray switch of single-machine clusters.
@@ -20,8 +22,6 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "RAY_EN
 
 def _git_ignored(path: Path, repo: Path) -> bool:
     """Whether git ignores `path` (Ray leaves git-ignored files out of the uploaded working dir)."""
-    import subprocess
-
     try:
         out = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", str(path)], capture_output=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -35,8 +35,6 @@ def job_id_for(team: str, name: str) -> str:
 
 def submit(spec_path: str, address: str, working_dir: str = ".", follow: bool = True) -> int:
     """Submit the job; with `follow`, print its log until it ends and return 0 if it succeeded."""
-    from .tenancy import admit, load_tenants
-
     spec = load_spec(spec_path)  # refused here, before anything touches the cluster
     if spec.kind == "serve":
         raise ValueError(f"{spec_path}: a serving spec is deployed with `biomedgpt serve-config` + `serve deploy` "
@@ -58,6 +56,7 @@ def submit(spec_path: str, address: str, working_dir: str = ".", follow: bool = 
     token_file = Path.home() / ".ray" / "auth_token"
     if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"
+    # ray: heavy (~2 s), and it reads RAY_AUTH_MODE (set just above) when imported
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)

@@ -11,7 +11,7 @@ def cluster_parser():
     """The `biomedgpt` parser as cli.py builds it, holding the cluster and k8s commands."""
     import argparse
 
-    from biomedgpt.cluster.commands import add_cluster_commands
+    from biomedgpt.cli.cluster import add_cluster_commands
 
     parser = argparse.ArgumentParser(prog="biomedgpt")
     add_cluster_commands(parser.add_subparsers(dest="command", metavar="COMMAND"))

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from cluster_testing import run_cli
 
-from biomedgpt.cluster.quantity import parse_quantity
+from biomedgpt.tenancy.quantity import parse_quantity
 from biomedgpt.cluster.render import WORKDIR, max_usable, render, rayservice_serve_spec, stale_files
-from biomedgpt.serve.spec import (IMPORT_PATH, INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, SERVE_RAY_ENV, deploy_config,
-                                  load_serve_spec, serve_spec_from_dict)
+from biomedgpt.serve.spec import IMPORT_PATH, INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, SERVE_RAY_ENV, deploy_config
+from biomedgpt.spec import load_serve_spec, serve_spec_from_dict
 from biomedgpt.tenancy import load_tenants
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from biomedgpt.cluster.quantity import parse_quantity
+from biomedgpt.tenancy.quantity import parse_quantity
 from biomedgpt.tenancy import (AdmissionError, TenancyError, admit, hash_api_key, load_tenants, new_api_key,
                                verify_api_key)
 
@@ -64,7 +64,7 @@ def test_every_credentialed_dataset_is_unlocked_by_a_credential(tenants):
 
 
 def test_schema_file_beside_tenants_is_current():
-    from biomedgpt.cluster.tenants_schema import SCHEMA
+    from biomedgpt.tenancy.schema import SCHEMA
 
     assert json.loads((REPO / "cluster" / "tenants.schema.json").read_text()) == SCHEMA
 

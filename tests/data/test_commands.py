@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from biomedgpt.data.commands import add_shards_commands
+from biomedgpt.cli.shards import add_shards_commands
 
 
 def run(argv: list[str]) -> int:

@@ -15,7 +15,7 @@ import pytest
 from data_testing import write_dicom
 
 from biomedgpt.data.build import build_shards
-from biomedgpt.data.commands import add_shards_commands
+from biomedgpt.cli.shards import add_shards_commands
 from biomedgpt.data.dataset_spec import DatasetSpecError, load_dataset_spec
 from biomedgpt.data.plan import BadRecordsError
 from biomedgpt.data.shards import read_manifest, verify_shards

@@ -140,7 +140,7 @@ def test_cli_reads_the_official_tsv_of_a_dataset_with_a_spec(vqa_rad_tsv: Path, 
     apply, its converter options (layout: auto) do not."""
     import argparse
 
-    from biomedgpt.data.commands import add_shards_commands
+    from biomedgpt.cli.shards import add_shards_commands
 
     monkeypatch.chdir(Path(__file__).resolve().parents[2])
     parser = argparse.ArgumentParser(prog="biomedgpt")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from biomedgpt.data.build import build_shards, new_manifest, plan_split, previous_entries
-from biomedgpt.data.commands import add_shards_commands
+from biomedgpt.cli.shards import add_shards_commands
 from biomedgpt.data.converters import open_converter
 from biomedgpt.data.shards import ShardError, read_manifest, verify_shards
 

@@ -33,7 +33,7 @@ SAMPLE = REPO / "datasets_spec" / "samples" / "vqa_rad"
 def ray_local():
     import ray
 
-    from biomedgpt.runner import ensure_ray
+    from biomedgpt.session import ensure_ray
 
     started = ensure_ray(num_cpus=2)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -37,7 +37,7 @@ DATASETS = [("vqa_rad", "test", "vqa"), ("iu_xray", "test", "caption"), ("pneumo
 def local_ray():
     import ray
 
-    from biomedgpt.runner import ensure_ray
+    from biomedgpt.session import ensure_ray
 
     started = ensure_ray(num_cpus=2)
     yield

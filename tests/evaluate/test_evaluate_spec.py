@@ -19,13 +19,18 @@ PAPER = REPO / "jobs" / "evaluate" / "paper.yaml"
 
 
 def test_paper_job_lists_every_downstream_dataset():
+    """paper.yaml holds the open datasets (team demo); the credentialed ones are in one spec per team that
+    may read them (paper_*.yaml), except SEER, which no team of the shipped tenants.yaml holds."""
     spec = load_spec(PAPER)
     specs = load_dataset_specs(REPO / "datasets_spec")
     downstream = {n for n, d in specs.items() if set(d.stages) & {"finetune", "zero_shot"}}
     listed = [r.dataset for r in spec.data.eval]
     assert len(listed) == len(set(listed))
+    assert spec.team == "demo" and all(specs[d].access == "open" for d in listed)
+    credentialed = [r.dataset for p in sorted(PAPER.parent.glob("paper_*.yaml")) for r in load_spec(p).data.eval]
+    assert len(credentialed) == len(set(credentialed)) and all(specs[d].access == "credentialed" for d in credentialed)
     # all of them that have a converter (shards can be built), the multi-label ChestMNIST included
-    assert set(listed) == {n for n in downstream if specs[n].source.converter}
+    assert set(listed) | set(credentialed) | {"seer"} == {n for n in downstream if specs[n].source.converter}
     assert "chestmnist" in listed
     assert {specs[d].task for d in listed} == set(EVAL_TASKS)
     assert all(r.split in specs[r.dataset].splits for r in spec.data.eval)
@@ -122,7 +127,7 @@ def test_model_source_errors(tmp_path):
 
 def test_evaluate_command_builds_a_valid_spec(tmp_path):
     from biomedgpt.cli import build_parser
-    from biomedgpt.evaluate.commands import spec_from_args
+    from biomedgpt.cli.evaluate import spec_from_args
 
     args = build_parser().parse_args(["evaluate", "runs/x/export", "--shards", "s3://b/shards", "--dataset", "vqa_rad:test",
                                       "--dataset", "pneumoniamnist:val", "--mode", "zero_shot", "--max-samples", "10",

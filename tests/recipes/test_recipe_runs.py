@@ -81,7 +81,7 @@ def ray_session():
 
     import ray
 
-    from biomedgpt.runner import ensure_ray
+    from biomedgpt.session import ensure_ray
 
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         os.environ.pop(var, None)

@@ -59,8 +59,9 @@ def app(registry, api_keys, tmp_path_factory):
     from ray.serve.schema import ServeDeploySchema
 
     from biomedgpt.demo import wait_healthy
-    from biomedgpt.runner import ensure_ray, free_port
-    from biomedgpt.serve.spec import deploy_config, load_serve_spec
+    from biomedgpt.session import ensure_ray, free_port
+    from biomedgpt.serve.spec import deploy_config
+    from biomedgpt.spec import load_serve_spec
 
     reg, _ = registry
     tenants, keys = api_keys

@@ -38,7 +38,7 @@ def served(model_dir):
     from ray import serve
 
     from biomedgpt.demo import wait_healthy
-    from biomedgpt.runner import ensure_ray, free_port
+    from biomedgpt.session import ensure_ray, free_port
     from biomedgpt.serve.app import start
 
     ensure_ray(num_cpus=2)
@@ -62,7 +62,7 @@ def post(url: str, body: object) -> tuple[int, dict]:
 
 
 def test_health_and_an_answer_from_the_candidates(served, model_dir, demo_shards):
-    from biomedgpt.runner import records
+    from biomedgpt.data.stream import records
 
     from biomedgpt.demo import ask
 
@@ -126,7 +126,7 @@ def team_served(served, model_dir, tmp_path_factory):
 
 
 def test_a_served_department_needs_one_of_its_api_keys(team_served, demo_shards):
-    from biomedgpt.runner import records
+    from biomedgpt.data.stream import records
 
     url, key = team_served
     rec = next(records(demo_shards, "vqa_rad", "test"))

@@ -19,7 +19,7 @@ def test_serve_command_answers_in_throughput_mode_and_stops_on_ctrl_c(vqa_model_
     from PIL import Image
 
     from biomedgpt.demo import wait_healthy
-    from biomedgpt.runner import free_port
+    from biomedgpt.session import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED")}

@@ -9,9 +9,8 @@ import sys
 import pytest
 import yaml
 
-from biomedgpt.serve.spec import (IMPORT_PATH, MODELS_DEPLOYMENT, deploy_config, load_serve_spec,
-                                  serve_spec_from_dict)
-from biomedgpt.spec import SpecError
+from biomedgpt.serve.spec import IMPORT_PATH, MODELS_DEPLOYMENT, deploy_config
+from biomedgpt.spec import SpecError, load_serve_spec, serve_spec_from_dict
 from tests_paths import REPO
 
 SPECS = sorted((REPO / "jobs" / "serve").glob("*.yaml"))

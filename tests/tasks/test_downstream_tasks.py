@@ -113,7 +113,7 @@ def test_multi_label_target_lists_the_findings_in_class_order():
 def test_multi_label_classes_of_the_training_records_are_in_class_order():
     """What a run writes into its checkpoint meta (and the exported training.json) for serving to decode a
     multi-label model's label set as a list."""
-    from biomedgpt.runner import multi_label_meta
+    from biomedgpt.train.plan import multi_label_meta
     from biomedgpt.tasks.classify import multi_label_classes
 
     recs = [{**CHEST, "label": [6, 2], "label_name": ["Pneumonia", "Effusion"]},

@@ -236,7 +236,7 @@ def test_fsdp_ddp_and_accumulation_match_a_single_process(tmp_path):
     of every batch), 2 with DDP, and 2 with FSDP2 accumulating two micro-batches per step, against 1
     worker taking whole batches. Equal-length targets make the mean of the ranks' (and micro-batches')
     mean losses equal to the mean over the whole batch, so the runs must agree step by step."""
-    from biomedgpt.runner import ensure_ray
+    from biomedgpt.session import ensure_ray
 
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -277,6 +277,7 @@ def equivalence_loop(config: dict) -> None:
     import ray.train
 
     from biomedgpt.model import BiomedGPTConfig
+    from biomedgpt.spec import TrainerSpec
     from biomedgpt.train.ray_trainer import make_lightning_trainer, make_module
 
     ctx = ray.train.get_context()
@@ -285,9 +286,9 @@ def equivalence_loop(config: dict) -> None:
                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, resnet_type="resnet18",
                           dropout=0.0, encoder_drop_path_rate=0.0, decoder_drop_path_rate=0.0)
     accum = config["accumulate"]
-    t = dict(strategy=config["strategy"], use_gpu=False, precision="32-true", max_steps=config["steps"],
-             grad_accumulation=accum, lr=2e-3, weight_decay=0.01, adam_betas=[0.9, 0.999], adam_eps=1e-8, warmup_ratio=0.0,
-             clip_grad_norm=1.0, label_smoothing=0.0, seed=0, log_every=1)
+    t = TrainerSpec(strategy=config["strategy"], use_gpu=False, precision="32-true", max_steps=config["steps"],
+                    grad_accumulation=accum, lr=2e-3, weight_decay=0.01, adam_betas=[0.9, 0.999], adam_eps=1e-8,
+                    warmup_ratio=0.0, clip_grad_norm=1.0, label_smoothing=0.0, seed=0, log_every=1)
     module = make_module(t, json.loads(cfg.to_json_string(use_diff=False)), None)
     g = torch.Generator().manual_seed(123)
     n, per = config["global_batch"], config["global_batch"] // world

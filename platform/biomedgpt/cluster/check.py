@@ -17,10 +17,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..spec import load_spec
 from ..tenancy import REPO, Tenants, load_tenants
+from ..tenancy.schema import SCHEMA
 from .launcher import launcher_problems, load_launcher_config
+from .rayjob import rayjob_manifests
 from .render import render, stale_files
-from .tenants_schema import SCHEMA
 from .validate import ManifestValidator, check_references, kustomize_build, kustomize_dirs, load_documents
 
 CRDS_ENV = "BIOMEDGPT_CRDS"
@@ -90,9 +92,6 @@ def check_everything(tenants_path: str | Path | None = None, *, k8s_dir: Path | 
             m = o.get("metadata", {})
             built[(o.get("kind"), m.get("namespace", ""), m.get("name"))] = o
     out += [f"{k8s_dir}: {p}" for p in check_references(list(built.values()))]
-
-    from ..spec import load_spec
-    from .rayjob import rayjob_manifests
 
     for spec_file in sorted(jobs_dir.glob("*.yaml")) if jobs_dir.is_dir() else []:
         try:

@@ -12,19 +12,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
 
 
 def ray_schema_path() -> Path:
-    import ray.autoscaler
+    import ray.autoscaler  # heavy (~2 s): imported only when launcher configs are checked
 
     return Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 
 
 def launcher_problems(config: Any, source: str = "<config>") -> list[str]:
     """Problems of one cluster-launcher config ([] when `ray up` would accept it)."""
-    import jsonschema
-
     schema = json.loads(ray_schema_path().read_text())
     out = []
     for err in sorted(jsonschema.Draft7Validator(schema).iter_errors(config), key=lambda e: list(map(str, e.path))):
@@ -32,7 +31,7 @@ def launcher_problems(config: Any, source: str = "<config>") -> list[str]:
         out.append(f"{source}: {where}: {err.message}")
     if out:
         return out
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config  # heavy: see ray_schema_path
 
     try:
         validate_config(prepare_config(copy.deepcopy(config)))

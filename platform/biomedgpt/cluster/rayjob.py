@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from ..tenancy import ON_CLUSTER_ENV, Tenants, admit
-from .quantity import format_quantity, parse_quantity
+from ..tenancy.quantity import format_quantity, parse_quantity
 from .render import INSTITUTION_LABEL, PRIORITY_LABEL, QUEUE_LABEL, TEAM_LABEL, WORKDIR, dump_one
 
 SPEC_VOLUME = "job-spec"

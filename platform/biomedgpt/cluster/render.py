@@ -28,9 +28,11 @@ from typing import Any
 
 import yaml
 
-from ..serve.spec import ServeAppSpec, deploy_config, load_serve_spec, serve_spec_from_dict
+from ..serve.spec import deploy_config
+from ..spec import ServeAppSpec, load_serve_spec, serve_spec_from_dict
 from ..tenancy import Institution, Limit, Tenants
-from .quantity import format_quantity, parse_quantity
+from ..tenancy.quantity import format_quantity, parse_quantity
+from ..tenancy.schema import SCHEMA
 
 KUEUE = "kueue.x-k8s.io/v1beta2"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -408,8 +410,6 @@ def stale_files(files: dict[str, str], out: Path) -> list[str]:
 
 def write_schema(tenants_path: Path) -> Path:
     """tenants.schema.json beside the tenants file (for editors; the loader uses the Python schema)."""
-    from .tenants_schema import SCHEMA
-
     path = tenants_path.parent / "tenants.schema.json"
     path.write_text(json.dumps(SCHEMA, indent=2) + "\n")
     return path

@@ -16,11 +16,18 @@
 
 Every problem is one line naming the source, the object (kind/namespace/name), the field path and
 what is wrong.
+
+This is operator tooling, not part of the runtime install: kubernetes-validate and cel-python come with
+the dev extras (`pip install -e '.[dev]'`, as `make install` does; `missing_tooling()` names what is
+absent), and `kubectl` with the Debian packages in .ci/apt-packages.txt.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.resources
+import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -28,8 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import jsonschema
 import yaml
+from referencing import Registry, Resource
 
+#: The dev-extra packages the validation needs, by module name (see the module docstring).
+TOOLING = {"kubernetes_validate": "kubernetes-validate", "celpy": "cel-python"}
 KUBERNETES_VERSION = "1.32"  # Debian's kubectl 1.32; the oldest API the manifests must suit
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
@@ -146,8 +157,6 @@ _crd_cache: dict[tuple, dict[tuple[str, str], CrdVersion]] = {}
 def load_crds(crd_dir: Path) -> dict[tuple[str, str], CrdVersion]:
     """Every served version of every CRD in crd_dir, by (apiVersion, kind). Parsed once per process
     while the files are unchanged (the KubeRay CRDs are 3 MB of YAML)."""
-    import jsonschema
-
     out: dict[tuple[str, str], CrdVersion] = {}
     files = sorted(Path(crd_dir).glob("*.yaml"))
     if not files:
@@ -182,7 +191,7 @@ _cel_programs: dict[str, Any] = {}
 
 def _cel_program(rule: str):
     global _cel_env
-    import celpy
+    import celpy  # a dev extra (see the module docstring): only validation needs it
 
     if _cel_env is None:
         _cel_env = celpy.Environment()
@@ -193,7 +202,7 @@ def _cel_program(rule: str):
 
 def cel_problems(obj: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     """Evaluate the creation-time CEL rules of the schema on obj (transition rules need an old object)."""
-    import celpy
+    import celpy  # a dev extra (see the module docstring): only validation needs it
 
     problems: list[str] = []
 
@@ -384,25 +393,17 @@ class ManifestValidator:
         self._core: dict[tuple[str, str], Any] = {}
 
     def _strict_folder(self):
-        import importlib.resources as resources
-
-        return resources.files("kubernetes_validate") / "kubernetes-json-schema" / \
+        return importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema" / \
             f"v{self.kubernetes_version}.0-local-strict"
 
     def _registry(self):
         if self._defs is None:
-            import json
-
-            from referencing import Registry, Resource
-
             defs = json.loads((self._strict_folder() / "_definitions.json").read_text())
             self._defs = (defs["$id"], Resource.from_contents(defs) @ Registry())
         return self._defs
 
     def _meta_validator(self):
         if self._object_meta is None:
-            import jsonschema
-
             base, registry = self._registry()
             self._object_meta = jsonschema.Draft202012Validator(
                 {"$ref": f"{base}#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}, registry=registry)
@@ -413,11 +414,6 @@ class ManifestValidator:
         re-reads 1.3 MB of definitions for every object). None when it has no schema for the kind."""
         key = (api_version, kind)
         if key not in self._core:
-            import json
-
-            import jsonschema
-            from referencing import Resource
-
             # kubernetes-validate's file naming: rbac.authorization.k8s.io/v1 Role -> role-rbac-v1.json
             api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
             f = self._strict_folder() / f"{kind.lower()}-{api}.json"
@@ -530,6 +526,11 @@ def check_references(objs: list[dict[str, Any]], *, known: Iterable[dict[str, An
 # ----------------------------------------------------------------------------------------------
 # kustomize
 # ----------------------------------------------------------------------------------------------
+
+
+def missing_tooling() -> list[str]:
+    """The dev-extra packages (pip names) the validation needs and this environment lacks."""
+    return [package for module, package in TOOLING.items() if importlib.util.find_spec(module) is None]
 
 
 def kustomize_dirs(root: Path) -> list[Path]:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import string
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
+
+from ..yamlspec import Dialect, SchemaError, build
+from .converters import CONVERTERS
 
 #: Fine-tuning task families, then the pretraining-only record kinds: ``text`` (text infilling),
 #: ``image`` (image infilling / masked image modelling) and ``detection`` (boxes + labels).
@@ -70,8 +71,13 @@ PROMPT_FIELDS: Mapping[str, tuple[str, ...]] = {
 }
 
 
-class DatasetSpecError(ValueError):
+class DatasetSpecError(SchemaError):
     """A dataset spec that does not validate; the message names the file and the field path."""
+
+
+#: How dataset-spec errors read: "<file>: field 'source.files': unknown key; expected one of: ...".
+DIALECT = Dialect(error=DatasetSpecError, quote_fields=True, unknown="unknown key", list_known=True,
+                  missing="missing (expected {expected})")
 
 
 @dataclass(frozen=True)
@@ -149,110 +155,8 @@ class DatasetSpec:
     metrics: list[str]
     answer_candidates: AnswerCandidates
     notes: str = ""
-    path: str = field(default="", compare=False)
+    path: str = field(default="", compare=False, metadata={"internal": True})
     """The file it was loaded from (not a YAML key)."""
-
-
-# --- generic typed loading ------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if isinstance(tp, types.UnionType) or origin is typing.Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (list, dict):
-        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
-        return f"{'a list' if origin is list else 'a mapping'} of [{args}]"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
-    if tp is Any:
-        return "any value"
-    if tp is type(None):
-        return "null"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _convert(value: Any, tp: Any, where: str, file: str) -> Any:
-    def fail(expected: str) -> DatasetSpecError:
-        return DatasetSpecError(f"{file}: field '{where}': expected {expected}, got {value!r}")
-
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if tp is type(None):
-        if value is not None:
-            raise fail("null")
-        return None
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise fail(_type_name(tp))
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise fail(_type_name(tp))
-        return [_convert(v, item, f"{where}[{i}]", file) for i, v in enumerate(value)]
-    if origin is dict:
-        key_tp, item = typing.get_args(tp)
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise fail(_type_name(tp))
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise DatasetSpecError(f"{file}: field '{where}': keys must be strings, got {k!r}")
-            out[k] = _convert(v, item, f"{where}.{k}", file)
-        return out
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, file)
-    if tp is str:
-        if not isinstance(value, str):
-            raise fail("a string")
-        return value
-    if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise fail("an integer")
-        return value
-    if tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise fail("a number")
-        return float(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise fail("true or false")
-        return value
-    if isinstance(tp, types.UnionType) or origin is typing.Union:
-        for option in typing.get_args(tp):
-            try:
-                return _convert(value, option, where, file)
-            except DatasetSpecError:
-                continue
-        raise fail(" or ".join(_type_name(a) for a in typing.get_args(tp)))
-    raise TypeError(f"unsupported field type {tp!r} at {where}")
-
-
-def _build(cls: type, data: Any, where: str, file: str) -> Any:
-    prefix = f"{where}." if where else ""
-    if not isinstance(data, dict):
-        raise DatasetSpecError(f"{file}: field '{where or '<document>'}': expected a mapping ({cls.__name__}), "
-                               f"got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise DatasetSpecError(f"{file}: field '{prefix}{unknown[0]}': unknown key; expected one of: "
-                               f"{', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise DatasetSpecError(f"{file}: field '{prefix}{name}': missing (expected {_type_name(hints[name])})")
-            continue
-        kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}", file)
-    return cls(**kwargs)
 
 
 # --- dataset-spec rules ---------------------------------------------------------------------------
@@ -278,8 +182,6 @@ def _check(spec: DatasetSpec, file: str) -> None:
     pretrain_only = set(spec.stages) == {"pretrain"}
     if spec.task in PRETRAINING_TASKS and not pretrain_only:
         raise error("stages", f"{spec.task!r} records are a pretraining objective: stages must be [pretrain]")
-
-    from .converters import CONVERTERS
 
     if spec.source.converter is None:
         if not spec.source.converter_note.strip():
@@ -352,7 +254,7 @@ def _check(spec: DatasetSpec, file: str) -> None:
 
 def parse_dataset_spec(data: Any, file: str = "<dataset spec>") -> DatasetSpec:
     """Validate an already-parsed YAML document; ``file`` is used in error messages and for ``name``."""
-    spec = _build(DatasetSpec, data, "", file)
+    spec = build(DatasetSpec, data, file=file, dialect=DIALECT)
     _check(spec, file)
     return dataclasses.replace(spec, path=str(file))
 

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
+
 from . import storage
 from .shards import MANIFEST_NAME, Manifest, find_manifests, read_manifest, read_shard
 
@@ -81,8 +83,6 @@ class ShardsSummary:
 def _describe_image(ext: str, data: bytes) -> dict[str, Any]:
     info: dict[str, Any] = {"format": ext, "bytes": len(data)}
     try:
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as image:  # header only: no full decode
             info.update(width=image.width, height=image.height, mode=image.mode)
     except Exception as err:  # a broken image is worth showing, not worth crashing over

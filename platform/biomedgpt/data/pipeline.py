@@ -6,12 +6,16 @@ The tokenizer is loaded once per Ray worker process (cached by directory).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any, Sequence
 
 import numpy as np
 
+from ..model.tokenizer import BiomedGPTTokenizer
+from ..tasks import get_task
+from ..tasks.pretrain import record_captions
 from .transforms import Augment, ImageDecodeError, augment_rng, encode_pair, load_image, pad_sequences
 
 log = logging.getLogger(__name__)
@@ -28,16 +32,12 @@ TRAIN_COLUMNS = ("input_ids", "patch_images", "patch_masks", "decoder_input_ids"
 def tokenizer_from_dir(path: str) -> Any:
     """The BiomedGPT tokenizer saved in `path`, loaded once per process."""
     if path not in _TOKENIZERS:
-        from ..model.tokenizer import BiomedGPTTokenizer
-
         _TOKENIZERS[path] = BiomedGPTTokenizer.from_pretrained(path)
     return _TOKENIZERS[path]
 
 
 def sample_id(record: dict[str, Any]) -> int:
     """A stable 63-bit id of a record (dataset, split, id): lets tests and reports count samples."""
-    import hashlib
-
     key = f"{record.get('dataset')}/{record.get('split')}/{record.get('id')}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
 
@@ -66,8 +66,6 @@ def apply_image_op(image: np.ndarray, op: str | None) -> np.ndarray:
 
 def _batch_captions(batch: dict[str, np.ndarray]) -> list[tuple[int, str]]:
     """(row, caption) of every row of the batch with a caption: the image-text matching negatives."""
-    from ..tasks.pretrain import record_captions
-
     out = []
     for i, raw in enumerate(batch["json"]):
         try:
@@ -95,8 +93,6 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, task_name: str | None, tok
     Families with `uses_batch_context` (pretraining) also get the other rows' captions (image-text
     matching negatives), the row's `codes.npy` (image infilling) and a salt for their random choices:
     the row's `__augment_seed__` (the stream's per-epoch seed) when the batch has it, else `salt`."""
-    from ..tasks import get_task
-
     tasks: dict[str, Any] = {}
 
     def task_of(record: dict[str, Any]) -> Any:

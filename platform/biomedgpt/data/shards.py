@@ -19,7 +19,9 @@ import json
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, Iterable, Iterator, Mapping
+
+from PIL import Image, UnidentifiedImageError
 
 from . import storage
 
@@ -94,8 +96,6 @@ def image_as_stored(data: bytes, source: str = "<image>") -> tuple[bytes, str]:
     ext = sniff_image_format(data)
     if ext is not None:
         return data, ext
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -665,8 +665,3 @@ def shard_urls(url: str) -> list[str]:
         directory = where[: -len(MANIFEST_NAME)].rstrip("/")
         out += [storage.join(directory, s.name) for s in manifest.shards]
     return out
-
-
-def sample_counts(manifests: Sequence[Manifest]) -> dict[str, int]:
-    """``{"dataset/split": samples}`` for a list of manifests."""
-    return {f"{m.dataset}/{m.split}": m.samples for m in manifests}

@@ -8,7 +8,9 @@ turns such a string into a filesystem:
   helpers over it, so callers never branch on the scheme;
 - :func:`pyarrow_filesystem` builds the ``pyarrow.fs`` filesystem Ray Data and Ray Train need
   (Ray does not read ``AWS_ENDPOINT_URL`` by itself, see FIELD_NOTES "Data and S3");
-- :func:`register_webdataset_s3` teaches the ``webdataset`` library to open ``s3://`` URLs.
+- :func:`register_webdataset_s3` teaches the ``webdataset`` library to open ``s3://`` URLs, for reading
+  our shards with that library (the tests and benchmarks do; the platform reads them with its own tar
+  reader and Ray Data, so ``webdataset`` is a dev extra, not a runtime dependency).
 
 S3 is configured only through the standard AWS variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``),
@@ -17,6 +19,7 @@ so any S3-compatible store works (AWS S3, MinIO, Ceph, moto in the tests).
 
 from __future__ import annotations
 
+import importlib
 import os
 import posixpath
 import uuid
@@ -309,8 +312,6 @@ def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kwargs: Any) -> 
 
 def register_webdataset_s3() -> None:
     """Register :func:`gopen_s3` for ``s3://`` (and ``s3a://``) in ``webdataset.gopen``; idempotent."""
-    import importlib
-
     # `webdataset.gopen` the attribute is the function; the module holding the table is imported by name
     wds_gopen = importlib.import_module("webdataset.gopen")
     for name in S3_SCHEMES:

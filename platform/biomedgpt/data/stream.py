@@ -32,6 +32,7 @@ CPUs and each task's output is one shard's rows.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 from collections import deque
@@ -39,10 +40,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from . import storage
 from .error_budget import ErrorBudget
-from .shards import iter_tar_samples, read_manifest, split_url
+from .pipeline import preprocess_batch
+from .shards import iter_tar_samples, read_manifest, read_shard, split_url
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,18 @@ def list_shards(shards_root: str, dataset: str, split: str) -> list[ShardInfo]:
         raise ValueError(f"{url}: the shard build of {dataset}/{split} is incomplete; rerun `biomedgpt shards build`")
     return [ShardInfo(storage.join(url, e.name), dataset, split, e.samples, e.bytes)
             for e in manifest.shards if e.samples]
+
+
+def records(shards_root: str, dataset: str, split: str) -> Iterator[dict[str, Any]]:
+    """The decoded records of one split, shard by shard: the json fields, plus `_image` (the image bytes,
+    None for text records) and, for image infilling, the VQGAN `codes` (.npy bytes) when the sample has them."""
+    for shard in list_shards(shards_root, dataset, split):
+        for sample in read_shard(shard.url):
+            rec = json.loads(sample["json"])
+            rec["_image"] = sample.get("jpg") or sample.get("png")
+            if sample.get("codes.npy") is not None and "codes" not in rec:
+                rec["codes"] = sample["codes.npy"]
+            yield rec
 
 
 class BadDataError(RuntimeError):
@@ -173,8 +188,6 @@ def preprocess_rows(batch: dict[str, np.ndarray], **preprocess: Any) -> dict[str
 
     A failing batch is retried row by row to find the bad rows, then the good rows are processed
     together again (so batch-level context, e.g. the other rows' captions, stays that of good rows)."""
-    from .pipeline import preprocess_batch
-
     meta = {k: batch[k] for k in ("__read__", "__row__", "__key__")}
     raw = {k: v for k, v in batch.items() if k not in meta}
     n = len(meta["__key__"])
@@ -374,7 +387,7 @@ class ShardStream:
     def _read(self, shards: Sequence[ShardInfo], epochs: Sequence[int]) -> Iterator[dict[str, np.ndarray]]:
         """Preprocessed rows (good and flagged) of `shards`, in order, as numpy batches (one Ray Data
         execution), each row tagged with its read index and its row index in the shard."""
-        import ray.data
+        import ray.data  # Ray reads its environment when imported: not before the session set it up
 
         if not shards:
             return
@@ -404,8 +417,6 @@ class ShardStream:
         self._after.append((self._yielded, self.position))
         if not self.as_torch:
             return batch
-        import torch
-
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -510,7 +521,7 @@ def _gather(parts: Sequence[dict[str, np.ndarray]], starts: np.ndarray, rows: np
 def default_buffer_bytes() -> int:
     """Object-store bytes a rank's reading may run ahead: 256 MiB per CPU of the Ray cluster (room for
     each concurrent read/preprocess task's output), at least 512 MiB and at most 4 GiB."""
-    import ray
+    import ray  # see _read
 
     cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
     return min(4 << 30, max(512 << 20, (256 << 20) * cpus))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 MEAN = 0.5
 STD = 0.5
@@ -230,8 +230,6 @@ def _signed(value: float, rng: random.Random) -> float:
 
 def _apply_op(img: Image.Image, op: str, level: float, rng: random.Random) -> Image.Image:
     """One RandAugment operation at `level` in [0, 1] (timm's increasing magnitude mappings)."""
-    from PIL import ImageEnhance, ImageOps
-
     if op == "Identity":
         return img
     if op == "AutoContrast":

@@ -28,13 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..session import RunResult, ensure_ray, say, staging_dir
 from .candidates import (DEFAULT_METRICS, EVAL_TASKS, SPEC_METRIC_KEYS, Candidates, EvaluationError,
                          answer_candidates, list_split_shards, load_dataset_spec_or_none, shard_records)
 from .predict import DecodePlan, decode_plan
-
-
-def say(msg: str) -> None:
-    print(f"[biomedgpt] {msg}", flush=True)
 
 
 @dataclass
@@ -416,7 +413,6 @@ def run_evaluation(spec, model_source: str, out_dir: str | Path, *, num_cpus: in
     in the module docstring to out_dir; returns {"<dataset>/<split>": metrics}."""
     import ray
 
-    from ..runner import ensure_ray
     from .report import write_html_report, write_results_markdown
 
     ev = spec.evaluate
@@ -503,7 +499,6 @@ def run_evaluate_job(spec, *, num_cpus: int | None = None):
     to the run directory `<output.storage>/<team>/<name>/` (staged locally and uploaded when that is
     object storage). Returns the runner's RunResult."""
     from ..data import storage as st
-    from ..runner import RunResult, staging_dir
 
     run_url = spec.run_dir
     remote = not st.is_local(run_url)

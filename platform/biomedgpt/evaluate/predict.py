@@ -276,12 +276,3 @@ class Predictor:
         keys = [*names, NO_FINDING]
         preds = [[names[i] for i in row] for row in listed]
         return preds, [{"scores": {k: round(float(p), 6) for k, p in zip(keys, row)}} for row in probs]
-
-
-def evaluate_model_dir(model_dir: str | Path, spec, out_dir: str | Path) -> dict[str, Any]:
-    """Evaluate a model directory on the spec's `evaluate.splits` (see `biomedgpt.evaluate.job`):
-    every dataset with its task's official decoding on Ray actors; writes predictions, results.json,
-    results.md, report.html and metrics.json to out_dir. Returns {"<dataset>/<split>": metrics}."""
-    from .job import run_evaluation
-
-    return run_evaluation(spec, str(model_dir), out_dir)

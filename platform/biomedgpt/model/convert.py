@@ -29,6 +29,7 @@ from .state_dict_adapter import (
     fairseq_model_args,
     load_fairseq_checkpoint,
 )
+from .tokenizer import BiomedGPTTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, config_path: str | o
     merges = merges or (str(path.parent / "merges.txt") if (path.parent / "merges.txt").is_file() else None)
     has_tok = False
     if vocab and merges:
-        from .tokenizer import BiomedGPTTokenizer
-
         tok = BiomedGPTTokenizer.from_bpe_files(vocab, merges)
         if len(tok) != cfg.vocab_size:
             raise ValueError(f"{vocab}: the tokenizer has {len(tok)} ids but the checkpoint's embedding has "

@@ -109,10 +109,6 @@ class _DeviceTables:
         return self._cache[key]
 
 
-def _init_embedding(num: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
-    return nn.Embedding(num, dim, padding_idx=padding_idx)
-
-
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------

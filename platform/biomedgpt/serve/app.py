@@ -45,7 +45,8 @@ from ray import serve
 
 from .inputs import ApiError, Limits, bad, decode_base64, image_array, label_list, text_field
 from .registry import BadModelId, ModelEntry, ModelRef, Registry, UnknownModel, registry_url
-from .spec import (INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, ServeAppSpec, deployment_options, serve_spec_from_dict)
+from ..spec import ServeAppSpec, serve_spec_from_dict
+from .spec import INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, deployment_options
 
 # --------------------------------------------------------------------------------------------------
 # Where models come from: the registry, or one model directory

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from .parallelize import apply_fsdp
+from .recipe import local_dir
 from .schedule import warmup_linear_decay
 
 
@@ -221,8 +223,6 @@ class BiomedGPTModule(L.LightningModule):
         cfg.pop("model_type", None)
         cfg.pop("transformers_version", None)
         if hp.init_dir:
-            from .recipe import local_dir
-
             # the initial weights with the run's config (the checkpoint's architecture + the spec's dropout)
             model = BiomedGPTForConditionalGeneration.from_pretrained(local_dir(hp.init_dir),
                                                                       config=BiomedGPTConfig(**cfg))
@@ -238,8 +238,6 @@ class BiomedGPTModule(L.LightningModule):
             return
         model = self.build_model()
         if self.hparams.fsdp:
-            from .parallelize import apply_fsdp
-
             dtype = getattr(torch, self.hparams.param_dtype) if self.hparams.param_dtype else None
             apply_fsdp(model, self.device_mesh["data_parallel"], param_dtype=dtype)
         self.model = model

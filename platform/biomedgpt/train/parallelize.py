@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) -> nn.Module:
@@ -13,8 +14,6 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) -
     `param_dtype` (e.g. torch.bfloat16 on GPUs) turns on FSDP2 mixed precision: parameters are cast
     for compute, gradients reduced in float32.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     kwargs = {"mesh": mesh}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)

@@ -10,14 +10,31 @@ after a failure.
 
 from __future__ import annotations
 
-import logging
+import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
+import ray.data
+import ray.train
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.lightning import RayLightningEnvironment
+from ray.train.torch import TorchConfig, TorchTrainer
 
-log = logging.getLogger(__name__)
+from ..data import storage
+from ..data.pipeline import TRAIN_COLUMNS
+from ..data.stream import ShardStream, merge_data_errors
+from ..spec import TrainerSpec
+from .checkpoints import StepCheckpointer, lightning_checkpoint_path
+from .eval_callback import EvalDuringTraining
+from .module import BiomedGPTModule
+from .plan import TrainPlan
+from .report import keep_earlier_attempt
 
 
 class DataPosition(L.Callback):
@@ -37,8 +54,6 @@ class DataPosition(L.Callback):
         self.trained = 0
 
     def _gather(self) -> list[dict[str, Any]]:
-        import torch.distributed as dist
-
         local = {"position": self.stream.position_after(self.trained), "errors": self.stream.data_errors()}
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             out: list[Any] = [None] * dist.get_world_size()
@@ -47,8 +62,6 @@ class DataPosition(L.Callback):
         return [local]
 
     def _merged(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        from ..data.stream import merge_data_errors
-
         gathered = self._gather()
         position = {k: v for k, v in gathered[0]["position"].items() if k != "rows"}
         rows = [g["position"].get("rows") for g in gathered]
@@ -56,8 +69,6 @@ class DataPosition(L.Callback):
             position["rows_by_rank"] = rows
         errors = merge_data_errors([g["errors"] for g in gathered])
         if self.log_dir and self.stream.rank == 0:
-            import json
-
             report = {k: v for k, v in errors.items() if k != "pending"}
             Path(self.log_dir).mkdir(parents=True, exist_ok=True)
             (Path(self.log_dir) / "data_errors.json").write_text(json.dumps(report, indent=2, sort_keys=True))
@@ -85,100 +96,82 @@ class DataPosition(L.Callback):
         self._merged()
 
 
-def make_module(t: dict[str, Any], model_config: dict[str, Any], init_dir: str | None):
-    """The LightningModule for trainer settings `t` (the spec's trainer section as a dict)."""
-    from .module import BiomedGPTModule
-
-    fsdp = t["strategy"] == "fsdp"
-    param_dtype = "bfloat16" if fsdp and t["precision"] == "bf16-mixed" else None
+def make_module(t: TrainerSpec, model_config: dict[str, Any], init_dir: str | None, *,
+                noise_vocab_end: int | None = None, constraint_candidates: list[list[int]] | None = None
+                ) -> BiomedGPTModule:
+    """The LightningModule for the trainer section `t` (its `max_steps` set: a plan's `trainer`)."""
+    fsdp = t.strategy == "fsdp"
+    param_dtype = "bfloat16" if fsdp and t.precision == "bf16-mixed" else None
     return BiomedGPTModule(
-        model_config=model_config, init_dir=init_dir, lr=t["lr"], weight_decay=t["weight_decay"],
-        adam_betas=tuple(t["adam_betas"]), adam_eps=t["adam_eps"], warmup_ratio=t["warmup_ratio"],
-        max_steps=t["max_steps"], clip_grad_norm=t["clip_grad_norm"], label_smoothing=t["label_smoothing"],
-        seed=t["seed"], fsdp=fsdp, param_dtype=param_dtype, log_every=t["log_every"],
-        ema_decay=t.get("ema_decay"), freeze_token_embeddings=t.get("freeze_token_embeddings", False),
-        drop_worst_ratio=t.get("drop_worst_ratio", 0.0), drop_worst_after=t.get("drop_worst_after", 0),
-        decoder_noise=t.get("decoder_noise", 0.0), noise_vocab_end=t.get("noise_vocab_end"),
-        constraint_candidates=t.get("constraint_candidates"),
+        model_config=model_config, init_dir=init_dir, lr=t.lr, weight_decay=t.weight_decay,
+        adam_betas=tuple(t.adam_betas), adam_eps=t.adam_eps, warmup_ratio=t.warmup_ratio,
+        max_steps=t.max_steps, clip_grad_norm=t.clip_grad_norm, label_smoothing=t.label_smoothing,
+        seed=t.seed, fsdp=fsdp, param_dtype=param_dtype, log_every=t.log_every,
+        ema_decay=t.ema.decay if t.ema.enabled else None, freeze_token_embeddings=t.freeze_token_embeddings,
+        drop_worst_ratio=t.drop_worst_ratio, drop_worst_after=t.drop_worst_after,
+        decoder_noise=t.decoder_noise, noise_vocab_end=noise_vocab_end, constraint_candidates=constraint_candidates,
     )
 
 
-def make_lightning_trainer(t: dict[str, Any], callbacks: list[L.Callback], logger: Any = False) -> L.Trainer:
+def make_lightning_trainer(t: TrainerSpec, callbacks: list[L.Callback], logger: Any = False) -> L.Trainer:
     """A Lightning Trainer on this Ray Train worker's process group: FSDP2 through
     ModelParallelStrategy (data-parallel size = world size) or DDP; gloo on CPU, NCCL on GPU."""
-    import ray.train
-    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
-    from ray.train.lightning import RayLightningEnvironment
-
     ctx = ray.train.get_context()
     world, local_world = ctx.get_world_size(), ctx.get_local_world_size()
-    fsdp = t["strategy"] == "fsdp"
-    precision = t["precision"]
+    fsdp = t.strategy == "fsdp"
+    precision = t.precision
     if fsdp and precision == "bf16-mixed":
         precision = "32-true"  # FSDP2's MixedPrecisionPolicy does the casting (see make_module)
     if world == 1 and not fsdp:
         strategy = "auto"  # one process: nothing to all-reduce, no DDP wrapper
     elif fsdp:
         strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
-                                         save_distributed_checkpoint=t.get("checkpoint_format", "sharded") == "sharded")
+                                         save_distributed_checkpoint=t.checkpoint_format == "sharded")
     else:
         # Text batches never touch the image-code parts of the decoder (and masked images the
         # backbone's outputs): DDP must tolerate parameters without gradients.
-        strategy = DDPStrategy(process_group_backend="nccl" if t["use_gpu"] else "gloo", find_unused_parameters=True)
+        strategy = DDPStrategy(process_group_backend="nccl" if t.use_gpu else "gloo", find_unused_parameters=True)
     return L.Trainer(
-        accelerator="gpu" if t["use_gpu"] else "cpu", devices=local_world, num_nodes=world // local_world,
-        strategy=strategy, plugins=[RayLightningEnvironment()], precision=precision, max_steps=t["max_steps"],
-        accumulate_grad_batches=t["grad_accumulation"], logger=logger, callbacks=callbacks,
+        accelerator="gpu" if t.use_gpu else "cpu", devices=local_world, num_nodes=world // local_world,
+        strategy=strategy, plugins=[RayLightningEnvironment()], precision=precision, max_steps=t.max_steps,
+        accumulate_grad_batches=t.grad_accumulation, logger=logger, callbacks=callbacks,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, log_every_n_steps=t["log_every"], use_distributed_sampler=False,
+        num_sanity_val_steps=0, log_every_n_steps=t.log_every, use_distributed_sampler=False,
     )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker."""
-    import ray.data
-    import ray.train
-    import torch
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    from ..data.pipeline import TRAIN_COLUMNS
-    from ..data.stream import ShardStream
-    from .checkpoints import StepCheckpointer, lightning_checkpoint_path
-
-    torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))
+    """Runs in every Ray Train worker; `config["plan"]` is the run's TrainPlan."""
+    plan: TrainPlan = config["plan"]
+    t = plan.trainer
+    torch.set_num_threads(max(1, plan.torch_threads))
     ctx = ray.train.get_context()
-    t = config["trainer"]
-    module = make_module(t, config["model_config"], config.get("init_dir"))
+    module = make_module(t, plan.model_config, plan.init_dir, noise_vocab_end=plan.noise_vocab_end,
+                         constraint_candidates=plan.constraint_candidates)
     checkpointer = StepCheckpointer(
-        every=t["checkpoint_every"], max_steps=t["max_steps"],
-        sharded=t["strategy"] == "fsdp" and t.get("checkpoint_format", "sharded") == "sharded",
-        meta=config["checkpoint_meta"], assets=config["assets"], report_every=t["log_every"],
+        every=t.checkpoint_every, max_steps=plan.max_steps,
+        sharded=t.strategy == "fsdp" and t.checkpoint_format == "sharded",
+        meta=plan.checkpoint_meta, assets=plan.assets, report_every=t.log_every,
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    data = config["data"]
-    batches = ShardStream(data["groups"], rank=ctx.get_world_rank(), world=ctx.get_world_size(),
-                          batch_size=t["batch_size"], seed=t["seed"], preprocess=data["preprocess"],
-                          columns=TRAIN_COLUMNS, shuffle_buffer=data["shuffle_buffer"],
-                          error_budget=data.get("error_budget"))
-    callbacks: list[L.Callback] = [checkpointer, DataPosition(batches, config["log_dir"], t["log_every"], t["max_steps"]),
-                                   ProgressPrinter(t["max_steps"], t["log_every"])]
+    batches = ShardStream(plan.data.groups, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                          batch_size=t.batch_size, seed=t.seed, preprocess=plan.data.preprocess,
+                          columns=TRAIN_COLUMNS, shuffle_buffer=plan.data.shuffle_buffer,
+                          error_budget=plan.data.error_budget)
+    callbacks: list[L.Callback] = [checkpointer, DataPosition(batches, plan.log_dir, t.log_every, plan.max_steps),
+                                   ProgressPrinter(plan.max_steps, t.log_every)]
     logger: Any = False
     if ctx.get_world_rank() == 0:  # metrics.csv for the report, TensorBoard events for people
-        if config.get("log_url") and not (Path(config["log_dir"]) / "metrics.csv").exists():
-            from ..data import storage  # a retry on another node continues the logs of earlier attempts
-
-            storage.download_dir(config["log_url"], config["log_dir"])
-        from .report import keep_earlier_attempt
-
-        keep_earlier_attempt(Path(config["log_dir"]))
-        logger = [CSVLogger(config["log_dir"], name="", version=""),
-                  TensorBoardLogger(config["log_dir"], name="", version="tensorboard", default_hp_metric=False)]
-        if config.get("log_url"):
-            callbacks.append(LogSync(config["log_dir"], config["log_url"], t["checkpoint_every"]))
-    if config.get("evaluate"):  # every rank: the full weights are gathered collectively, rank 0 evaluates
-        from .eval_callback import EvalDuringTraining
-
-        callbacks.append(EvalDuringTraining(config["evaluate"], config["model_config"], config["assets"]))
+        if plan.log_url and not (Path(plan.log_dir) / "metrics.csv").exists():
+            # a retry on another node continues the logs of earlier attempts
+            storage.download_dir(plan.log_url, plan.log_dir)
+        keep_earlier_attempt(Path(plan.log_dir))
+        logger = [CSVLogger(plan.log_dir, name="", version=""),
+                  TensorBoardLogger(plan.log_dir, name="", version="tensorboard", default_hp_metric=False)]
+        if plan.log_url:
+            callbacks.append(LogSync(plan.log_dir, plan.log_url, t.checkpoint_every))
+    if plan.evaluate:  # every rank: the full weights are gathered collectively, rank 0 evaluates
+        callbacks.append(EvalDuringTraining(plan.evaluate, plan.model_config, plan.assets))
     trainer = make_lightning_trainer(t, callbacks, logger)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -201,8 +194,6 @@ class LogSync(L.Callback):
         self.log_dir, self.url, self.every = log_dir, url, every
 
     def sync(self, trainer: L.Trainer) -> None:
-        from ..data import storage
-
         for lg in trainer.loggers:
             lg.save()
         storage.upload_dir(self.log_dir, self.url)
@@ -239,27 +230,28 @@ class ProgressPrinter(L.Callback):
         sys.stdout.flush()
 
 
-def fit(config: dict[str, Any], *, run_name: str, storage: str, workers: int,
-        use_gpu: bool, cpus_per_worker: float, max_failures: int, num_to_keep: int):
-    """Run the TorchTrainer; returns Ray's Result (its `.checkpoint` is the latest checkpoint)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def scaling_config(t: TrainerSpec) -> ScalingConfig:
+    """`trainer.workers` workers, each reserving `cpus_per_worker` CPUs and, with `use_gpu`, one GPU."""
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources)
 
-    from ..data import storage as st
 
-    fs, path = st.pyarrow_filesystem(storage)
-    if st.is_local(storage):
+def fit(plan: TrainPlan) -> Result:
+    """Run the plan on a TorchTrainer (`trainer.workers` workers; the run `<storage>/<name>`, resumed from
+    its latest checkpoint when there is one); returns Ray's Result (`.checkpoint`: the latest checkpoint)."""
+    t = plan.trainer
+    fs, path = storage.pyarrow_filesystem(plan.storage)
+    if storage.is_local(plan.storage):
         Path(path).mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        train_loop_config={"plan": plan},  # Ray's config is a dict: the typed plan is its one entry
+        scaling_config=scaling_config(t),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=run_name, storage_path=path, storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
-            failure_config=FailureConfig(max_failures=max_failures),
+            name=plan.name, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+            failure_config=FailureConfig(max_failures=t.max_failures),
         ),
     )
     return trainer.fit()

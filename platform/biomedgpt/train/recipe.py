@@ -5,9 +5,14 @@ and the manifests' sample counts. No Ray here: the runner calls these on the dri
 
 from __future__ import annotations
 
+import hashlib
 import math
+import tempfile
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..data import storage
+from ..data.stream import batches_per_epoch, plan_epoch
 from ..tasks import Example, get_task
 
 
@@ -83,8 +88,6 @@ def steps_for_epochs(groups: Sequence[tuple[Sequence[Any], float]], epochs: floa
     """Optimizer steps of `epochs` passes over the mixing plan: every rank's batches per epoch (the
     stream's own count from the manifests' sample counts, less the data error budget's allowance),
     summed over the epochs (a fractional last epoch counts its fraction), divided by grad_accumulation."""
-    from ..data.stream import batches_per_epoch, plan_epoch
-
     whole, frac = int(epochs), epochs - int(epochs)
     batches = sum(batches_per_epoch(plan_epoch(groups, e, seed), world, batch_size, budget) for e in range(whole))
     if frac:
@@ -95,12 +98,6 @@ def steps_for_epochs(groups: Sequence[tuple[Sequence[Any], float]], epochs: floa
 def local_dir(url: str) -> str:
     """A local folder holding the files under `url`: the path itself when local, else a copy made once
     per process under the temp folder (model.init and tokenizer.path on object storage)."""
-    import hashlib
-    import tempfile
-    from pathlib import Path
-
-    from ..data import storage
-
     if storage.is_local(url):
         return str(storage.local_path(url))
     target = Path(tempfile.gettempdir()) / "biomedgpt-models" / hashlib.sha256(url.encode()).hexdigest()[:16]
@@ -114,12 +111,6 @@ def local_dir(url: str) -> str:
 
 def local_file(url: str) -> str:
     """A local path of the file at `url` (a copy under the temp folder when it is on object storage)."""
-    import hashlib
-    import tempfile
-    from pathlib import Path
-
-    from ..data import storage
-
     if storage.is_local(url):
         return str(storage.local_path(url))
     target = Path(tempfile.gettempdir()) / "biomedgpt-models" / hashlib.sha256(url.encode()).hexdigest()[:16]

@@ -59,6 +59,8 @@ def keep_earlier_attempt(log_dir: Path) -> None:
 
 
 def _plot(points: list[tuple[int, float]], title: str, ylabel: str, out: Path, log_y: bool = False) -> None:
+    # matplotlib: heavy (~1 s), needed only once the run's curves are drawn; the Agg backend (no display)
+    # must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")

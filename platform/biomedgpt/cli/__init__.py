@@ -18,6 +18,12 @@
     biomedgpt k8s rayjob SPEC                  a KubeRay RayJob (Kueue-queued) for a job spec
 
 Every subcommand has `--help`. Errors are printed as one line naming the file or field, exit code 2.
+
+The package holds the whole command line: this module (the front door and the commands of its own),
+`shards.py` (`shards ...`), `serve.py` (`serve`, `serve-config`, `registry ...`), `evaluate.py`
+(`evaluate`) and `cluster.py` (`cluster ...`, `k8s ...`). Each command imports what it runs inside its
+function: building the parser loads no command's dependencies (Ray, Ray Serve, the evaluation stack), and
+Ray must not be imported before its environment is set.
 """
 
 from __future__ import annotations
@@ -28,14 +34,22 @@ import os
 import sys
 from typing import Sequence
 
-# Local Ray must register and dial 127.0.0.1 only; this must be set before ray is imported.
+from ..evaluate.score import add_score_parser
+from ..spec import SpecError
+from .cluster import add_cluster_commands
+from .evaluate import add_evaluate_parser
+from .serve import add_serve_commands
+from .shards import add_shards_commands
+
+# Local Ray must register and dial 127.0.0.1 only; this must be set before ray is imported (nothing
+# above imports it: every command imports what it runs when it runs).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
     import torch
 
-    from .model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+    from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 
     config = BiomedGPTConfig.from_size(args.size)
     with torch.device("meta"):  # shapes only: nothing is allocated
@@ -54,7 +68,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .model.convert import convert
+    from ..model.convert import convert
 
     report = convert(args.src, args.dst, config_path=args.config, ema=args.ema, vocab=args.vocab, merges=args.merges)
     print(f"converted {report.source} ({report.naming} names{', EMA weights' if report.ema else ''}) -> "
@@ -64,8 +78,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .runner import run
-    from .spec import load_spec
+    from ..runner import run
+    from ..spec import load_spec
 
     spec = load_spec(args.spec)  # validated before any resource is used
     result = run(spec)
@@ -75,13 +89,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from .submit import submit
+    from ..submit import submit
 
     return submit(args.spec, args.address, working_dir=args.working_dir, follow=not args.no_wait)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .train.checkpoints import export_checkpoint
+    from ..train.checkpoints import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} -> {out}")
@@ -89,14 +103,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(out=args.out, spec_path=args.spec)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .model.configuration import SIZES
+    from ..model.configuration import SIZES  # transformers (~4 s): `model info` offers the sizes as choices
 
     parser = argparse.ArgumentParser(prog="biomedgpt", description="Pretrain, fine-tune, evaluate and serve BiomedGPT.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -109,8 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="working directory (shards, run, export); default runs/demo")
     demo.add_argument("--spec", default=None, help="the job spec to train with (default jobs/demo/vqa_rad.yaml)")
     demo.set_defaults(func=_cmd_demo)
-
-    from .data.commands import add_shards_commands
 
     add_shards_commands(sub)
 
@@ -131,8 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: .)")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     submit.set_defaults(func=_cmd_submit)
-
-    from .serve.commands import add_serve_commands
 
     add_serve_commands(sub)  # serve, serve-config, registry
 
@@ -164,16 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--merges", help="merges.txt of the BART/OFA BPE (path or URL)")
     conv.set_defaults(func=_cmd_convert)
 
-    from .evaluate.score import add_score_parser
-
     add_score_parser(sub)
-
-    from .evaluate.commands import add_evaluate_parser
-
     add_evaluate_parser(sub)
-
-    from .cluster.commands import add_cluster_commands
-
     add_cluster_commands(sub)
     return parser
 
@@ -181,14 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .spec import SpecError
-
     try:
         return int(args.func(args) or 0)
     except (SpecError, ValueError, FileNotFoundError, KeyError) as err:
         print(f"biomedgpt {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,15 +33,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
+import jsonschema
 import yaml
 
-from .cluster.quantity import parse_quantity
+from .quantity import parse_quantity
+from .schema import SCHEMA
 
 TENANTS_ENV = "BIOMEDGPT_TENANTS"
 #: Set to 1 in every Ray pod the manifests describe: admission then refuses undeclared local paths.
 ON_CLUSTER_ENV = "BIOMEDGPT_ON_CLUSTER"
 JOB_KINDS = ("serve", "finetune", "evaluate", "pretrain")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 class TenancyError(ValueError):
@@ -260,10 +262,6 @@ def load_tenants(path: str | Path | None = None) -> Tenants:
 
 
 def _schema_errors(data: Any) -> list[str]:
-    import jsonschema
-
-    from .cluster.tenants_schema import SCHEMA
-
     validator = jsonschema.Draft202012Validator(SCHEMA)
     out = []
     for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):

@@ -5,7 +5,7 @@
     biomedgpt cluster api-key TEAM [--tenants FILE]           a new serving key and the hash to store
     biomedgpt k8s rayjob SPEC [--tenants FILE] [--image IMAGE] [...]    a RayJob for a job spec, on stdout
 
-Wire them into the main parser with `add_cluster_commands(subparsers)`; each sets `func` to a
+`biomedgpt.cli` wires them into the main parser with `add_cluster_commands(subparsers)`; each sets `func` to a
 function of the parsed arguments that returns the exit code.
 """
 
@@ -24,7 +24,7 @@ def _tenants_arg(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_render(args: argparse.Namespace) -> int:
     from ..tenancy import load_tenants
-    from .render import render, write_rendered, write_schema
+    from ..cluster.render import render, write_rendered, write_schema
 
     tenants = load_tenants(args.tenants)
     out = Path(args.out) if args.out else tenants.path.resolve().parent.parent / "k8s"
@@ -42,7 +42,13 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .check import check_everything, default_crd_dir
+    from ..cluster.validate import missing_tooling
+
+    if missing := missing_tooling():
+        print(f"biomedgpt cluster validate: needs the dev tooling ({', '.join(missing)} not installed): "
+              "pip install -e '.[dev]' (make install does)", file=sys.stderr)
+        return 2
+    from ..cluster.check import check_everything, default_crd_dir
 
     crds = Path(args.crds) if args.crds else default_crd_dir()
     if not crds.is_dir():
@@ -75,8 +81,8 @@ def _cmd_api_key(args: argparse.Namespace) -> int:
 def _cmd_rayjob(args: argparse.Namespace) -> int:
     from ..spec import load_spec
     from ..tenancy import load_tenants
-    from .rayjob import RayJobOptions, rayjob_manifests
-    from .render import dump_yaml
+    from ..cluster.rayjob import RayJobOptions, rayjob_manifests
+    from ..cluster.render import dump_yaml
 
     spec = load_spec(args.spec)  # validated before anything else
     tenants = load_tenants(args.tenants)

@@ -9,7 +9,7 @@
     biomedgpt shards verify URL
     biomedgpt shards datasets
 
-``cli.py`` wires them with ``add_shards_commands(subparsers)``; each subcommand sets ``func`` (takes
+``biomedgpt.cli`` wires them with ``add_shards_commands(subparsers)``; each subcommand sets ``func`` (takes
 the parsed args, returns the exit code). Errors are ValueError/KeyError/FileNotFoundError with a
 message naming the file and field, which the ``biomedgpt`` front door prints as one line.
 """
@@ -45,8 +45,8 @@ def _fraction(text: str) -> float:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_shards
-    from .dataset_spec import load_dataset_spec
+    from ..data.build import build_shards
+    from ..data.dataset_spec import load_dataset_spec
 
     spec_path = args.spec
     if args.workers is not None and not args.ray:
@@ -75,7 +75,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect_shards
+    from ..data.inspect import inspect_shards
 
     summary = inspect_shards(args.url, n=args.n)
     print(json.dumps(summary.to_json(), indent=2, ensure_ascii=False) if args.json else summary.format())
@@ -83,7 +83,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .shards import verify_shards
+    from ..data.shards import verify_shards
 
     report = verify_shards(args.url)
     print(report.summary())
@@ -91,7 +91,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
-    from .converters import CONVERTERS
+    from ..data.converters import CONVERTERS
 
     for name in sorted(CONVERTERS):
         cls = CONVERTERS[name]
@@ -102,7 +102,7 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 def add_shards_commands(subparsers) -> argparse.ArgumentParser:
     """Add ``shards {build,inspect,verify,datasets}`` to a ``biomedgpt`` subparsers object."""
-    from .shards import DEFAULT_SHARD_MAX_BYTES, DEFAULT_SHARD_MAX_SAMPLES
+    from ..data.shards import DEFAULT_SHARD_MAX_BYTES, DEFAULT_SHARD_MAX_SAMPLES
 
     shards = subparsers.add_parser("shards", help="build, inspect and verify WebDataset shards",
                                    description="WebDataset shards built from native dataset releases.")

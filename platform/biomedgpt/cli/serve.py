@@ -20,15 +20,15 @@ REGISTRY_HELP = "registry URL: a path, file:// or s3:// (default $BIOMEDGPT_REGI
 def _cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from ..runner import ensure_ray
-    from .spec import apply_serve_ray_env
+    from ..session import ensure_ray
+    from ..serve.spec import apply_serve_ray_env
 
     apply_serve_ray_env()  # before Ray starts (and before ray.serve reads its constants)
-    from .app import start, start_spec, stop
+    from ..serve.app import start, start_spec, stop
 
     target = Path(args.target)
     if target.suffix in (".yaml", ".yml") and target.is_file():
-        from .spec import load_serve_spec
+        from ..spec import load_serve_spec
 
         spec = load_serve_spec(target)  # validated before Ray starts
         ensure_ray()
@@ -52,7 +52,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_config(args: argparse.Namespace) -> int:
-    from .spec import dump_deploy_config, load_serve_spec
+    from ..spec import load_serve_spec
+    from ..serve.spec import dump_deploy_config
 
     text = dump_deploy_config(load_serve_spec(args.spec))
     if args.out:
@@ -65,7 +66,7 @@ def _cmd_serve_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_registry_export(args: argparse.Namespace) -> int:
-    from .registry import Registry
+    from ..serve.registry import Registry
 
     metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
     entry = Registry(args.registry).export(args.source, args.department, args.name, licence=args.licence,
@@ -76,7 +77,7 @@ def _cmd_registry_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_registry_list(args: argparse.Namespace) -> int:
-    from .registry import Registry, format_table
+    from ..serve.registry import Registry, format_table
 
     entries = Registry(args.registry).list(args.department, all_versions=not args.latest)
     if args.json:
@@ -89,7 +90,7 @@ def _cmd_registry_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_registry_show(args: argparse.Namespace) -> int:
-    from .registry import Registry
+    from ..serve.registry import Registry
 
     entry = Registry(args.registry).resolve(args.model)
     print(json.dumps(dict(entry.card, url=entry.url), indent=2, sort_keys=True))

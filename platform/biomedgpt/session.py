@@ -1,0 +1,76 @@
+"""A job's session: the Ray it runs on, where its files are made, what it reports.
+
+Shared by every job kind (training, evaluation, serving, the demo), so that none of them imports
+another's driver:
+
+    started = ensure_ray()          # the cluster in RAY_ADDRESS, or a local Ray on 127.0.0.1
+    local = staging_dir(spec)       # where a run on object storage makes its files before uploading
+    say("training: ...")            # one progress line
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Ports Ray components take by default; an ephemeral port handed to Ray must not be one of them.
+RAY_DEFAULT_PORTS = frozenset({6379, 8076, 8265, 10001, 44217, 44227, 52365, 52366, 62365})
+
+
+def say(msg: str) -> None:
+    """One progress line of the driver."""
+    print(f"[biomedgpt] {msg}", flush=True)
+
+
+@dataclass
+class RunResult:
+    """What `biomedgpt run` reports: the run directory (a URL on object storage), the latest checkpoint,
+    the exported model and the metrics of training and evaluation."""
+
+    run_dir: str
+    checkpoint: str | None = None
+    export_dir: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 that no Ray component claims by default."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
+
+
+def ensure_ray(num_cpus: int | None = None) -> bool:
+    """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local Ray on
+    127.0.0.1 with its dashboard (Ray Train needs it). Returns True when this call started Ray."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported: set first
+    import ray  # heavy (~2 s), and the variable above must be set before it is imported
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return True
+    port = free_port()
+    # Train workers ask the dashboard's state API whether the controller lives (FIELD_NOTES): they get
+    # its address through the runtime env only, so nothing started later by this process inherits it.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
+             log_to_driver=True, configure_logging=False)
+    return True
+
+
+def staging_dir(spec: Any) -> Path:
+    """The local folder where a run on object storage makes its files before uploading them
+    ($BIOMEDGPT_STAGING, default <tmp>/biomedgpt-staging/<team>/<name>)."""
+    base = Path(os.environ.get("BIOMEDGPT_STAGING") or Path(tempfile.gettempdir()) / "biomedgpt-staging")
+    return base / spec.team / spec.name

@@ -1,0 +1,229 @@
+"""The training plan: everything the Ray Train workers need, decided on the driver before they start.
+
+`plan_training(spec, run_dir)` reads the training records and the manifests the validated JobSpec names,
+makes the run's assets (the tokenizer, trained or loaded; the answer candidates of the constrained
+tasks) in `<run_dir>/assets/`, and returns a `TrainPlan`: the spec's trainer section with its length in
+optimizer steps, the model config, the mixing plan of the shards, the preprocessing, what every
+checkpoint records, and the evaluation during training. The plan is plain data (dataclasses, lists,
+dicts, bytes): Ray pickles it to every worker, and `train/ray_trainer.py` reads its fields by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data.stream import ErrorBudget, ShardInfo, list_shards, records
+from ..evaluate.job import training_eval_config
+import torch
+
+from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from ..model.tokenizer import BiomedGPTTokenizer
+from ..session import say
+from ..spec import JobSpec, TrainerSpec
+from ..tasks.classify import multi_label_classes
+from .recipe import (TaskExamples, answer_candidates, candidate_label_ids, local_dir, local_file, mixing_weights,
+                     steps_for_epochs)
+
+
+@dataclass
+class DataPlan:
+    """What each worker's `ShardStream` reads and how it turns rows into batches."""
+
+    groups: list[tuple[list[ShardInfo], float]]
+    """Per training dataset: its shards and its mixing weight (shards per epoch = weight x shards)."""
+    shuffle_buffer: int
+    preprocess: dict[str, Any]
+    """The keyword arguments of the preprocessing (data/pipeline.py): task family, tokenizer folder, image
+    size, source/target lengths, augmentation, task options."""
+    error_budget: ErrorBudget
+
+
+@dataclass
+class TrainPlan:
+    """One training run, as the workers carry it out (see the module docstring)."""
+
+    name: str
+    """The run's name: Ray Train's run name, so the same name resumes from the latest checkpoint."""
+    storage: str
+    """The folder or URL holding the run directory (Ray Train's storage path)."""
+    trainer: TrainerSpec
+    """The spec's trainer section, its length resolved: `max_steps` optimizer steps (epochs converted)."""
+    model_config: dict[str, Any]
+    init_dir: str | None
+    """Initial weights (a model directory), or None for a fresh model."""
+    noise_vocab_end: int
+    """OFA's decoder noise and label smoothing draw text tokens: the ids below this one."""
+    constraint_candidates: list[list[int]] | None
+    """Label ids of the constrained tasks' answers, when the loss smooths over candidates only."""
+    torch_threads: int
+    data: DataPlan
+    log_dir: str
+    """Rank 0's local folder for metrics.csv, TensorBoard events and data_errors.json."""
+    log_url: str | None
+    """On object storage, where rank 0 uploads `log_dir` at every checkpoint and at the end."""
+    checkpoint_meta: dict[str, Any]
+    """What every checkpoint records about the run (model card and serving read it after export)."""
+    assets: dict[str, bytes]
+    """Files saved beside every checkpoint: the tokenizer, answers.json, candidates.json."""
+    evaluate: dict[str, Any] | None
+    """The evaluation during training (`biomedgpt.evaluate.job.training_eval_config`), or None."""
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.trainer.max_steps)
+
+
+def plan_training(spec: JobSpec, run_dir: Path, *, log_url: str | None = None, storage: str | None = None) -> TrainPlan:
+    """The plan of `spec`'s training run; writes the run's assets to `<run_dir>/assets/`. `storage`: the
+    folder or URL holding the run directory (default: run_dir's parent); `log_url`: where the logs go
+    when the run lives on object storage."""
+    assert spec.data is not None
+    d, t = spec.data, spec.trainer
+    train_recs = [r for ref in d.train for r in records(d.shards, ref.dataset, ref.split)]
+    say(f"data: {len(train_recs)} training records from " + ", ".join(f"{r.dataset}/{r.split}" for r in d.train))
+    assets_dir = run_dir / "assets"
+    tok = prepare_tokenizer(spec, train_recs, assets_dir / "tokenizer")
+    say(f"tokenizer: {len(tok)} ids (saved to {assets_dir / 'tokenizer'})")
+    # answer candidates of the constrained tasks: the trie of evaluation and of constrained training
+    candidates = answer_candidates(d.task, train_recs)
+    answers = sorted({a for task_answers in candidates.values() for a in task_answers})
+    (assets_dir / "answers.json").write_text(json.dumps(answers, indent=0))
+    (assets_dir / "candidates.json").write_text(json.dumps(candidates, indent=1))
+    model_config = model_config_for(spec, len(tok))
+
+    shard_lists = [list_shards(d.shards, r.dataset, r.split) for r in d.train]
+    groups = list(zip(shard_lists, mixing_weights(d.train, shard_lists, d.group_ratios)))
+    budget = ErrorBudget(d.max_bad_samples, d.max_bad_fraction)
+    strategy, why = choose_strategy(t, model_config)
+    say(f"strategy: {strategy} ({why})")
+    max_steps = t.max_steps or steps_for_epochs(groups, t.epochs, world=t.workers, batch_size=t.batch_size,
+                                                grad_accumulation=t.grad_accumulation, seed=t.seed, budget=budget)
+    if t.epochs is not None:
+        say(f"schedule: {t.epochs:g} epoch(s) = {max_steps} optimizer steps (from the manifests' sample counts)")
+    constrained = [a for task_answers in candidates.values() for a in task_answers]
+    assets = {f"tokenizer/{p.name}": p.read_bytes() for p in sorted((assets_dir / "tokenizer").iterdir()) if p.is_file()}
+    assets.update({name: (assets_dir / name).read_bytes() for name in ("answers.json", "candidates.json")})
+    return TrainPlan(
+        name=spec.name,
+        storage=storage or str(run_dir.parent.resolve()),
+        trainer=dataclasses.replace(t, max_steps=max_steps, epochs=None, strategy=strategy),
+        model_config=model_config,
+        init_dir=spec.model.init,
+        # OFA's noise and smoothing tokens are text tokens: ids below the first image code
+        noise_vocab_end=tok.code_offset if tok.num_codes else len(tok),
+        constraint_candidates=candidate_label_ids(tok, constrained, d.max_target_length)
+        if t.label_smoothing_candidates and constrained else None,
+        torch_threads=t.torch_threads or max(1, int(t.cpus_per_worker)),
+        data=DataPlan(
+            groups=groups, shuffle_buffer=d.shuffle_buffer, error_budget=budget,
+            preprocess=dict(task_name=d.task, tokenizer_dir=str((assets_dir / "tokenizer").resolve()),
+                            image_size=spec.model.image_size, max_source_length=d.max_source_length,
+                            max_target_length=d.max_target_length, augment=d.augment.to_config(),
+                            # the pretraining family draws each record's objective from the seed
+                            task_options={"seed": t.seed} if d.task == "pretrain" else None)),
+        log_dir=str((run_dir / "logs").resolve()),
+        log_url=log_url,
+        checkpoint_meta={"run": spec.name, "team": spec.team, "size": spec.model.size, "model_config": model_config,
+                         "task": d.task, "ema": t.ema.enabled, "image_size": spec.model.image_size,
+                         "max_source_length": d.max_source_length,
+                         "train_data": [f"{r.dataset}/{r.split}" for r in d.train], **multi_label_meta(train_recs)},
+        assets=assets,
+        # evaluation during training (evaluate.every_n_steps > 0), planned here: the workers only decode
+        evaluate=training_eval_config(spec, model_answers=answers),
+    )
+
+
+#: Bytes of training state per parameter: float32 weights and gradients, and AdamW's two moments.
+STATE_BYTES_PER_PARAM = 16
+#: `auto` picks DDP when the training state takes at most this share of one device's memory: the rest is
+#: for activations (which grow with batch and image size), communication buffers and the allocator.
+DDP_FIT_FRACTION = 0.25
+#: A GPU's memory when the driver cannot see the workers' GPUs: the smallest common data-centre GPU.
+ASSUMED_GPU_MEMORY = 16 * 2**30
+
+
+def count_parameters(model_config: dict[str, Any]) -> int:
+    """Parameters of the model `model_config` describes, counted on the meta device (no memory used)."""
+    cfg = {k: v for k, v in model_config.items() if k not in ("model_type", "transformers_version")}
+    with torch.device("meta"):
+        model = BiomedGPTForConditionalGeneration(BiomedGPTConfig(**cfg))
+    return sum(p.numel() for p in model.parameters())
+
+
+def device_memory(trainer: TrainerSpec) -> tuple[int, str]:
+    """(bytes, where the figure comes from) of one worker's device: the GPU this process sees (or
+    ASSUMED_GPU_MEMORY), or this machine's memory shared by the workers."""
+    if trainer.use_gpu:
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+        return ASSUMED_GPU_MEMORY, "a GPU assumed to have 16 GiB"
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // trainer.workers, f"this machine's memory / {trainer.workers} worker(s)"
+
+
+def choose_strategy(trainer: TrainerSpec, model_config: dict[str, Any],
+                    memory: tuple[int, str] | None = None) -> tuple[str, str]:
+    """(`ddp` | `fsdp`, the reason): the spec's explicit choice, or for `auto` DDP when the model's training
+    state (STATE_BYTES_PER_PARAM per parameter) fits in DDP_FIT_FRACTION of one device, else FSDP2. Data
+    parallelism without sharding runs faster for models that fit (no gathers of parameters per layer:
+    benchmarks/strategy.py measures the difference)."""
+    if trainer.strategy != "auto":
+        return trainer.strategy, "as the spec says"
+    params = count_parameters(model_config)
+    state = params * STATE_BYTES_PER_PARAM
+    capacity, source = memory or device_memory(trainer)
+    fits = state <= DDP_FIT_FRACTION * capacity
+    return ("ddp" if fits else "fsdp"), (
+        f"auto: {params / 1e6:.1f}M parameters need {state / 2**30:.2f} GiB of weights, gradients and optimizer "
+        f"state, {'within' if fits else 'more than'} {DDP_FIT_FRACTION:.0%} of {capacity / 2**30:.1f} GiB "
+        f"({source})")
+
+
+def prepare_tokenizer(spec: JobSpec, train_records: list[dict[str, Any]], out_dir: Path) -> BiomedGPTTokenizer:
+    """The job's tokenizer (model.tokenizer: a folder, BPE files, or trained on the training text), saved
+    to out_dir."""
+    t = spec.model.tokenizer
+    if t.path:
+        tok = BiomedGPTTokenizer.from_pretrained(local_dir(t.path))
+    elif t.vocab:
+        tok = BiomedGPTTokenizer.from_bpe_files(local_file(t.vocab), local_file(t.merges))
+    else:
+        examples = TaskExamples(spec.data.task)  # the spec's family, or each record's own
+        texts = []
+        for rec in train_records:
+            _, ex = examples.example(rec)
+            texts += [ex.instruction, ex.target]
+        tok = BiomedGPTTokenizer.train(texts, vocab_size=t.train_vocab_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def model_config_for(spec: JobSpec, vocab_size: int) -> dict[str, Any]:
+    """The model config (as a JSON mapping): model.init's architecture, or model.size's, with
+    model.overrides and trainer.dropout applied on top."""
+    overrides = dict(spec.model.overrides)
+    if spec.trainer.dropout is not None:
+        overrides["dropout"] = spec.trainer.dropout
+    if spec.model.init:
+        # the initial checkpoint's architecture; overrides (dropout, drop-path rates) apply on top
+        cfg = BiomedGPTConfig.from_pretrained(local_dir(spec.model.init), **overrides)
+    else:
+        overrides["vocab_size"] = vocab_size
+        cfg = BiomedGPTConfig.from_size(spec.model.size, **overrides)
+    if cfg.vocab_size != vocab_size:
+        raise ValueError(f"{spec.source}: model.init has a vocabulary of {cfg.vocab_size} ids but the tokenizer has "
+                         f"{vocab_size}; give the tokenizer that belongs to the initial checkpoint")
+    return json.loads(cfg.to_json_string(use_diff=False))
+
+
+def multi_label_meta(train_recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`{"multi_label": True, "classes": [...]}` (class order) when the training records include multi-label
+    classification ones (ChestMNIST), else {}: serving decodes such a model's label set as a list."""
+    classes = multi_label_classes(train_recs)
+    return {"multi_label": True, "classes": classes} if classes else {}
