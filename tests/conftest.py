@@ -1,10 +1,13 @@
-"""Shared test fixtures: where ../shared lives, and the OFA reference model."""
+"""Fixtures every test folder uses: the repository's own fixture files (tests/fixtures/), the OFA reference
+model, the VQA-RAD demo shards and tokenizer, an S3 endpoint."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 # Before anything imports Ray: local Ray registers and dials 127.0.0.1 only (FIELD_NOTES). Test modules
 # that import ray at collection time would otherwise make in-process Ray use the machine's address.
@@ -13,32 +16,42 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fixture_files import fixture  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_dir() -> Path:
-    """The shared/ folder beside the checkout (override with BIOMEDGPT_SHARED)."""
-    path = Path(os.environ.get("BIOMEDGPT_SHARED", REPO.parent / "shared"))
-    if not (path / "reference" / "ofa_fixtures").is_dir():
-        raise RuntimeError(f"{path}: shared/ with reference/ofa_fixtures not found; set BIOMEDGPT_SHARED")
-    return path
+#: The image-code token ids (<code_0> .. <code_8191>) of the OFA vocabulary.
+CODE_START, CODE_END = 50265, 58457
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    return shared_dir()
+def dev_data() -> Path:
+    """tests/fixtures/data: small subsets of public biomedical datasets in their release formats."""
+    return fixture("data")
 
 
 @pytest.fixture(scope="session")
-def fixtures_dir(shared: Path) -> Path:
-    return shared / "reference" / "ofa_fixtures"
+def vqa_rad_release(tmp_path_factory) -> Path:
+    """The VQA-RAD subset laid out as the release ships it: the OSF files, and data_RAD/ (the MEVF split
+    many Med-VQA codebases read) with its images/ holding the same image files (the release has each
+    image in both folders; the repository stores them once)."""
+    source = fixture("data/vqa_rad")
+    root = tmp_path_factory.mktemp("vqa_rad-release") / "vqa_rad"
+    shutil.copytree(source, root)
+    shutil.copytree(root / "VQA_RAD Image Folder", root / "data_RAD" / "images")
+    return root
 
 
 @pytest.fixture(scope="session")
-def micro_config(fixtures_dir: Path):
+def ofa_dir() -> Path:
+    """The OFA reference fixtures (tests/fixtures/ofa, unpacked): micro model config and weights, cases."""
+    return fixture("ofa")
+
+
+@pytest.fixture(scope="session")
+def micro_config(ofa_dir: Path):
     from biomedgpt.model import BiomedGPTConfig
 
-    return BiomedGPTConfig.from_ofa_config(json.loads((fixtures_dir / "micro_config.json").read_text()))
+    return BiomedGPTConfig.from_ofa_config(json.loads((ofa_dir / "micro_config.json").read_text()))
 
 
 def _float32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -46,20 +59,51 @@ def _float32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def micro_hf_state_dict(fixtures_dir: Path) -> dict[str, torch.Tensor]:
+def micro_hf_state_dict(ofa_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return _float32(load_file(str(fixtures_dir / "micro_state_dict.safetensors")))
+    return _float32(load_file(str(ofa_dir / "micro_state_dict.safetensors")))
 
 
 @pytest.fixture(scope="session")
-def micro_fairseq_state_dict(fixtures_dir: Path, micro_hf_state_dict) -> dict[str, torch.Tensor]:
-    """The full fairseq-named state dict: the fairseq file plus the ResNet keys (same names in both)."""
+def micro_fairseq_state_dict(ofa_dir: Path, micro_hf_state_dict) -> dict[str, torch.Tensor]:
+    """The full fairseq-named state dict. The reference's fairseq file holds the same tensors as the
+    Hugging Face-named one under other names (the ResNet keys are named alike in both and were stored only
+    there): the fixture keeps its key map and the three tensors only fairseq has."""
     from safetensors.torch import load_file
 
-    sd = _float32(load_file(str(fixtures_dir / "micro_state_dict_fairseq.safetensors")))
+    key_map = json.loads((ofa_dir / "micro_state_dict_fairseq.keys.json").read_text())
+    sd = {fairseq_key: micro_hf_state_dict[hf_key] for fairseq_key, hf_key in key_map.items()}
+    sd.update(_float32(load_file(str(ofa_dir / "micro_state_dict_fairseq.extra.safetensors"))))
     sd.update({k: v for k, v in micro_hf_state_dict.items() if k.startswith("encoder.embed_images.")})
     return sd
+
+
+@pytest.fixture(scope="session")
+def ofa_case(ofa_dir: Path, micro_hf_state_dict) -> Callable[[str], dict[str, torch.Tensor]]:
+    """ofa_case(name) -> the tensors of a reference case (a_image_text, b_text_only, c_code,
+    d_incremental) as the reference wrote them. The fixture leaves out what follows from other tensors,
+    restored here: the patch images of c and d (case a's), and the full-vocabulary logits of a and the
+    code-region logits of c, which are `decoder_final_hidden @ embed_tokens.T` (the reference's own
+    definition; equal to the stored values bit for bit when the fixture was made)."""
+    from safetensors.torch import load_file
+
+    embed = micro_hf_state_dict["encoder.embed_tokens.weight"]
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def load(name: str) -> dict[str, torch.Tensor]:
+        if name not in cache:
+            case = load_file(str(ofa_dir / f"{name}.safetensors"))
+            if name in ("c_code", "d_incremental"):
+                case["patch_images"] = load("a_image_text")["patch_images"]
+            if name == "a_image_text":
+                case["logits"] = case["decoder_final_hidden"] @ embed.T
+            if name == "c_code":
+                case["all_code.logits_code_region"] = case["all_code.decoder_final_hidden"] @ embed[CODE_START:CODE_END].T
+            cache[name] = case
+        return cache[name]
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,7 @@ def test_one_finetune_spec_per_downstream_dataset_with_its_datasets_task():
 
 
 @pytest.mark.parametrize("task, settings", [
-    # the reference table of shared/reference/biomedgpt.md
+    # the reference table of tests/fixtures/reference/biomedgpt.md
     ("vqa", dict(lr=5e-5, epochs=100, warmup_ratio=0.04, label_smoothing=0.1, clip_grad_norm=1.0,
                  freeze_token_embeddings=True, label_smoothing_candidates=True)),
     ("caption", dict(lr=1e-5, warmup_ratio=0.06)),

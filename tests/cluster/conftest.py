@@ -1,5 +1,5 @@
-"""Fixtures for the shared-cluster tests: the repository's tenants file, the manifest validator over
-shared/schemas/crds, and every kustomize build of k8s/ (built once per session)."""
+"""Fixtures for the shared-cluster tests: the repository's tenants file, the manifest validator over the
+KubeRay and Kueue CRDs of tests/fixtures/crds, and every kustomize build of k8s/ (built once per session)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import pytest
 import yaml
+from fixture_files import fixture
 
 REPO = Path(__file__).resolve().parents[2]
 TENANTS = REPO / "cluster" / "tenants.yaml"
@@ -28,8 +29,8 @@ def tenants_data() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def crd_dir(shared: Path) -> Path:
-    return shared / "schemas" / "crds"
+def crd_dir() -> Path:
+    return fixture("crds")
 
 
 @pytest.fixture(scope="session")

@@ -85,3 +85,12 @@ def raw_batch(shards_root: str, n: int = 5):
             break
     return {"json": np.array([r["json"] for r in rows], dtype=object),
             "jpg": np.array([r.get("jpg") for r in rows], dtype=object)}, rows
+
+
+def skipped(conv, *splits: str) -> str:
+    """Read `splits` of a converter (default: every split it has) to the end; the records it skipped as
+    unusable, described one per line (the converter's RecordDefect.describe())."""
+    for split in splits or conv.splits():
+        for _ in conv.records(split):
+            pass
+    return "\n".join(d.describe() for by_place in conv.defects.values() for d in by_place.values())

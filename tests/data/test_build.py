@@ -128,10 +128,10 @@ def test_plan_is_deterministic_and_byte_exact(sample_vqa_rad: Path, tmp_path: Pa
     assert all(s.bytes <= 2 * 2**20 for s in result["train"].shards)
 
 
-def test_build_medmnist_encodes_png(shared: Path, tmp_path: Path):
-    result = build_shards("pneumoniamnist", str(shared / "data/medmnist"), str(tmp_path), ["val"],
-                          files={"npz": "dev.npz"}, shard_max_samples=200, progress=False)
-    assert result["val"].samples == 367 and len(result["val"].shards) == 2
+def test_build_medmnist_encodes_png(dev_data: Path, tmp_path: Path):
+    result = build_shards("pneumoniamnist", str(dev_data / "medmnist"), str(tmp_path), ["val"],
+                          files={"npz": "dev.npz"}, shard_max_samples=30, progress=False)
+    assert result["val"].samples == 50 and len(result["val"].shards) == 2
     with tarfile.open(tmp_path / "pneumoniamnist/val/pneumoniamnist-val-000000.tar") as tar:
         names = tar.getnames()
         assert names[:2] == ["pneumoniamnist-val_000000.json", "pneumoniamnist-val_000000.png"]
@@ -168,15 +168,15 @@ def test_inspect_shards(sample_vqa_rad: Path, tmp_path: Path):
     assert "no manifest.json found" in inspect_shards(str(tmp_path / "nothing")).format()
 
 
-def test_shard_plans_travel_to_other_processes(sample_vqa_rad: Path, shared: Path, tmp_path: Path):
+def test_shard_plans_travel_to_other_processes(sample_vqa_rad: Path, dev_data: Path, tmp_path: Path):
     """A ShardPlan pickles (as it must to become a Ray task) and writes the same bytes elsewhere."""
     import pickle
 
     from biomedgpt.data.build import write_planned_shard
 
     for conv, split in ((open_converter("vqa_rad", str(sample_vqa_rad)), "test"),
-                        (open_converter("pneumoniamnist", str(shared / "data/medmnist"), {"npz": "dev.npz"}), "val")):
-        plan = plan_split(conv, split, str(tmp_path), shard_max_samples=50).shards[0]
+                        (open_converter("pneumoniamnist", str(dev_data / "medmnist"), {"npz": "dev.npz"}), "val")):
+        plan = plan_split(conv, split, str(tmp_path), shard_max_samples=40).shards[0]
         here = write_planned_shard(plan, str(tmp_path / "here"))
         there = write_planned_shard(pickle.loads(pickle.dumps(plan)), str(tmp_path / "there"))
-        assert here == there and here.samples == 50
+        assert here == there and here.samples == 40

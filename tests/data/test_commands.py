@@ -35,10 +35,10 @@ def test_build_inspect_verify(sample_vqa_rad: Path, tmp_path: Path, capsys, monk
     assert run(["shards", "verify", str(out)]) == 1
 
 
-def test_build_options_and_datasets_list(shared: Path, tmp_path: Path, capsys):
-    assert run(["shards", "build", "pneumoniamnist", "--source", str(shared / "data/medmnist"), "--out", str(tmp_path),
+def test_build_options_and_datasets_list(dev_data: Path, tmp_path: Path, capsys):
+    assert run(["shards", "build", "pneumoniamnist", "--source", str(dev_data / "medmnist"), "--out", str(tmp_path),
                 "--split", "test", "--file", "npz=dev.npz", "--shard-max-mb", "1", "--quiet"]) == 0
-    assert "pneumoniamnist/test: 412 samples" in capsys.readouterr().out
+    assert "pneumoniamnist/test: 40 samples" in capsys.readouterr().out
 
     from data_testing import tiny_jpeg, write_images
 

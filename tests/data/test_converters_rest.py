@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
-from data_testing import tiny_jpeg
+from data_testing import skipped, tiny_jpeg
 
 from biomedgpt.data.build import build_shards
 from biomedgpt.data.converters import SourceFormatError, open_converter
@@ -99,8 +100,8 @@ def test_trec_2022(tmp_path: Path):
     assert get_task("nli").instruction(rec).startswith(' can text1 " a 3 year old man presents')
 
     (tmp_path / "qrels2022.txt").write_text("1 0 NCT0000010 3\n")
-    with pytest.raises(SourceFormatError, match=r"qrels2022.txt: line 1: field 'relevance': expected 0, 1 or 2"):
-        all_records(open_converter("trec_2022", str(tmp_path)))
+    assert re.search(r"qrels2022.txt: line 1: field 'relevance': expected 0, 1 or 2",
+                     skipped(open_converter("trec_2022", str(tmp_path))))
     (tmp_path / "topics2022.xml").write_text("<topics><topic number='1'>x</topic>")
     with pytest.raises(SourceFormatError, match=r"topics2022.xml: invalid XML at line 1"):
         open_converter("trec_2022", str(tmp_path)).splits()
@@ -145,8 +146,8 @@ def test_seer(tmp_path: Path):
                             label_column="Radiation recode")
     rec = next(r for recs in all_records(picked).values() for r in recs if r["id"] == "00000002_1")
     assert rec["text"] == "Sex: Male; Primary Site - labeled: C34.1-Upper lobe, lung" and rec["label_name"] == "beam radiation"
-    with pytest.raises(SourceFormatError, match=r"cases.csv: line 2: field 'Stage': text column not in the listing"):
-        all_records(open_converter("seer", str(tmp_path), text_columns=["Stage"]))
+    assert re.search(r"cases.csv: line 2: field 'Stage': text column not in the listing",
+                     skipped(open_converter("seer", str(tmp_path), text_columns=["Stage"])))
     spec = load_dataset_spec(REPO / "datasets_spec" / "seer.yaml")
     result = build_shards("seer", str(tmp_path), str(tmp_path / "out"), spec=spec, progress=False)
     assert sum(m.samples for m in result.values()) == 33 and result["train"].access == "credentialed"
@@ -230,13 +231,13 @@ def test_oia_ddr(tmp_path: Path):
     assert rec["labels"] == ["microaneurysm", "hard exudate"] and (rec["width"], rec["height"]) == (200, 100)
     assert rec["image"] == "image/007-1.jpg" and got[0].image.read() == tiny_jpeg(100)
     (tmp_path / "lesion_detection" / "train" / "image" / "007-2.jpg").unlink()
-    with pytest.raises(SourceFormatError, match=r"007-2.xml: image '007-2.jpg' not found"):
-        list(open_converter("oia_ddr", str(tmp_path)).records("train"))
+    assert re.search(r"007-2.xml: annotation: field 'filename': image '007-2.jpg' not found",
+                     skipped(open_converter("oia_ddr", str(tmp_path)), "train"))
     assert [r.id for r in open_converter("oia_ddr", str(tmp_path), on_missing_image="skip").records("train")] == ["007-1"]
     (tmp_path / "lesion_detection" / "valid" / "label" / "008-1.xml").write_text(
         VOC.format(name="008-1", objects=OBJ.format(label="HE", x0="ten", y0=0, x1=1, y1=1)))
-    with pytest.raises(SourceFormatError, match=r"008-1.xml: object 1: field 'xmin': expected a number, got 'ten'"):
-        list(open_converter("oia_ddr", str(tmp_path)).records("val"))
+    assert re.search(r"008-1.xml: object 1: field 'xmin': expected a number, got 'ten'",
+                     skipped(open_converter("oia_ddr", str(tmp_path)), "val"))
 
 
 def test_oia_ddr_builds_through_its_spec(tmp_path: Path):

@@ -7,12 +7,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from data_testing import write_dicom
+from data_testing import skipped, write_dicom
 from PIL import Image
 
 from biomedgpt.data.build import build_shards
@@ -147,9 +148,8 @@ def test_cbis_ddsm_csv_paths_and_errors(tmp_path: Path):
     assert rec.record["image"] == crop and rec.record["calc_type"] == "IRREGULAR" and rec.record["label_name"] == "malignant"
     rows[0]["pathology"] = "UNSURE"
     write_csv(tmp_path / "calc_case_description_test_set.csv", rows, columns)
-    with pytest.raises(SourceFormatError, match=r"calc_case_description_test_set\.csv: line 2 \(P_00009_LEFT_MLO_1\): "
-                                                r"field 'pathology': expected one of"):
-        list(open_converter("cbis_ddsm_calc", str(tmp_path)).records("test"))
+    assert re.search(r"calc_case_description_test_set\.csv: line 2 \(P_00009_LEFT_MLO_1\): field 'pathology': "
+                     r"expected one of", skipped(open_converter("cbis_ddsm_calc", str(tmp_path)), "test"))
 
 
 def test_rsna_pneumonia(tmp_path: Path):

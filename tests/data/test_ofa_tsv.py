@@ -1,4 +1,4 @@
-"""The official BiomedGPT / OFA TSV files: written here from the real development files exactly as the
+"""The official BiomedGPT / OFA TSV files: written here from real release files (tests/fixtures/data) exactly as the
 official preprocessing scripts lay them out, then converted; images come back byte for byte."""
 
 from __future__ import annotations
@@ -6,12 +6,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from data_testing import tiny_jpeg, tiny_png
+from data_testing import skipped, tiny_jpeg, tiny_png
 from PIL import Image
 
 from biomedgpt.data.build import build_shards
@@ -23,10 +24,10 @@ def b64(data: bytes, urlsafe: bool = False) -> str:
 
 
 @pytest.fixture(scope="module")
-def vqa_rad_tsv(shared: Path, tmp_path_factory) -> Path:
+def vqa_rad_tsv(vqa_rad_release: Path, tmp_path_factory) -> Path:
     """test.tsv as BiomedGPT's scripts/preprocess/finetuning/vqa_rad.py writes it from data_RAD:
     qid, image id, question, 1|!+answer, organ, base64 image."""
-    root = shared / "data/vqa_rad/data_RAD"
+    root = vqa_rad_release / "data_RAD"
     out = tmp_path_factory.mktemp("ofa-vqa") / "test.tsv"
     lines = []
     for item in json.loads((root / "testset.json").read_text()):
@@ -38,30 +39,30 @@ def vqa_rad_tsv(shared: Path, tmp_path_factory) -> Path:
     return out
 
 
-def test_vqa_tsv_from_real_vqa_rad(shared: Path, vqa_rad_tsv: Path, tmp_path: Path):
+def test_vqa_tsv_from_real_vqa_rad(vqa_rad_release: Path, vqa_rad_tsv: Path, tmp_path: Path):
     conv = open_converter("vqa_rad", str(vqa_rad_tsv.parent), converter="ofa_tsv_vqa")
     assert conv.splits() == ["test"] and conv.files["test"] == "test.tsv"  # found by name
     recs = list(conv.records("test"))
-    assert len(recs) == 331
+    assert len(recs) == 11
     first = recs[0].record
     assert first["dataset"] == "vqa_rad" and first["task"] == "vqa" and first["answers"] == {first["answer"]: 1.0}
     assert first["organ"] in ("head", "chest", "abd") and first["answer_type"] in ("closed", "open")
-    source = shared / "data/vqa_rad/data_RAD/images" / f"{first['image_id']}.jpg"
+    source = vqa_rad_release / "data_RAD/images" / f"{first['image_id']}.jpg"
     assert recs[0].image.read() == source.read_bytes() and recs[0].image.size == source.stat().st_size
 
     result = build_shards("vqa_rad", str(vqa_rad_tsv.parent), str(tmp_path), converter="ofa_tsv_vqa",
-                          shard_max_samples=200, progress=False)
-    assert result["test"].samples == 331 and len(result["test"].shards) == 2
+                          shard_max_samples=8, progress=False)
+    assert result["test"].samples == 11 and len(result["test"].shards) == 2
     assert result["test"].notes["converter"] == "ofa_tsv_vqa"
     with tarfile.open(tmp_path / "vqa_rad/test/vqa_rad-test-000000.tar") as tar:
         names = tar.getnames()
         assert names[1].endswith(".jpg") and tar.extractfile(names[1]).read() == source.read_bytes()
 
 
-def test_classify_tsv_from_real_medmnist(shared: Path, tmp_path: Path):
+def test_classify_tsv_from_real_medmnist(dev_data: Path, tmp_path: Path):
     """<subset>_val.tsv as BiomedGPT's medmnist.py writes it: base64 PNG, label index, label name."""
-    arrays = np.load(shared / "data/medmnist/dev.npz")
-    info = json.loads((shared / "data/medmnist/info.json").read_text())["pneumoniamnist"]["label"]
+    arrays = np.load(dev_data / "medmnist/dev.npz")
+    info = json.loads((dev_data / "medmnist/info.json").read_text())["pneumoniamnist"]["label"]
     lines = []
     for image, label in zip(arrays["val_images"][:30], arrays["val_labels"][:30]):
         buf = io.BytesIO()
@@ -117,11 +118,11 @@ def test_image_and_detection_tsv(tmp_path: Path):
 
 def test_tsv_errors_name_file_line_and_field(tmp_path: Path):
     (tmp_path / "train.tsv").write_text(f"1\timg\tis it?\tsure|!+yes\torgan\t{b64(tiny_jpeg())}\n")
-    with pytest.raises(SourceFormatError, match=r"train\.tsv: line 1: field 'answer': expected '<confidence>\|!\+<answer>'"):
-        list(open_converter("x", str(tmp_path), converter="ofa_tsv_vqa").records("train"))
+    assert re.search(r"train\.tsv: line 1: field 'answer': expected '<confidence>\|!\+<answer>'",
+                     skipped(open_converter("x", str(tmp_path), converter="ofa_tsv_vqa"), "train"))
     (tmp_path / "train.tsv").write_text("1\timg\tis it?\n")
-    with pytest.raises(SourceFormatError, match=r"train\.tsv: line 1: 3 tab-separated columns, expected at least 6"):
-        list(open_converter("x", str(tmp_path), converter="ofa_tsv_vqa").records("train"))
+    assert re.search(r"train\.tsv: line 1: 3 tab-separated columns, expected at least 6",
+                     skipped(open_converter("x", str(tmp_path), converter="ofa_tsv_vqa"), "train"))
     (tmp_path / "train.tsv").write_text("1\timg\tis it?\t1.0|!+yes\t\t%%%notbase64\n")
     rec = next(open_converter("x", str(tmp_path), converter="ofa_tsv_vqa").records("train"))
     with pytest.raises(SourceFormatError, match="image column is not valid base64"):
@@ -147,7 +148,7 @@ def test_cli_reads_the_official_tsv_of_a_dataset_with_a_spec(vqa_rad_tsv: Path, 
     args = parser.parse_args(["shards", "build", "vqa_rad", "--source", str(vqa_rad_tsv.parent), "--out", str(tmp_path),
                               "--converter", "ofa_tsv_vqa", "--quiet"])
     assert args.func(args) == 0
-    assert "vqa_rad/test: 331 samples, 1 shards" in capsys.readouterr().out
+    assert "vqa_rad/test: 11 samples, 1 shards" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "vqa_rad/test/manifest.json").read_text())
     assert manifest["licence"] == "CC0 1.0" and manifest["access"] == "open" and manifest["notes"]["converter"] == "ofa_tsv_vqa"
 

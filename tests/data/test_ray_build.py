@@ -101,14 +101,14 @@ def test_failed_task_is_reported_and_the_rest_recorded(local_ray, vqa_rad_copy: 
     assert len(result.kept) == first_failing and result["train"].complete and verify_shards(str(out)).ok
 
 
-def test_cli_build_with_ray(local_ray, shared: Path, tmp_path: Path, capsys):
+def test_cli_build_with_ray(local_ray, dev_data: Path, tmp_path: Path, capsys):
     parser = argparse.ArgumentParser(prog="biomedgpt")
     add_shards_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["shards", "build", "pneumoniamnist", "--source", str(shared / "data/medmnist"),
+    args = parser.parse_args(["shards", "build", "pneumoniamnist", "--source", str(dev_data / "medmnist"),
                               "--out", str(tmp_path), "--split", "val", "--file", "npz=dev.npz",
-                              "--shard-max-samples", "100", "--ray", "--workers", "2", "--quiet"])
+                              "--shard-max-samples", "15", "--ray", "--workers", "2", "--quiet"])
     assert args.func(args) == 0
-    assert "pneumoniamnist/val: 367 samples, 4 shards" in capsys.readouterr().out
+    assert "pneumoniamnist/val: 50 samples, 4 shards" in capsys.readouterr().out
     assert verify_shards(str(tmp_path)).ok
     with pytest.raises(ValueError, match="--workers: only with --ray"):
         bad = parser.parse_args(["shards", "build", "vqa_rad", "--source", "x", "--out", "y", "--workers", "2"])
@@ -128,3 +128,25 @@ def test_converted_images_are_identical_from_ray_tasks(local_ray, tmp_path: Path
     build_shards("ct", str(src), str(tmp_path / "single"), **kwargs)
     result = build_shards("ct", str(src), str(tmp_path / "ray"), workers=2, **kwargs)
     assert len(result.written) == 3 and files_of(tmp_path / "ray") == files_of(tmp_path / "single")
+
+
+def test_unusable_images_in_ray_tasks_are_skipped_like_in_the_driver(local_ray, tmp_path: Path):
+    """A DICOM that does not convert, met inside a Ray task: the same shards, the same manifest (with the
+    record named in notes.defects) as the single-process build; past the budget the build stops."""
+    import numpy as np
+    from data_testing import write_dicom
+
+    from biomedgpt.data.plan import BadRecordsError
+
+    src = tmp_path / "src"
+    for i in range(6):
+        write_dicom(src / f"case{i}/slice.dcm", np.arange(48, dtype=np.uint16).reshape(6, 8) * (i + 1), uid_suffix=100 + i)
+    (src / "case3/slice.dcm").write_bytes(b"not a DICOM" * 20)
+    kwargs = dict(converter="dicom_folder", shard_max_samples=2, progress=False)
+    build_shards("ct", str(src), str(tmp_path / "single"), max_bad_fraction=0.2, **kwargs)
+    result = build_shards("ct", str(src), str(tmp_path / "ray"), workers=2, max_bad_fraction=0.2, **kwargs)
+    assert files_of(tmp_path / "ray") == files_of(tmp_path / "single")
+    assert result["train"].samples == 5 and [d["id"] for d in result["train"].notes["defects"]["skipped"]] == ["case3/slice"]
+    with pytest.raises(BadRecordsError, match=r"ct/train: 1 of 6 source records .*/case3/slice\.dcm"):
+        build_shards("ct", str(src), str(tmp_path / "strict"), workers=2, **kwargs)
+    assert not read_manifest(str(tmp_path / "strict/ct/train")).complete

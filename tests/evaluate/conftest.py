@@ -80,15 +80,15 @@ def _sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
 
 
-def _data_pairs(shared: Path) -> list[tuple[str, list[str]]]:
-    """Report/caption pairs from the shared IU X-ray and ROCO samples. The prediction is a model-like
+def _data_pairs(dev_data: Path) -> list[tuple[str, list[str]]]:
+    """Report/caption pairs from the IU X-ray and ROCO subsets of tests/fixtures/data. The prediction is a model-like
     variation of the reference (sentences dropped, swapped in from another study, words dropped), so
     that the scores fall in the range real models reach; some samples get a second reference."""
     rng = random.Random(7)
-    reports = [r["report"] for split in json.loads((shared / "data" / "iu_xray" / "dev.json").read_text()).values()
+    reports = [r["report"] for split in json.loads((dev_data / "iu_xray" / "dev.json").read_text()).values()
                for r in split if r["report"].strip()]
     captions = [line.split("\t", 1)[1].strip()
-                for line in (shared / "data" / "roco" / "dev_captions.txt").read_text(encoding="utf-8").splitlines()
+                for line in (dev_data / "roco" / "dev_captions.txt").read_text(encoding="utf-8").splitlines()
                 if "\t" in line]
     pairs = []
     for pool, count in ((reports, 60), (captions, 40)):
@@ -109,8 +109,8 @@ def _data_pairs(shared: Path) -> list[tuple[str, list[str]]]:
 
 
 @pytest.fixture(scope="session")
-def caption_pairs(shared: Path) -> list[tuple[str, list[str]]]:
-    return HANDWRITTEN_PAIRS + _data_pairs(shared)
+def caption_pairs(dev_data: Path) -> list[tuple[str, list[str]]]:
+    return HANDWRITTEN_PAIRS + _data_pairs(dev_data)
 
 
 @pytest.fixture(scope="session")
@@ -176,10 +176,10 @@ MEQSUM_ROWS = [
 
 
 @pytest.fixture(scope="session")
-def eval_shards(tmp_path_factory, shared: Path) -> str:
+def eval_shards(tmp_path_factory, dev_data: Path) -> str:
     """One shard root with five task families from real small data: VQA-RAD (vqa, the shipped sample),
-    IU X-ray (caption: the first 12 test studies of the shared R2Gen annotation, with PNG views made
-    from the VQA-RAD sample's radiographs), PneumoniaMNIST (classify, the shared .npz), MedNLI (nli)
+    IU X-ray (caption: the first 12 test studies of the R2Gen annotation in tests/fixtures/data, with PNG
+    views made from the VQA-RAD sample's radiographs), PneumoniaMNIST (classify, the .npz subset), MedNLI (nli)
     and MeQSum (summarize). Small shards, so that datasets span several."""
     from PIL import Image
 
@@ -189,7 +189,7 @@ def eval_shards(tmp_path_factory, shared: Path) -> str:
     src = tmp_path_factory.mktemp("eval-sources")
     build_shards("vqa_rad", str(VQA_RAD_SAMPLE), str(root), shard_max_samples=40, progress=False)
 
-    studies = json.loads((shared / "data" / "iu_xray" / "dev.json").read_text())["test"][:12]
+    studies = json.loads((dev_data / "iu_xray" / "dev.json").read_text())["test"][:12]
     (src / "iu_xray").mkdir()
     (src / "iu_xray" / "annotation.json").write_text(json.dumps({"test": studies}))
     jpgs = sorted((VQA_RAD_SAMPLE / "VQA_RAD Image Folder").glob("*.jpg"))
@@ -200,7 +200,7 @@ def eval_shards(tmp_path_factory, shared: Path) -> str:
             img.convert("L").resize((64, 64)).save(target, format="PNG")
     build_shards("iu_xray", str(src / "iu_xray"), str(root), ["test"], shard_max_samples=5, progress=False)
 
-    build_shards("pneumoniamnist", str(shared / "data" / "medmnist"), str(root), ["val"], files={"npz": "dev.npz"},
+    build_shards("pneumoniamnist", str(dev_data / "medmnist"), str(root), ["val"], files={"npz": "dev.npz"},
                  shard_max_samples=100, progress=False)
 
     (src / "mednli").mkdir()

@@ -18,11 +18,11 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def test_eval_every_n_steps_logs_metrics(tmp_path, shared):
+def test_eval_every_n_steps_logs_metrics(tmp_path, dev_data):
     from biomedgpt.data.build import build_shards
 
     shards = tmp_path / "shards"
-    build_shards("pneumoniamnist", str(shared / "data" / "medmnist"), str(shards), ["val"], files={"npz": "dev.npz"},
+    build_shards("pneumoniamnist", str(dev_data / "medmnist"), str(shards), ["val"], files={"npz": "dev.npz"},
                  shard_max_samples=100, progress=False)
     data = yaml.safe_load((REPO / "jobs" / "demo" / "vqa_rad.yaml").read_text())
     data["name"] = "eval-during-training"

@@ -27,15 +27,15 @@ def scorer():
     return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
-def _pairs(shared):
-    reports = [r["report"] for split in json.loads((shared / "data" / "iu_xray" / "dev.json").read_text()).values()
+def _pairs(dev_data):
+    reports = [r["report"] for split in json.loads((dev_data / "iu_xray" / "dev.json").read_text()).values()
                for r in split][:300]
     # each report "summarised" by its neighbour: realistic vocabulary, partial overlap
     return SUMMARIES + [(reports[i], [reports[i + 1]]) for i in range(len(reports) - 1)]
 
 
-def test_per_sample_f1_equals_rouge_score(shared, scorer):
-    for prediction, references in _pairs(shared):
+def test_per_sample_f1_equals_rouge_score(dev_data, scorer):
+    for prediction, references in _pairs(dev_data):
         for reference in references:
             expected = scorer.score(reference, prediction)
             ours = rouge_f1_sample(prediction, reference)
@@ -43,8 +43,8 @@ def test_per_sample_f1_equals_rouge_score(shared, scorer):
                 assert ours[key] == pytest.approx(expected[key].fmeasure, abs=1e-6), (key, prediction, reference)
 
 
-def test_corpus_score_is_mean_of_best_reference_f1(shared, scorer):
-    pairs = _pairs(shared)
+def test_corpus_score_is_mean_of_best_reference_f1(dev_data, scorer):
+    pairs = _pairs(dev_data)
     result = summarization_metrics([p for p, _ in pairs], [r for _, r in pairs])
     for key in ("rouge1", "rouge2", "rougeL"):
         expected = sum(scorer.score_multi(refs, pred)[key].fmeasure for pred, refs in pairs) / len(pairs)

@@ -69,8 +69,8 @@ def logits_of(model_dir: Path, case: dict) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def case_a(fixtures_dir):
-    return load_file(str(fixtures_dir / "a_image_text.safetensors"))
+def case_a(ofa_case):
+    return ofa_case("a_image_text")
 
 
 def test_fairseq_pt_with_cfg_converts_and_reproduces_reference(tmp_path, micro_fairseq_state_dict, micro_hf_state_dict,
@@ -111,17 +111,17 @@ def test_ema_weights_are_taken_with_flag(tmp_path, micro_fairseq_state_dict, mic
 
 
 def test_fairseq_pt_without_cfg_needs_config(tmp_path, micro_fairseq_state_dict, micro_hf_state_dict, micro_config,
-                                            fixtures_dir, case_a):
+                                            ofa_dir, case_a):
     pt = tmp_path / "nocfg.pt"
     write_fairseq_checkpoint(pt, dict(micro_fairseq_state_dict), with_cfg=False)
     with pytest.raises(ValueError, match="no cfg/args; pass --config"):
         convert(pt, tmp_path / "x")
-    convert(pt, tmp_path / "y", config_path=fixtures_dir / "micro_config.json")
+    convert(pt, tmp_path / "y", config_path=ofa_dir / "micro_config.json")
     torch.testing.assert_close(logits_of(tmp_path / "y", case_a), case_a["logits"], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("fmt", ["pytorch_model.bin", "model.safetensors"])
-def test_hf_port_checkpoint_with_ofa_config(fmt, tmp_path, micro_hf_state_dict, micro_config, fixtures_dir, case_a):
+def test_hf_port_checkpoint_with_ofa_config(fmt, tmp_path, micro_hf_state_dict, micro_config, ofa_dir, case_a):
     src = tmp_path / "port"
     src.mkdir()
     sd = dict(micro_hf_state_dict)
@@ -132,31 +132,31 @@ def test_hf_port_checkpoint_with_ofa_config(fmt, tmp_path, micro_hf_state_dict, 
         torch.save(sd, src / fmt)
     else:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(src / fmt))
-    (src / "config.json").write_text((fixtures_dir / "micro_config.json").read_text())
+    (src / "config.json").write_text((ofa_dir / "micro_config.json").read_text())
     report = convert(src, tmp_path / "out")  # a directory source
     assert report.naming == "hf-port" and not report.tokenizer
     torch.testing.assert_close(logits_of(tmp_path / "out", case_a), case_a["logits"], atol=1e-4, rtol=0)
 
 
-def test_missing_and_unexpected_keys_are_listed(tmp_path, micro_hf_state_dict, fixtures_dir):
+def test_missing_and_unexpected_keys_are_listed(tmp_path, micro_hf_state_dict, ofa_dir):
     sd = dict(micro_hf_state_dict)
     del sd["encoder.layers.1.fc1.weight"]
     sd["encoder.adapter.weight"] = torch.zeros(3)
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    (tmp_path / "config.json").write_text((fixtures_dir / "micro_config.json").read_text())
+    (tmp_path / "config.json").write_text((ofa_dir / "micro_config.json").read_text())
     with pytest.raises(CheckpointMismatchError) as err:
         convert(tmp_path / "pytorch_model.bin", tmp_path / "out")
     msg = str(err.value)
     assert "missing: encoder.layers.1.fc1.weight" in msg and "unexpected: encoder.adapter.weight" in msg
 
 
-def test_derived_entries_are_checked_when_present(tmp_path, micro_hf_state_dict, micro_config, fixtures_dir):
+def test_derived_entries_are_checked_when_present(tmp_path, micro_hf_state_dict, micro_config, ofa_dir):
     sd = dict(micro_hf_state_dict)
     wrong = derived_entries(micro_config)["encoder.token_rp_bucket"].clone()
     wrong[0, 0] += 1
     sd["encoder.token_rp_bucket"] = wrong
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    (tmp_path / "config.json").write_text((fixtures_dir / "micro_config.json").read_text())
+    (tmp_path / "config.json").write_text((ofa_dir / "micro_config.json").read_text())
     with pytest.raises(CheckpointMismatchError, match="encoder.token_rp_bucket"):
         convert(tmp_path / "pytorch_model.bin", tmp_path / "out")
     sd = dict(micro_hf_state_dict)
@@ -166,8 +166,8 @@ def test_derived_entries_are_checked_when_present(tmp_path, micro_hf_state_dict,
         convert(tmp_path / "pytorch_model.bin", tmp_path / "out")
 
 
-def test_wrong_config_gives_shape_errors_and_cli_exit_2(tmp_path, micro_hf_state_dict, fixtures_dir):
-    cfg = json.loads((fixtures_dir / "micro_config.json").read_text())
+def test_wrong_config_gives_shape_errors_and_cli_exit_2(tmp_path, micro_hf_state_dict, ofa_dir):
+    cfg = json.loads((ofa_dir / "micro_config.json").read_text())
     cfg["encoder_ffn_dim"] = 48
     torch.save(micro_hf_state_dict, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -177,8 +177,8 @@ def test_wrong_config_gives_shape_errors_and_cli_exit_2(tmp_path, micro_hf_state
     assert "shape mismatches" in out.stderr and "encoder.layers.0.fc1.weight" in out.stderr
 
 
-def test_unsupported_architecture_flag_is_refused(tmp_path, micro_hf_state_dict, fixtures_dir):
-    cfg = json.loads((fixtures_dir / "micro_config.json").read_text())
+def test_unsupported_architecture_flag_is_refused(tmp_path, micro_hf_state_dict, ofa_dir):
+    cfg = json.loads((ofa_dir / "micro_config.json").read_text())
     cfg["entangle_position_embedding"] = True
     torch.save(micro_hf_state_dict, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(cfg))

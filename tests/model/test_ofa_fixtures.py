@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from biomedgpt.model import BiomedGPTEncoderOutput
 from biomedgpt.model.convert import build_model
@@ -34,8 +32,8 @@ def check_logit_summaries(logits: torch.Tensor, ref: dict, prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def case_a(fixtures_dir: Path):
-    return load_file(str(fixtures_dir / "a_image_text.safetensors"))
+def case_a(ofa_case):
+    return ofa_case("a_image_text")
 
 
 @pytest.mark.parametrize("naming", ["hf_port", "fairseq"])
@@ -62,8 +60,8 @@ def test_image_text_case_both_namings(naming, micro_config, micro_hf_state_dict,
     check_logit_summaries(out.logits, a, "")
 
 
-def test_text_only_case(micro_model, fixtures_dir):
-    b = load_file(str(fixtures_dir / "b_text_only.safetensors"))
+def test_text_only_case(micro_model, ofa_case):
+    b = ofa_case("b_text_only")
     with torch.no_grad():
         out = micro_model(input_ids=b["input_ids"], decoder_input_ids=b["decoder_input_ids"],
                           output_hidden_states=True, use_cache=False)
@@ -75,10 +73,10 @@ def test_text_only_case(micro_model, fixtures_dir):
     check_logit_summaries(out.logits, b, "")
 
 
-def test_masked_image_is_ignored(micro_model, fixtures_dir, case_a):
+def test_masked_image_is_ignored(micro_model, ofa_case, case_a):
     """fairseq's text-only convention: images present but patch_masks False gives the text-only result
     (the HF port ignored the flag; fairseq is right)."""
-    b = load_file(str(fixtures_dir / "b_text_only.safetensors"))
+    b = ofa_case("b_text_only")
     noise = torch.randn_like(case_a["patch_images"])
     with torch.no_grad():
         masked = micro_model(input_ids=b["input_ids"], patch_images=noise, patch_masks=torch.tensor([False, False]),
@@ -99,8 +97,8 @@ def test_one_masked_row_does_not_change_the_other(micro_model, case_a):
 
 
 @pytest.mark.parametrize("variant", ["all_code", "mixed"])
-def test_code_decoding_case(variant, micro_model, fixtures_dir):
-    c = load_file(str(fixtures_dir / "c_code.safetensors"))
+def test_code_decoding_case(variant, micro_model, ofa_case):
+    c = ofa_case("c_code")
     p = f"{variant}."
     with torch.no_grad():
         enc = micro_model.encoder(c["input_ids"], patch_images=c["patch_images"], patch_masks=c["patch_masks"])
@@ -140,8 +138,8 @@ def greedy_steps(model, enc: BiomedGPTEncoderOutput, steps: int, code_masks, cac
 
 @pytest.mark.parametrize("mode", ["text", "code"])
 @pytest.mark.parametrize("cached", [True, False])
-def test_incremental_greedy_decoding(mode, cached, micro_model, fixtures_dir):
-    d = load_file(str(fixtures_dir / "d_incremental.safetensors"))
+def test_incremental_greedy_decoding(mode, cached, micro_model, ofa_case):
+    d = ofa_case("d_incremental")
     ids = d["input_ids"] if mode == "text" else d[f"{mode}.input_ids"]
     code_masks = d["code.code_masks"] if mode == "code" else None
     with torch.no_grad():
@@ -156,9 +154,9 @@ def test_incremental_greedy_decoding(mode, cached, micro_model, fixtures_dir):
     close(torch.logsumexp(logits.double(), -1), d[p + "logits_lse"], p + "logits_lse")
 
 
-def test_generate_greedy_matches_reference(micro_model, fixtures_dir):
+def test_generate_greedy_matches_reference(micro_model, ofa_case):
     """transformers' generate() with the key/value cache gives the reference greedy tokens and logits."""
-    d = load_file(str(fixtures_dir / "d_incremental.safetensors"))
+    d = ofa_case("d_incremental")
     with torch.no_grad():
         text = micro_model.generate(input_ids=d["input_ids"], patch_images=d["patch_images"], patch_masks=d["patch_masks"],
                                     max_new_tokens=8, num_beams=1, do_sample=False, use_cache=True,

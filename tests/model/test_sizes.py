@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from fixture_files import fixture
 
 from biomedgpt.model import SIZES, BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from biomedgpt.model.state_dict_adapter import ours_to_fairseq, reference_key_shapes
@@ -22,10 +23,10 @@ def meta_model(size: str) -> BiomedGPTForConditionalGeneration:
 
 
 @pytest.mark.parametrize("size", list(EXPECTED))
-def test_parameter_counts_and_keys_match_reference(size, shared):
+def test_parameter_counts_and_keys_match_reference(size):
     model = meta_model(size)
     assert sum(p.numel() for p in model.parameters()) == EXPECTED[size]
-    ref = json.loads((shared / "reference" / f"ofa_keys_{REFERENCE_FILE[size]}.json").read_text())
+    ref = json.loads(fixture(f"reference/ofa_keys_{REFERENCE_FILE[size]}.json").read_text())
     assert ref["total_parameters_unique"] == EXPECTED[size]
     ours = reference_key_shapes(model)
     theirs = {k: tuple(v["shape"]) for k, v in ref["keys"].items()}

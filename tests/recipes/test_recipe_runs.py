@@ -203,7 +203,7 @@ def check_ema_export(checkpoint: Path, export: Path) -> None:
 
 
 def test_training_starts_from_a_converted_fairseq_checkpoint(ray_session, tmp_path, micro_fairseq_state_dict,
-                                                             fixtures_dir):
+                                                             ofa_dir):
     sys.path.insert(0, str(REPO / "tests" / "model"))
     from bpe_files import write_bart_like_files
 
@@ -220,7 +220,7 @@ def test_training_starts_from_a_converted_fairseq_checkpoint(ray_session, tmp_pa
     torch.save({"model": dict(micro_fairseq_state_dict)}, src / "biomedgpt_micro.pt")
     vocab, merges = write_bart_like_files(src)
     model_dir = tmp_path / "converted"
-    convert(src / "biomedgpt_micro.pt", model_dir, config_path=fixtures_dir / "micro_config.json",
+    convert(src / "biomedgpt_micro.pt", model_dir, config_path=ofa_dir / "micro_config.json",
             vocab=str(vocab), merges=str(merges))
 
     # one shard of exactly one batch: every step sees the same rows (in some order)

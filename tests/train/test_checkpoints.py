@@ -102,3 +102,39 @@ def test_step_checkpoints_export_to_a_loadable_model(fsdp, tmp_path, monkeypatch
     assert torch.isfinite(logits).all()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def test_evaluation_of_a_run_takes_its_newest_complete_checkpoint(tmp_path, monkeypatch):
+    """A run directory whose newest checkpoint-* lacks its metadata (biomedgpt.json, written last, so an
+    upload cut short has none): evaluating the run exports the newest complete checkpoint, not the partial
+    one and not an older one."""
+    import shutil
+
+    from biomedgpt.evaluate.job import resolve_model_dir
+    from biomedgpt.train.checkpoints import checkpoint_model_state
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    run = tmp_path / "run"
+
+    def report(metrics, checkpoint_dir, name):
+        if checkpoint_dir is not None:  # what Ray does: persist the directory under its name
+            shutil.copytree(checkpoint_dir, run / name)
+
+    cfg = tiny_config()
+    module = BiomedGPTModule(model_config=cfg, lr=1e-3, max_steps=6, warmup_ratio=0.2, log_every=1)
+    meta = {"run": "partial", "model_config": cfg, "image_size": 32, "max_source_length": 6, "size": "custom"}
+    ckpt = StepCheckpointer(every=2, max_steps=6, sharded=False, meta=meta, assets={}, report_every=1, report=report)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, callbacks=[ckpt],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=Batches(10))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-00000002", "checkpoint-00000004", "checkpoint-00000006"]
+    (run / "checkpoint-00000006" / "biomedgpt.json").unlink()  # the newest: weights uploaded, metadata not
+
+    out = resolve_model_dir(str(run), tmp_path / "work")
+    assert json.loads((out / "training.json").read_text())["step"] == 4
+    exported = BiomedGPTForConditionalGeneration.from_pretrained(out).state_dict()
+    for step, same in ((4, True), (6, False)):
+        state = checkpoint_model_state(run / f"checkpoint-{step:08d}")
+        key = "encoder.layers.0.fc1.weight"
+        assert torch.equal(exported[key], state[key].float()) is same, step

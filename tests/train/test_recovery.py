@@ -1,13 +1,17 @@
 """Training survives the failures of a shared cluster (real local Ray, 2 FSDP2 workers over gloo):
 (a) a training worker killed mid-run: the job recovers from the last checkpoint and finishes;
-(b) the whole job stopped and started again: it resumes (weights, optimizer, step, data position);
-(c) a worker lost while a checkpoint is being written: that checkpoint never becomes the latest;
-(d) 2-worker FSDP2, DDP and FSDP2 with gradient accumulation agree with a single process on the same data."""
+(b) the whole job stopped and started again: it resumes (weights, optimizer, step, data position), and
+    the samples read before and after the restart cover each epoch once;
+(c) a worker lost while a checkpoint is being written: that partial checkpoint, on disk, never becomes
+    the latest;
+(d) 2-worker FSDP2, DDP and FSDP2 with gradient accumulation agree with a single process on the same data.
+Every checkpoint's data position must stand for exactly the steps it was taken at."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from stream_positions import StreamOf
 from tests_paths import REPO
 
 BIN = Path(sys.executable).parent
@@ -79,15 +84,32 @@ def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | No
         time.sleep(0.5)
 
 
-def train_workers() -> list:
+def train_workers(proc: subprocess.Popen) -> list:
+    """The Ray Train workers of the job `proc` runs (its local Ray's processes descend from it; other
+    Rays on the machine are not this job's)."""
     import psutil
 
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    out = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
 
 
 def data_position(checkpoint: Path) -> dict:
     meta = torch.load(checkpoint / "lightning" / "meta.pt", map_location="cpu", weights_only=False)
     return next(v["position"] for k, v in meta["callbacks"].items() if "DataPosition" in k)
+
+
+def stream_of(shards: Path, spec: Path) -> StreamOf:
+    return StreamOf(str(shards), "vqa_rad", yaml.safe_load(spec.read_text()))
+
+
+def steps_logged(log: str) -> list[int]:
+    return [int(line.split("[train] step ")[1].split("/")[0]) for line in log.splitlines() if "[train] step " in line]
 
 
 @pytest.fixture(scope="module")
@@ -101,23 +123,34 @@ def test_killed_worker_recovers_from_last_checkpoint(tmp_path, shards):
     proc = start(spec, tmp_path / "log.txt")
     try:
         wait_until(lambda: "00000010" in registered(run), 600, "first checkpoint recorded", proc)
-        victims = train_workers()
+        victims = train_workers(proc)
         assert len(victims) == 2, victims
+        recorded_before_kill = registered(run)[-1]
         victims[1].kill()  # SIGKILL one training worker mid-run
-        killed_at = time.time()
         assert proc.wait(timeout=900) == 0, (tmp_path / "log.txt").read_text()[-4000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     log = (tmp_path / "log.txt").read_text()
-    assert "[train] resuming from" in log and "checkpoint-000000" in log.split("[train] resuming from")[1][:200]
-    assert "[train] step 60/60" in log
+    # the retry resumed from the checkpoint recorded when the worker died (or one recorded while the
+    # group was going down), not from scratch, and trained on from the step after it
+    assert log.count("[train] resuming from") == 1, log[-4000:]
+    resumed = log.split("[train] resuming from ")[1].split()[0]
+    assert resumed.startswith(f"{run}/checkpoint-")
+    resumed_step = int(resumed.rsplit("-", 1)[1])
+    assert int(recorded_before_kill) <= resumed_step < 60
+    after = steps_logged(log.split("[train] resuming from")[1])
+    assert after and min(after) > resumed_step and max(after) == 60
     assert registered(run)[-1] == "00000060"
     result = json.loads((run / "result.json").read_text())
-    assert result["metrics"]["step"] == 60.0 and time.time() > killed_at
+    assert result["metrics"]["step"] == 60.0
+    # the data position restored after the crash is the right one: the last checkpoint's stands for 60 steps
+    stream = stream_of(shards, spec)
+    for step in (50, 60):
+        assert stream.batches_before(data_position(run / f"checkpoint-{step:08d}")) == step
 
 
-def test_stopped_job_resumes_when_started_again(tmp_path, shards):
+def test_stopped_job_resumes_when_started_again(tmp_path, shards, demo_tokenizer_dir):
     spec = spec_file(tmp_path, shards, "stopped", max_steps=60, checkpoint_every=10)
     run = run_dir(tmp_path, "stopped")
     first = start(spec, tmp_path / "first.txt")
@@ -136,12 +169,35 @@ def test_stopped_job_resumes_when_started_again(tmp_path, shards):
     log = (tmp_path / "second.txt").read_text()
     assert f"[train] resuming from {run}/checkpoint-{stopped_at}" in log
     # the resumed run trains only the remaining steps
-    steps = [int(line.split("[train] step ")[1].split("/")[0]) for line in log.splitlines() if "[train] step " in line]
+    steps = steps_logged(log)
     assert min(steps) > int(stopped_at) and max(steps) == 60
-    # the data position travels with the checkpoint: epoch and batch of the step it was taken at
-    assert position["epoch"] >= 0 and position["batches"] >= 0
-    final = data_position(run / "checkpoint-00000060")
-    assert (final["epoch"], final["batches"]) > (position["epoch"], position["batches"])
+    # the data position travels with the checkpoint and is the right one: the batches of the steps taken
+    stream = stream_of(shards, spec)
+    assert stream.epoch_batches(0) < 60, "the run must cross an epoch boundary"
+    assert stream.batches_before(position) == int(stopped_at)
+    assert stream.batches_before(data_position(run / "checkpoint-00000060")) == 60
+    # the samples each rank reads before the stop and from the checkpoint's position on cover every epoch once
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        per_rank = [stream.sample_ids(rank, demo_tokenizer_dir, int(stopped_at))
+                    + stream.sample_ids(rank, demo_tokenizer_dir, 60 - int(stopped_at), position)
+                    for rank in range(stream.world)]
+    finally:
+        ray.shutdown()
+    stream.check_epochs_covered_once(per_rank)
+
+
+def plant_partial_checkpoint(done: Path, partial: Path, step: int) -> None:
+    """What rank 0 alone leaves of a sharded checkpoint when rank 1 dies before reporting: its metadata
+    (biomedgpt.json, saying `step`), the assets, the distributed-checkpoint index and rank 0's shard, but
+    not rank 1's shard. Made from the real files of the complete checkpoint `done`."""
+    shutil.copytree(done, partial, ignore=shutil.ignore_patterns("__1_*.distcp"), dirs_exist_ok=True)
+    meta = json.loads((partial / "biomedgpt.json").read_text())
+    (partial / "biomedgpt.json").write_text(json.dumps(dict(meta, step=step)))
+    assert list((done / "lightning").glob("__1_*.distcp")) and not list((partial / "lightning").glob("__1_*.distcp"))
 
 
 def test_checkpoint_interrupted_while_written_never_becomes_latest(tmp_path, shards):
@@ -149,12 +205,30 @@ def test_checkpoint_interrupted_while_written_never_becomes_latest(tmp_path, sha
     run = run_dir(tmp_path, "interrupted")
     proc = start(spec, tmp_path / "log.txt", BIOMEDGPT_FAULTS="crash-before-report@20:1",
                  BIOMEDGPT_FAULTS_ONCE=str(tmp_path / "fault-fired"))
-    assert proc.wait(timeout=900) == 0, (tmp_path / "log.txt").read_text()[-4000:]
+    try:
+        wait_until(lambda: "00000010" in registered(run), 600, "checkpoint 10 recorded", proc)
+        # checkpoint 20 is the one rank 1 dies in: its partial upload is on disk before the crash, and
+        # still there when the run resumes (the retry writes checkpoint 20 again only 10 steps later)
+        plant_partial_checkpoint(run / "checkpoint-00000010", run / "checkpoint-00000020", 20)
+        assert "[train] resuming from" not in (tmp_path / "log.txt").read_text(), "planted after the resume"
+        wait_until(lambda: (tmp_path / "fault-fired").is_file(), 600, "the fault fired", proc)
+        assert (run / "checkpoint-00000020" / "biomedgpt.json").is_file()
+        assert not list((run / "checkpoint-00000020" / "lightning").glob("__1_*.distcp"))
+        assert proc.wait(timeout=900) == 0, (tmp_path / "log.txt").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     log = (tmp_path / "log.txt").read_text()
-    assert (tmp_path / "fault-fired").is_file() and "[fault] crash-before-report at step 20 on rank 1" in log
-    # rank 0 had already uploaded its part of checkpoint 20, but the retry resumed from 10
+    assert "[fault] crash-before-report at step 20 on rank 1" in log
+    # the newest checkpoint-* on disk was the partial 20; the retry resumed from the last complete one
     assert f"[train] resuming from {run}/checkpoint-00000010" in log
+    assert "checkpoint-00000020" not in log.split("[train] resuming from")[1].splitlines()[0]
     assert registered(run)[-1] == "00000030"
+    # the checkpoint 20 written by the retry is whole, and both positions stand for their steps
+    assert list((run / "checkpoint-00000020" / "lightning").glob("__1_*.distcp"))
+    stream = stream_of(shards, spec)
+    for step in (20, 30):
+        assert stream.batches_before(data_position(run / f"checkpoint-{step:08d}")) == step
 
 
 def test_fsdp_ddp_and_accumulation_match_a_single_process(tmp_path):

@@ -1,7 +1,8 @@
 """A training run whose storage is S3 (moto's server on 127.0.0.1), with real local Ray and 2 FSDP2
 workers writing full (gathered) checkpoints: checkpoints, assets, logs, report, export and evaluation
 land under s3://.../<team>/<name>/, num_to_keep prunes old checkpoints there, and running the job
-again with more steps resumes from the checkpoint on S3 with its optimiser state and data position."""
+again with more steps resumes from the checkpoint on S3 with its optimiser state and data position
+(the right one: the samples read before and after the restart are each read once)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import pytest
 import torch
 import yaml
+from stream_positions import StreamOf
 
 from tests_paths import REPO
 
@@ -30,7 +32,7 @@ def s3_spec(s3_bucket, tmp_path, monkeypatch):
     return data
 
 
-def test_run_on_s3_storage_checkpoints_reports_and_resumes(s3_spec, s3_bucket, tmp_path):
+def test_run_on_s3_storage_checkpoints_reports_and_resumes(s3_spec, s3_bucket, tmp_path, demo_tokenizer_dir):
     from biomedgpt.data import storage
     from biomedgpt.runner import run_training
     from biomedgpt.spec import spec_from_dict
@@ -40,6 +42,8 @@ def test_run_on_s3_storage_checkpoints_reports_and_resumes(s3_spec, s3_bucket, t
     run_url = f"{s3_bucket}/runs/demo/s3-run"
     first = run_training(spec_from_dict(s3_spec, "s3.yaml"), num_cpus=2)
     assert first.run_dir == run_url and first.checkpoint == f"{run_url}/checkpoint-00000010"
+    storage.download_dir(f"{run_url}/checkpoint-00000010", tmp_path / "ckpt10")
+    position10 = data_position(tmp_path / "ckpt10")
     files = storage.list_files(run_url)
     for name in ("spec.json", "assets/answers.json", "logs/metrics.csv", "report.md", "report.json", "loss.png",
                  "lr.png", "export/config.json", "export/model.safetensors", "eval/metrics.json", "eval/report.html", "result.json",
@@ -69,5 +73,29 @@ def test_run_on_s3_storage_checkpoints_reports_and_resumes(s3_spec, s3_bucket, t
     assert meta["format"] == "full" and meta["step"] == 15
     state = torch.load(local / "lightning.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 15 and state["optimizer_states"]
-    position = next(v["position"] for k, v in state["callbacks"].items() if "DataPosition" in k)
-    assert position["epoch"] * 1000 + position["batches"] > 0
+    # the positions are the right ones: each stands for the batches of the steps taken
+    stream = StreamOf(s3_spec["data"]["shards"], "vqa_rad", s3_spec)
+    assert stream.batches_before(position10) == 10 and stream.batches_before(data_position(local)) == 15
+    # and the samples each rank reads before the restart and from the step-10 position on are each read once
+    # (the same stream on a local copy of the shards: the order depends on the manifests, not on where they are)
+    storage.download_dir(s3_spec["data"]["shards"], tmp_path / "shards")
+    local_stream = StreamOf(str(tmp_path / "shards"), "vqa_rad", s3_spec)
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        per_rank = [local_stream.sample_ids(rank, demo_tokenizer_dir, 10)
+                    + local_stream.sample_ids(rank, demo_tokenizer_dir, 5, position10)
+                    for rank in range(local_stream.world)]
+    finally:
+        if started:
+            ray.shutdown()
+    local_stream.check_epochs_covered_once(per_rank, whole_epoch=False)
+
+
+def data_position(checkpoint) -> dict:
+    """The training stream's position saved in a full-format checkpoint (lightning.ckpt)."""
+    state = torch.load(checkpoint / "lightning.ckpt", map_location="cpu", weights_only=False)
+    return next(v["position"] for k, v in state["callbacks"].items() if "DataPosition" in k)

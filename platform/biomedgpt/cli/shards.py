@@ -3,6 +3,7 @@
     biomedgpt shards build DATASET --source DIR --out URL [--split S]... [--spec YAML]
                            [--shard-max-samples N] [--shard-max-mb N] [--file ROLE=PATH]...
                            [--option KEY=VALUE]... [--converter NAME] [--skip-missing-images]
+                           [--max-bad-fraction F]
                            [--ray [--workers N]] [--quiet]
     biomedgpt shards inspect URL [-n 3] [--json]
     biomedgpt shards verify URL
@@ -33,6 +34,16 @@ def _pairs(items: list[str] | None, flag: str, parse_values: bool) -> dict:
     return out
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from ..data.build import build_shards
     from ..data.dataset_spec import load_dataset_spec
@@ -53,9 +64,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
         shard_max_samples=args.shard_max_samples, shard_max_bytes=args.shard_max_mb * 2**20,
         files=_pairs(args.file, "--file", parse_values=False), options=options, spec=spec,
         converter=args.converter, progress=not args.quiet, parallel=args.ray, workers=args.workers,
+        max_bad_fraction=args.max_bad_fraction,
     )
     for split, manifest in result.items():
-        print(f"{manifest.dataset}/{split}: {manifest.samples} samples, {len(manifest.shards)} shards")
+        defects = manifest.notes.get("defects", {}).get("count", 0)
+        skipped = f", {defects} unusable records skipped (notes.defects of its manifest.json)" if defects else ""
+        print(f"{manifest.dataset}/{split}: {manifest.samples} samples, {len(manifest.shards)} shards{skipped}")
     print(f"{len(result.written)} shards written, {len(result.kept)} kept, {len(result.removed)} removed")
     return 0
 
@@ -118,7 +132,12 @@ def add_shards_commands(subparsers) -> argparse.ArgumentParser:
                        help="write shards as Ray tasks (joins RAY_ADDRESS's cluster, else starts a local Ray)")
     build.add_argument("--workers", type=int, help="with --ray: shards in flight at most (default: 2 x cluster CPUs)")
     build.add_argument("--skip-missing-images", action="store_true",
-                       help="drop records whose image is missing instead of stopping (counted in the manifest)")
+                       help="drop records whose image is missing, without limit (counted in the manifest); by "
+                            "default they count against the error budget")
+    build.add_argument("--max-bad-fraction", type=_fraction, default=None, metavar="F",
+                       help="share of a split's records that may be skipped as unusable (empty answer or question, "
+                            "missing image, unreadable row or image) before the build fails (default: the dataset "
+                            "spec's source.max_bad_fraction, else 0.01)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_cmd_build)
 

@@ -4,8 +4,10 @@
     shards         ShardWriter, manifest.json, read_manifest, verify_shards
     converters/    one module per native dataset format + the registry (CONVERTERS); dicom (DICOM ->
                    8-bit PNG), tables (CSV/TSV/JSONL/JSON/XLSX rows), ofa_tsv (the official TSVs)
+    plan           the build's two steps (plan_split, write_planned_shard) and its error budget
     build          build_shards: native release -> shards, restartable
     ray_build      the same build with one Ray task per shard (build_shards(parallel=True))
+    error_budget   how much bad data the build and the training stream may skip
     inspect        inspect_shards: counts and sample records of built shards
     dataset_spec   typed loader/validator for datasets_spec/*.yaml
 
@@ -20,8 +22,8 @@ from typing import Any
 
 _EXPORTS = {
     "build_shards": "build",
-    "plan_split": "build",
-    "write_planned_shard": "build",
+    "plan_split": "plan",
+    "write_planned_shard": "plan",
     "inspect_shards": "inspect",
     "ShardWriter": "shards",
     "ShardSample": "shards",

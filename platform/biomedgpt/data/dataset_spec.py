@@ -100,6 +100,9 @@ class SourceSpec:
     """Converter keyword options (e.g. SLAKE ``languages``)."""
     converter_note: str = ""
     """Required when ``converter`` is null: why there is none yet and what one would read."""
+    max_bad_fraction: float | None = None
+    """Share of a split's source records the build may skip as unusable (empty answers, missing images,
+    unreadable rows) before it fails; null: the platform's default (1%)."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,9 @@ def _check(spec: DatasetSpec, file: str) -> None:
             if option not in params or option in ("self", "source", "files"):
                 allowed = [p for p in params if p not in ("self", "source", "files")]
                 raise error(f"source.options.{option}", f"not an option of converter {conv.name!r}; options: {allowed}")
+
+    if spec.source.max_bad_fraction is not None and not 0 <= spec.source.max_bad_fraction < 1:
+        raise error("source.max_bad_fraction", f"must be in [0, 1), got {spec.source.max_bad_fraction}")
 
     if not spec.splits:
         raise error("splits", "at least one split")

@@ -1,14 +1,14 @@
 """Shard building fanned out to Ray tasks: ``build_shards(..., parallel=True)`` and
 ``biomedgpt shards build --ray``.
 
-The driver plans every split (:func:`~biomedgpt.data.build.plan_split`: records and image
+The driver plans every split (:func:`~biomedgpt.data.plan.plan_split`: records and image
 references only, no pixels), then:
 
 1. decides which shards to keep: a shard is kept when the previous manifest lists it with the same
    ``input_sha256`` and its file still has the recorded size and sha256. The sha256 checks run as Ray
    tasks (a restart of a big build re-reads every kept shard, in parallel, on the cluster); kept
    shards are never resubmitted for writing;
-2. submits one Ray task per remaining shard (:func:`~biomedgpt.data.build.write_planned_shard`: the
+2. submits one Ray task per remaining shard (:func:`~biomedgpt.data.plan.write_planned_shard`: the
    task reads its images from the source and writes the tar straight to the output URL, so no image
    passes through the driver), at most ``workers`` in flight, shards of every split in one queue;
 3. as tasks complete, records their manifest entries and rewrites each split's manifest
@@ -19,7 +19,8 @@ references only, no pixels), then:
 
 The shards and manifests are byte-identical to the single-process build's (same plan, same
 deterministic writer). Progress is a bar of completed/total shards. A failed task stops new
-submissions; the tasks in flight finish and are recorded, then the first error is raised.
+submissions; the tasks in flight finish and are recorded, then the first error is raised. So do
+records left out for unusable images beyond a split's error budget (:class:`~.plan.BadRecordsError`).
 
 Output URLs must be reachable from every worker: ``s3://`` on a cluster, local paths on one machine
 (or a shared file system). The driver's ``AWS_*`` variables are passed to the tasks, so an
@@ -36,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
-from .build import BuildResult, ShardPlan, SplitPlan, _progress, finish_split, write_planned_shard
+from .plan import (BadRecordsError, BuildResult, Progress, ShardPlan, SplitPlan, finish_split, report_defects,
+                   write_planned_shard)
 from .shards import Manifest, ShardEntry, ShardError, file_sha256, write_manifest
 
 FORWARDED_ENV_PREFIXES = ("AWS_",)
@@ -89,9 +91,9 @@ def write_splits_ray(jobs: list[SplitJob], result: BuildResult, *, workers: int 
         write_task = ray.remote(num_cpus=1, max_retries=2)(write_planned_shard).options(**options)
         sha_task = ray.remote(num_cpus=1, max_retries=2)(file_sha256).options(**options)
         total = sum(len(job.plan.shards) for job in jobs)
-        with _progress(progress, total=total, desc="shards", unit="shard") as bar:
+        with Progress(progress, total=total, desc="shards", unit="shard") as bar:
             to_write = _keep_existing(jobs, sha_task, workers, result, bar)
-            _write_all(jobs, to_write, write_task, workers, result, bar, manifest_interval_s)
+            _write_all(jobs, to_write, write_task, workers, result, bar, manifest_interval_s, progress)
         for job in jobs:
             job.sync_manifest()
             result[job.plan.split] = finish_split(job.plan, job.manifest, result, job.written, job.kept, progress)
@@ -152,9 +154,17 @@ def _bounded(items: list, submit, limit: int):
 
 
 def _write_all(jobs: list[SplitJob], to_write: deque, write_task, workers: int, result: BuildResult, bar,
-               manifest_interval_s: float) -> None:
+               manifest_interval_s: float, progress: bool = False) -> None:
     first_error: tuple[str, BaseException] | None = None
+    over_budget: BadRecordsError | None = None
     last_write = 0.0
+    named = {id(job): len(job.plan.defects) for job in jobs}
+    for job in jobs:  # kept shards bring the records their first build skipped
+        if any(e.skipped for e in job.entries.values()):
+            try:
+                job.plan.check_budget(job.entries.values())
+            except BadRecordsError as err:
+                over_budget = over_budget or err
 
     def flush(force: bool = False) -> None:
         nonlocal last_write
@@ -171,7 +181,7 @@ def _write_all(jobs: list[SplitJob], to_write: deque, write_task, workers: int, 
         job, shard = item
         return write_task.remote(shard, job.plan.url)
 
-    stop = False
+    stop = over_budget is not None
     pending = to_write
     in_flight: dict = {}
     import ray
@@ -197,8 +207,19 @@ def _write_all(jobs: list[SplitJob], to_write: deque, write_task, workers: int, 
             job.dirty = True
             result.written.append(url)
             bar.update(1)
+            if entry.skipped:
+                new = job.plan.all_defects([entry])[len(job.plan.defects):]
+                report_defects(job.plan.dataset, job.plan.split, new, progress, already=named[id(job)])
+                named[id(job)] += len(new)
+                try:
+                    job.plan.check_budget(job.entries.values())
+                except BadRecordsError as err:  # stop submitting; the manifests keep what was written
+                    over_budget = over_budget or err
+                    stop = True
             flush(force=job.remaining == 0)
     flush(force=True)
+    if over_budget is not None and first_error is None:
+        raise over_budget
     if first_error is not None:
         url, cause = first_error
         print(f"shard build stopped: {url} failed; finished shards are recorded, rerun to continue", file=sys.stderr)

@@ -249,16 +249,23 @@ def _write_tar(target: IO[bytes], samples: Iterable[ShardSample]) -> tuple[int, 
 @dataclass(frozen=True)
 class ShardEntry:
     """One shard in a manifest: file name, sample count, size in bytes, sha256 of the file, and the
-    digest of the inputs it was built from (see :func:`input_digest_update`)."""
+    digest of the inputs it was built from (see :func:`input_digest_update`). ``skipped``: the planned
+    records left out when the shard was written because their image could not be used (JSON objects
+    naming file, id and reason; kept with the shard so that a restarted build still counts them)."""
 
     name: str
     samples: int
     bytes: int
     sha256: str
     input_sha256: str = ""
+    skipped: tuple[dict[str, Any], ...] = field(default=(), hash=False)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["skipped"] = [dict(s) for s in self.skipped]
+        if not self.skipped:
+            del out["skipped"]
+        return out
 
 
 def write_shard(url: str, samples: Iterable[ShardSample], *, input_sha256: str | None = None) -> ShardEntry:
@@ -420,6 +427,7 @@ class Manifest:
                 bytes=need(entry, "bytes", int, f"{path}.bytes"),
                 sha256=need(entry, "sha256", str, f"{path}.sha256"),
                 input_sha256=entry.get("input_sha256", "") if isinstance(entry, dict) else "",
+                skipped=tuple(dict(s) for s in entry.get("skipped", []) if isinstance(s, dict)),
             ))
         manifest = cls(
             dataset=need(data, "dataset", str, "dataset"),

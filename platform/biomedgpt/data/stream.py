@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from . import storage
+from .error_budget import ErrorBudget
 from .pipeline import preprocess_batch
 from .shards import iter_tar_samples, read_manifest, read_shard, split_url
 
@@ -83,38 +84,6 @@ def records(shards_root: str, dataset: str, split: str) -> Iterator[dict[str, An
             if sample.get("codes.npy") is not None and "codes" not in rec:
                 rec["codes"] = sample["codes.npy"]
             yield rec
-
-
-@dataclass(frozen=True)
-class ErrorBudget:
-    """How many bad samples one training rank may skip per epoch: at most `max_bad_samples` and at most
-    `max_bad_fraction` of the rows it planned for the epoch (whichever is smaller; None: no such
-    limit; both None: no bad sample allowed)."""
-
-    max_bad_samples: int | None = 0
-    max_bad_fraction: float | None = None
-
-    def allowance(self, rows: int) -> int:
-        limits = []
-        if self.max_bad_samples is not None:
-            limits.append(int(self.max_bad_samples))
-        if self.max_bad_fraction is not None:
-            limits.append(int(self.max_bad_fraction * rows))
-        return max(0, min(limits)) if limits else 0
-
-    def describe(self) -> str:
-        parts = []
-        if self.max_bad_samples is not None:
-            parts.append(f"max_bad_samples={self.max_bad_samples}")
-        if self.max_bad_fraction is not None:
-            parts.append(f"max_bad_fraction={self.max_bad_fraction}")
-        return ", ".join(parts) or "no bad sample allowed"
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any] | None) -> "ErrorBudget":
-        if not config:
-            return cls()
-        return cls(max_bad_samples=config.get("max_bad_samples"), max_bad_fraction=config.get("max_bad_fraction"))
 
 
 class BadDataError(RuntimeError):
@@ -308,6 +277,10 @@ class ShardStream:
         self._window_rows: int | None = None  # raw offset of the current window when bad rows moved it
         self._bad: dict[tuple[int, int], tuple[int, str, str]] = {}  # (epoch, offset) -> (count, shard, key)
         self._summary: dict[tuple[str, str], _Summary] = {}
+        # the position after each of the last batches handed out (a consumer may fetch ahead of what it
+        # has used: Lightning prefetches one batch): batches yielded since the start or the last seek
+        self._yielded = 0
+        self._after: deque[tuple[int, dict[str, int]]] = deque([(0, self.position)], maxlen=16)
         plan = plan_epoch(self.groups, 0, seed)
         if len(plan) < world:
             names = sorted({f"{s.dataset}/{s.split}" for s in plan})
@@ -342,6 +315,18 @@ class ShardStream:
         if by_rank is not None:
             rows = by_rank[self.rank] if len(by_rank) == self.world else None
         self._window_rows = None if rows is None else int(rows)
+        self._yielded = 0
+        self._after = deque([(0, self.position)], maxlen=16)
+
+    def position_after(self, batches: int) -> dict[str, int]:
+        """The position right after the `batches`-th batch this stream handed out since it was built or
+        last sought: what to save when the consumer has used only that many of the batches it fetched (a
+        checkpoint taken while the next batch is already prefetched must not skip that batch on resume)."""
+        for count, position in self._after:
+            if count == batches:
+                return dict(position)
+        raise ValueError(f"no position after batch {batches}: the stream has handed out {self._yielded} batches "
+                         f"and remembers the last {len(self._after) - 1}")
 
     # -- bad data ------------------------------------------------------------------------------
 
@@ -428,6 +413,8 @@ class ShardStream:
 
     def _emit(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         self.batches_in_epoch += 1
+        self._yielded += 1
+        self._after.append((self._yielded, self.position))
         if not self.as_torch:
             return batch
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}

@@ -50,9 +50,12 @@ class DataPosition(L.Callback):
     def __init__(self, stream: Any, log_dir: str | None = None, log_every: int = 1, max_steps: int = 0) -> None:
         self.stream = stream
         self.log_dir, self.log_every, self.max_steps = log_dir, max(1, log_every), max_steps
+        # batches trained since the stream started or was sought: Lightning fetches one batch ahead, so
+        # the stream's own position is a batch past what a checkpoint holds; save the position after these
+        self.trained = 0
 
     def _gather(self) -> list[dict[str, Any]]:
-        local = {"position": dict(self.stream.position), "errors": self.stream.data_errors()}
+        local = {"position": self.stream.position_after(self.trained), "errors": self.stream.data_errors()}
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             out: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(out, local)  # every rank saves checkpoints and ends training together
@@ -78,7 +81,11 @@ class DataPosition(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stream.seek(state_dict["position"])
+        self.trained = 0
         self.stream.restore_data_errors(state_dict.get("data_errors"), keep_counts=self.stream.rank == 0)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.trained += 1  # counted before the step: the checkpoint of this step is saved at its end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

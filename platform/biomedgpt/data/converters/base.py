@@ -9,11 +9,19 @@ picklable).
 
 Split names are canonical across datasets: ``train``, ``val``, ``test``. A converter maps its
 release's names onto them (SLAKE ``validate``, ROCO ``validation``) and reports the native name.
+
+Real releases are not clean (an empty answer in SLAKE's train.json, rows without images, duplicated
+ids). A record a converter cannot use is skipped, not fatal: the converter wraps each record's
+conversion in :meth:`Converter.guard`, and a :class:`SourceFormatError` about that one record becomes a
+:class:`RecordDefect` (file, record index and id, field, reason) in :attr:`Converter.defects`. Errors
+about a whole file (not found, invalid JSON, an unknown layout) still stop the converter. Whether the
+defects are acceptable is the build's decision (its error budget, :mod:`..error_budget`).
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 import hashlib
 import io
@@ -54,6 +62,84 @@ class SourceFormatError(ValueError):
 
 def _rebuild_source_format_error(cls, file, message, record, field):
     return cls(file, message, record=record, field=field)
+
+
+class MissingImageError(SourceFormatError):
+    """A record's image is not in the release (one record's defect, wherever the message puts the record)."""
+
+
+class UnusableImageError(SourceFormatError):
+    """An image whose content cannot become a shard image (not a readable DICOM, no pixel data, pixels of an
+    unsupported layout): a defect of the record it belongs to, found when the shard is written."""
+
+
+def is_record_error(err: BaseException) -> bool:
+    """Whether a converter error is about one record (skippable) rather than a whole file."""
+    return isinstance(err, (MissingImageError, UnusableImageError)) or (
+        isinstance(err, SourceFormatError) and err.record is not None)
+
+
+@dataclass(frozen=True)
+class RecordDefect:
+    """A source record skipped because it cannot be used: where it is and why.
+
+    ``record`` is the converter's own name for the place (``record 12 (qid 57)``, ``line 3``,
+    ``test[4] (CXR1)``); ``index`` its position in the file (0-based records, or the line number of text
+    files) and ``id`` its id, when the converter knows them."""
+
+    file: str
+    reason: str
+    record: str | None = None
+    index: int | None = None
+    id: str | None = None
+    field: str | None = None
+
+    def describe(self) -> str:
+        parts = [self.file]
+        if self.record:
+            parts.append(self.record)
+        elif self.id:
+            parts.append(f"id {self.id}")
+        if self.field:
+            parts.append(f"field '{self.field}'")
+        return ": ".join(parts + [self.reason])
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "RecordDefect":
+        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_error(cls, err: SourceFormatError, *, index: int | None = None, record_id: str | None = None
+                   ) -> "RecordDefect":
+        return cls(file=str(err.file), reason=err.message, record=err.record, index=index, id=record_id,
+                   field=err.field)
+
+
+class RecordGuard:
+    """``with converter.guard(split, index) as rec:`` around one source record: a record-level
+    :class:`SourceFormatError` raised inside skips the record (a :class:`RecordDefect`); anything else
+    propagates (with ``whole_file``, every :class:`SourceFormatError`: the record is a file of its own). Set
+    ``rec.id`` (and ``rec.split`` when the record's split is only known from its
+    fields) as soon as they are known, so that the defect names them."""
+
+    def __init__(self, converter: "Converter", split: str | None, index: int | None, whole_file: bool = False):
+        self.converter = converter
+        self.split = split
+        self.index = index
+        self.whole_file = whole_file
+        self.id: str | None = None
+
+    def __enter__(self) -> "RecordGuard":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or not (is_record_error(exc) or (self.whole_file and isinstance(exc, SourceFormatError))):
+            return False
+        self.converter.skip_record(self.split, RecordDefect.from_error(exc, index=self.index, record_id=self.id))
+        return True
 
 
 # --- image references ----------------------------------------------------------------------------
@@ -120,7 +206,10 @@ class ArrayImage:
     index: int
 
     def read(self) -> bytes:
-        return encode_png(load_npz(self.url)[self.array][self.index])
+        try:
+            return encode_png(load_npz(self.url)[self.array][self.index])
+        except ValueError as err:
+            raise UnusableImageError(self.url, str(err), field=f"{self.array}[{self.index}]") from None
 
     @property
     def size(self) -> int:
@@ -174,8 +263,13 @@ class Converter(abc.ABC):
     Subclasses set the class attributes and implement :meth:`splits` and :meth:`records`.
     ``files`` overrides where the converter looks for each of its file roles (``file_roles``:
     role -> default path relative to ``source``), for releases that were renamed or re-packaged.
-    ``on_missing_image``: ``"error"`` (default) stops at the first record whose image is missing;
-    ``"skip"`` drops such records and counts them in :attr:`skipped`.
+    ``on_missing_image``: ``"error"`` (default): a record whose image is missing is a defect (skipped,
+    named in :attr:`defects`, counted against the build's error budget); ``"skip"``: such records are
+    dropped on purpose, without limit, and counted in :attr:`skipped` (for a release known to lack some
+    images).
+
+    Subclasses convert each source record inside ``with self.guard(split, index) as rec:`` so that a
+    record they cannot use is skipped and named (see the module docstring).
     """
 
     name: ClassVar[str]
@@ -203,6 +297,9 @@ class Converter(abc.ABC):
         self.on_missing_image = on_missing_image
         self.skipped: dict[str, list[str]] = {}
         self.dropped: dict[str, dict[str, int]] = {}
+        #: Records skipped as unusable, per split (None: records whose split could not be told), keyed by
+        #: place so that reading a split twice does not count them twice.
+        self.defects: dict[str | None, dict[tuple, RecordDefect]] = {}
 
     # what a subclass provides
     @abc.abstractmethod
@@ -244,12 +341,37 @@ class Converter(abc.ABC):
         if split not in self.splits():
             raise ValueError(f"{self.name}: no split {split!r} in {self.source} (present: {self.splits()})")
 
-    def missing_image(self, split: str, where: str, image: str) -> None:
-        """Apply the missing-image policy: raise, or note the record as skipped."""
+    def missing_image(self, split: str, file: str, image: str, *, record: str | None = None,
+                      field: str | None = None) -> None:
+        """Apply the missing-image policy to the record at ``file``/``record`` that names ``image``: raise
+        :class:`MissingImageError` (inside :meth:`guard`: the record becomes a defect), or note the record
+        as skipped on purpose."""
         if self.on_missing_image == "error":
-            raise SourceFormatError(
-                where, f"image {image!r} not found (use on_missing_image='skip' to drop such records)")
+            raise MissingImageError(
+                file, f"image {image!r} not found (use on_missing_image='skip' to drop such records)",
+                record=record, field=field)
         self.skipped.setdefault(split, []).append(image)
+
+    def guard(self, split: str | None, index: int | None = None, *, whole_file: bool = False) -> RecordGuard:
+        """Context for converting one source record (see :class:`RecordGuard`). ``whole_file``: the record
+        is a file of its own (one XML annotation per image), so any error about that file is its defect."""
+        return RecordGuard(self, split, index, whole_file)
+
+    def skip_record(self, split: str | None, defect: RecordDefect) -> None:
+        """Note a record that cannot be used (the guard calls this; converters may too)."""
+        self.defects.setdefault(split, {})[(defect.file, defect.record, defect.index, defect.field)] = defect
+
+    def bad_row(self, split: str | None):
+        """A ``skip`` callback for :func:`.tables.read_rows`: an unreadable row becomes a defect of ``split``."""
+
+        def skip(err: SourceFormatError, number: int) -> None:
+            self.skip_record(split, RecordDefect.from_error(err, index=number or None))
+
+        return skip
+
+    def defects_of(self, split: str) -> list[RecordDefect]:
+        """The records of ``split`` skipped as unusable, with those whose split could not be told."""
+        return list(self.defects.get(split, {}).values()) + list(self.defects.get(None, {}).values())
 
     def drop(self, split: str, reason: str) -> None:
         """Count a source record left out on purpose (e.g. a report without a FINDINGS section); the

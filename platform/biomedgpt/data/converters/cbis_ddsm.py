@@ -37,7 +37,7 @@ from typing import Iterator
 from .. import storage
 from .base import Converter, SourceFormatError, SourceRecord
 from .dicom import DicomImage, is_dicom_name
-from .tables import cell_text, read_rows
+from .tables import cell_text, read_rows, row_number
 
 IMAGE_KINDS = {"crop": "cropped image file path", "full": "image file path", "roi_mask": "ROI mask file path"}
 KIND_WORDS = {"crop": "cropped", "full": "full mammogram", "roi_mask": "roi mask"}
@@ -121,36 +121,40 @@ class _CbisDdsmConverter(Converter):
         file = self.url(split)
         column = IMAGE_KINDS[self.image_kind]
         seen: dict[str, str] = {}
-        for where, row in read_rows(file, "csv"):
-            row = {re.sub(r"\s+", " ", k.strip()).replace("breast_density", "breast density"): v for k, v in row.items()}
-            patient = cell_text(row, "patient_id", file, where)
-            side = cell_text(row, "left or right breast", file, where).upper()
-            view = cell_text(row, "image view", file, where).upper()
-            abnormality = cell_text(row, "abnormality id", file, where)
-            record_id = f"{patient}_{side}_{view}_{abnormality}"
-            if record_id in seen:
-                raise SourceFormatError(file, f"abnormality listed twice (also {seen[record_id]})", record=where,
-                                        field="abnormality id")
-            seen[record_id] = where
-            pathology = cell_text(row, "pathology", file, where).upper()
-            if pathology not in PATHOLOGY:
-                raise SourceFormatError(file, f"expected one of {sorted(PATHOLOGY)}, got {pathology!r}",
-                                        record=f"{where} ({record_id})", field="pathology")
-            label = PATHOLOGY[pathology]
-            csv_path = cell_text(row, column, file, where)
-            found = self._resolve(csv_path)
-            if found is None:
-                self.missing_image(split, f"{file}: {where} ({record_id}): field '{column}'", csv_path.strip())
-                continue
-            rel, size = found
-            extras = {key: cell_text(row, col, file, where, required=False) or None for key, col in self.extra_columns}
-            yield SourceRecord(self.make_record(
-                split, record_id, label=label, label_name=LABELS[label], pathology=pathology,
-                abnormality_type=self.abnormality, breast_density=_int_or_text(cell_text(row, "breast density", file, where, required=False)),
-                side=side, view=view, assessment=_int_or_text(cell_text(row, "assessment", file, where, required=False)),
-                subtlety=_int_or_text(cell_text(row, "subtlety", file, where, required=False)), **extras,
-                image=rel, image_kind=self.image_kind,
-            ), DicomImage(storage.join(self.url("images"), rel), size))
+        for where, row in read_rows(file, "csv", skip=self.bad_row(split)):
+            with self.guard(split, row_number(where)) as guard:
+                row = {re.sub(r"\s+", " ", k.strip()).replace("breast_density", "breast density"): v for k, v in row.items()}
+                patient = cell_text(row, "patient_id", file, where)
+                side = cell_text(row, "left or right breast", file, where).upper()
+                view = cell_text(row, "image view", file, where).upper()
+                abnormality = cell_text(row, "abnormality id", file, where)
+                record_id = guard.id = f"{patient}_{side}_{view}_{abnormality}"
+                if record_id in seen:
+                    raise SourceFormatError(file, f"abnormality listed twice (also {seen[record_id]})", record=where,
+                                            field="abnormality id")
+                seen[record_id] = where
+                pathology = cell_text(row, "pathology", file, where).upper()
+                if pathology not in PATHOLOGY:
+                    raise SourceFormatError(file, f"expected one of {sorted(PATHOLOGY)}, got {pathology!r}",
+                                            record=f"{where} ({record_id})", field="pathology")
+                label = PATHOLOGY[pathology]
+                csv_path = cell_text(row, column, file, where)
+                try:
+                    found = self._resolve(csv_path)
+                except SourceFormatError as err:  # an ambiguous image: this record's problem, not the file's
+                    raise SourceFormatError(file, err.message, record=f"{where} ({record_id})", field=column) from None
+                if found is None:
+                    self.missing_image(split, file, csv_path.strip(), record=f"{where} ({record_id})", field=column)
+                    continue
+                rel, size = found
+                extras = {key: cell_text(row, col, file, where, required=False) or None for key, col in self.extra_columns}
+                yield SourceRecord(self.make_record(
+                    split, record_id, label=label, label_name=LABELS[label], pathology=pathology,
+                    abnormality_type=self.abnormality, breast_density=_int_or_text(cell_text(row, "breast density", file, where, required=False)),
+                    side=side, view=view, assessment=_int_or_text(cell_text(row, "assessment", file, where, required=False)),
+                    subtlety=_int_or_text(cell_text(row, "subtlety", file, where, required=False)), **extras,
+                    image=rel, image_kind=self.image_kind,
+                ), DicomImage(storage.join(self.url("images"), rel), size))
 
 
 def _int_or_text(value: str) -> int | str | None:

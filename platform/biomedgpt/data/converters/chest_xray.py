@@ -24,7 +24,7 @@ from .. import storage
 from .base import Converter, FileImage, SourceFormatError, SourceRecord, sort_splits, stable_fraction
 from .dicom import DicomImage
 from .ofa_tsv import normalised_box
-from .tables import cell_text, read_rows
+from .tables import cell_text, read_rows, row_number
 
 TB_LABELS = ("normal", "tuberculosis")
 PNEUMONIA_LABELS = ("normal", "pneumonia")
@@ -120,19 +120,21 @@ class RsnaPneumoniaConverter(Converter):
         if self._by_split is None:
             file = self.url("labels")
             patients: dict[str, list] = {}
-            for where, row in read_rows(file, "csv"):
-                patient = cell_text(row, "patientId", file, where)
-                target = cell_text(row, "Target", file, where)
-                if target not in ("0", "1"):
-                    raise SourceFormatError(file, f"expected 0 or 1, got {target!r}", record=where, field="Target")
-                entry = patients.setdefault(patient, [0, []])
-                if target == "1":
-                    entry[0] = 1
-                    try:
-                        x, y, w, h = (float(cell_text(row, c, file, where)) for c in ("x", "y", "width", "height"))
-                    except ValueError:
-                        raise SourceFormatError(file, "box values must be numbers", record=where) from None
-                    entry[1].append(normalised_box(x, y, x + w, y + h, RSNA_IMAGE_SIZE, RSNA_IMAGE_SIZE))
+            for where, row in read_rows(file, "csv", skip=self.bad_row(None)):
+                with self.guard(None, row_number(where)) as guard:
+                    patient = guard.id = cell_text(row, "patientId", file, where)
+                    guard.split = hashed_split(self.name, patient, self.val_fraction, self.test_fraction)
+                    target = cell_text(row, "Target", file, where)
+                    if target not in ("0", "1"):
+                        raise SourceFormatError(file, f"expected 0 or 1, got {target!r}", record=where, field="Target")
+                    entry = patients.setdefault(patient, [0, []])
+                    if target == "1":
+                        entry[0] = 1
+                        try:
+                            x, y, w, h = (float(cell_text(row, c, file, where)) for c in ("x", "y", "width", "height"))
+                        except ValueError:
+                            raise SourceFormatError(file, "box values must be numbers", record=where) from None
+                        entry[1].append(normalised_box(x, y, x + w, y + h, RSNA_IMAGE_SIZE, RSNA_IMAGE_SIZE))
             out: dict[str, list] = {}
             for patient, (label, boxes) in patients.items():
                 split = hashed_split(self.name, patient, self.val_fraction, self.test_fraction)
@@ -147,10 +149,12 @@ class RsnaPneumoniaConverter(Converter):
         self.require_split(split)
         images = storage.list_files(self.url("images"), recursive=False)
         for patient, label, boxes in self._load()[split]:
-            name = f"{patient}.dcm"
-            if name not in images:
-                self.missing_image(split, f"{self.url('labels')}: patientId {patient}", name)
-                continue
-            yield SourceRecord(self.make_record(
-                split, patient, label=label, label_name=PNEUMONIA_LABELS[label], boxes=boxes, image=name,
-            ), DicomImage(storage.join(self.url("images"), name), images[name]))
+            with self.guard(split) as guard:
+                guard.id = patient
+                name = f"{patient}.dcm"
+                if name not in images:
+                    self.missing_image(split, self.url("labels"), name, record=f"patientId {patient}")
+                    continue
+                yield SourceRecord(self.make_record(
+                    split, patient, label=label, label_name=PNEUMONIA_LABELS[label], boxes=boxes, image=name,
+                ), DicomImage(storage.join(self.url("images"), name), images[name]))

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .. import storage
-from .base import Converter, SourceFormatError, SourceRecord, encode_png, sort_splits
+from .base import Converter, SourceFormatError, SourceRecord, UnusableImageError, encode_png, sort_splits
 from .dicom import window_to_uint8
 from .ofa_tsv import normalised_box
-from .tables import cell_text, read_rows
+from .tables import cell_text, read_rows, row_number
 
 LESION_TYPES = {1: "bone", 2: "abdomen", 3: "mediastinum", 4: "liver", 5: "lung", 6: "kidney", 7: "soft tissue",
                 8: "pelvis"}
@@ -53,7 +53,7 @@ class HounsfieldPng:
             with Image.open(io.BytesIO(data)) as image:
                 pixels = np.asarray(image, dtype=np.int64)
         except (UnidentifiedImageError, OSError) as err:
-            raise SourceFormatError(self.url, f"not a readable PNG ({err})") from None
+            raise UnusableImageError(self.url, f"not a readable PNG ({err})") from None
         hu = pixels - HU_OFFSET
         width = self.window_high - self.window_low
         return encode_png(window_to_uint8(hu, self.window_low + width / 2, width))
@@ -90,29 +90,31 @@ class DeepLesionConverter(Converter):
         if self._by_split is None:
             file = self.url("info")
             out: dict[str, dict[str, dict]] = {}
-            for where, row in read_rows(file, "csv"):
-                name = cell_text(row, "File_name", file, where)
-                split_code = cell_text(row, "Train_Val_Test", file, where)
-                if split_code not in SPLITS:
-                    raise SourceFormatError(file, f"expected 1, 2 or 3, got {split_code!r}", record=where, field="Train_Val_Test")
-                entry = out.setdefault(SPLITS[split_code], {}).setdefault(name, {"boxes": [], "labels": [], "where": where})
-                width, height = _numbers(cell_text(row, "Image_size", file, where), 2, file, where, "Image_size")
-                low, high = _numbers(cell_text(row, "DICOM_windows", file, where), 2, file, where, "DICOM_windows")
-                entry.setdefault("window", (low, high))
-                lesion_type = cell_text(row, "Coarse_lesion_type", file, where)
-                try:
-                    kind = int(float(lesion_type))
-                except ValueError:
-                    raise SourceFormatError(file, f"expected an integer, got {lesion_type!r}", record=where,
-                                            field="Coarse_lesion_type") from None
-                if kind == -1:
-                    continue
-                if kind not in LESION_TYPES:
-                    raise SourceFormatError(file, f"expected 1-8 or -1, got {kind}", record=where, field="Coarse_lesion_type")
-                x0, y0, x1, y1 = _numbers(cell_text(row, "Bounding_boxes", file, where), 4, file, where, "Bounding_boxes")
-                entry["boxes"].append(normalised_box(x0, y0, x1, y1, int(width), int(height)))
-                entry["labels"].append(LESION_TYPES[kind])
-                entry["size"] = (int(width), int(height))
+            for where, row in read_rows(file, "csv", skip=self.bad_row(None)):
+                with self.guard(None, row_number(where)) as guard:
+                    name = guard.id = cell_text(row, "File_name", file, where)
+                    split_code = cell_text(row, "Train_Val_Test", file, where)
+                    if split_code not in SPLITS:
+                        raise SourceFormatError(file, f"expected 1, 2 or 3, got {split_code!r}", record=where, field="Train_Val_Test")
+                    guard.split = SPLITS[split_code]
+                    entry = out.setdefault(SPLITS[split_code], {}).setdefault(name, {"boxes": [], "labels": [], "where": where})
+                    width, height = _numbers(cell_text(row, "Image_size", file, where), 2, file, where, "Image_size")
+                    low, high = _numbers(cell_text(row, "DICOM_windows", file, where), 2, file, where, "DICOM_windows")
+                    entry.setdefault("window", (low, high))
+                    lesion_type = cell_text(row, "Coarse_lesion_type", file, where)
+                    try:
+                        kind = int(float(lesion_type))
+                    except ValueError:
+                        raise SourceFormatError(file, f"expected an integer, got {lesion_type!r}", record=where,
+                                                field="Coarse_lesion_type") from None
+                    if kind == -1:
+                        continue
+                    if kind not in LESION_TYPES:
+                        raise SourceFormatError(file, f"expected 1-8 or -1, got {kind}", record=where, field="Coarse_lesion_type")
+                    x0, y0, x1, y1 = _numbers(cell_text(row, "Bounding_boxes", file, where), 4, file, where, "Bounding_boxes")
+                    entry["boxes"].append(normalised_box(x0, y0, x1, y1, int(width), int(height)))
+                    entry["labels"].append(LESION_TYPES[kind])
+                    entry["size"] = (int(width), int(height))
             self._by_split = {s: out[s] for s in sort_splits(out)}
         return self._by_split
 
@@ -123,17 +125,19 @@ class DeepLesionConverter(Converter):
         self.require_split(split)
         images = storage.list_files(self.url("images"))
         for name, entry in self._load()[split].items():
-            if not entry["boxes"]:
-                self.drop(split, "no_typed_lesion")
-                continue
-            series, _, slice_name = name.rpartition("_")
-            relpath = f"{series}/{slice_name}"
-            if relpath not in images:
-                self.missing_image(split, f"{self.url('info')}: {entry['where']} ({name})", relpath)
-                continue
-            low, high = entry["window"]
-            width, height = entry["size"]
-            yield SourceRecord(self.make_record(
-                split, name.removesuffix(".png"), boxes=entry["boxes"], labels=entry["labels"], width=width,
-                height=height, window=[low, high], image=relpath,
-            ), HounsfieldPng(storage.join(self.url("images"), relpath), images[relpath], low, high))
+            with self.guard(split) as guard:
+                guard.id = name
+                if not entry["boxes"]:
+                    self.drop(split, "no_typed_lesion")
+                    continue
+                series, _, slice_name = name.rpartition("_")
+                relpath = f"{series}/{slice_name}"
+                if relpath not in images:
+                    self.missing_image(split, self.url("info"), relpath, record=f"{entry['where']} ({name})")
+                    continue
+                low, high = entry["window"]
+                width, height = entry["size"]
+                yield SourceRecord(self.make_record(
+                    split, name.removesuffix(".png"), boxes=entry["boxes"], labels=entry["labels"], width=width,
+                    height=height, window=[low, high], image=relpath,
+                ), HounsfieldPng(storage.join(self.url("images"), relpath), images[relpath], low, high))

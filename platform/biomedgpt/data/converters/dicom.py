@@ -11,6 +11,9 @@ Shards hold JPEG or PNG (DESIGN.md), so a DICOM is converted when its shard is w
 4. encoded as a grayscale PNG (deterministic bytes). Colour DICOMs (RGB, YBR) are converted to RGB
    8-bit without windowing. Multi-frame files give their first frame.
 
+A file that cannot be converted raises :class:`~.base.UnusableImageError`: the build skips its record
+(a defect, counted against the error budget) instead of stopping.
+
 Needs ``pydicom`` (declared in pyproject.toml). Compressed transfer syntaxes are decoded by pydicom's
 own backends (Pillow covers JPEG baseline and JPEG 2000); JPEG-LS/lossless JPEG need extra plugins.
 """
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import storage
-from .base import SourceFormatError, encode_png
+from .base import SourceFormatError, UnusableImageError, encode_png
 
 WINDOW_MODES = ("auto", "minmax")
 
@@ -113,13 +116,13 @@ def dicom_to_png(data: bytes, window: str | tuple[float, float] = "auto", source
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, ValueError, OSError) as err:
-        raise SourceFormatError(source, f"not a readable DICOM file ({err})") from None
+        raise UnusableImageError(source, f"not a readable DICOM file ({err})") from None
     if "PixelData" not in ds:
-        raise SourceFormatError(source, "DICOM file has no pixel data")
+        raise UnusableImageError(source, "DICOM file has no pixel data")
     try:
         return encode_png(dicom_pixels_to_uint8(ds, window))
     except ValueError as err:
-        raise SourceFormatError(source, str(err)) from None
+        raise UnusableImageError(source, str(err)) from None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ Splits: ``split_by="folder"`` reads the first path component as the split (``tra
 (``valid``, ``validation``, ``dev``), ``test/``; other folders are an error); ``split_by="none"``
 (default) puts everything in ``split`` (default ``train``). ``label_from="parent"`` adds the parent
 folder's name as ``label_name`` (class-per-folder releases such as CytoImageNet). Record id: the path
-below the split folder without its extension.
+below the split folder without its extension. An image that cannot be used (a DICOM that does not
+convert, a file outside the class folders) is skipped and named as a defect of the build.
 """
 
 from __future__ import annotations
@@ -102,16 +103,19 @@ class ImageFolderConverter(Converter):
         self.require_split(split)
         root = self.url("images")
         for record_id, rel, size in self._load()[split]:
-            url = storage.join(root, rel)
-            image = DicomImage(url, size, self.window) if is_dicom_name(rel) else FileImage(url, size)
-            fields = {"image": rel, "source_format": "dicom" if is_dicom_name(rel) else rel.rsplit(".", 1)[-1].lower()}
-            if self.label_from == "parent":
-                parent = PurePosixPath(rel).parent.name
-                if not parent or (self.split_by == "folder" and parent.lower() in SPLIT_FOLDERS
-                                  and PurePosixPath(rel).parent.parent == PurePosixPath(".")):
-                    raise SourceFormatError(url, "label_from='parent' needs every image inside a class folder")
-                fields["label_name"] = parent
-            yield SourceRecord(self.make_record(split, record_id, **fields), image)
+            with self.guard(split) as guard:
+                guard.id = record_id
+                url = storage.join(root, rel)
+                image = DicomImage(url, size, self.window) if is_dicom_name(rel) else FileImage(url, size)
+                fields = {"image": rel, "source_format": "dicom" if is_dicom_name(rel) else rel.rsplit(".", 1)[-1].lower()}
+                if self.label_from == "parent":
+                    parent = PurePosixPath(rel).parent.name
+                    if not parent or (self.split_by == "folder" and parent.lower() in SPLIT_FOLDERS
+                                      and PurePosixPath(rel).parent.parent == PurePosixPath(".")):
+                        raise SourceFormatError(url, "label_from='parent' needs every image inside a class folder",
+                                                record=f"image {rel}")
+                    fields["label_name"] = parent
+                yield SourceRecord(self.make_record(split, record_id, **fields), image)
 
 
 class DicomFolderConverter(ImageFolderConverter):

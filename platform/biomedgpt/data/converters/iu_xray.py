@@ -64,31 +64,32 @@ class IuXrayConverter(Converter):
         file = self.url("annotation")
         seen: set[str] = set()
         for i, raw in enumerate(self._load()[split]):
-            where = f"{split}[{i}]"
-            study = clean_text(require(raw, "id", str, file, where))
-            where = f"{split}[{i}] ({study})"
-            if study in seen:
-                raise SourceFormatError(file, "duplicate study id", record=where, field="id")
-            seen.add(study)
-            caption = clean_text(require(raw, "report", str, file, where))
-            if not caption:
-                raise SourceFormatError(file, "empty report", record=where, field="report")
-            paths = require(raw, "image_path", list, file, where)
-            if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
-                raise SourceFormatError(file, f"expected a non-empty list of image paths, got {paths!r}",
-                                        record=where, field="image_path")
-            declared = raw.get("split")
-            if isinstance(declared, str) and declared.strip() and declared.strip() != split:
-                raise SourceFormatError(file, f"says {declared!r} but the record is listed under {split!r}",
-                                        record=where, field="split")
-            paths = [p.strip() for p in paths]
-            chosen = list(enumerate(paths)) if self.views == "all" else [(0, paths[0])]
-            for view, path in chosen:
-                image = self._images.get(path)
-                if image is None:
-                    self.missing_image(split, f"{file}: {where}: field 'image_path'", path)
-                    continue
-                record_id = study if self.views == "first" else f"{study}_{view}"
-                yield SourceRecord(self.make_record(
-                    split, record_id, caption=caption, image=path, study=study, view=view, views=paths,
-                ), image)
+            with self.guard(split, i) as guard:
+                where = f"{split}[{i}]"
+                study = guard.id = clean_text(require(raw, "id", str, file, where))
+                where = f"{split}[{i}] ({study})"
+                if study in seen:
+                    raise SourceFormatError(file, "duplicate study id", record=where, field="id")
+                seen.add(study)
+                caption = clean_text(require(raw, "report", str, file, where))
+                if not caption:
+                    raise SourceFormatError(file, "empty report", record=where, field="report")
+                paths = require(raw, "image_path", list, file, where)
+                if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+                    raise SourceFormatError(file, f"expected a non-empty list of image paths, got {paths!r}",
+                                            record=where, field="image_path")
+                declared = raw.get("split")
+                if isinstance(declared, str) and declared.strip() and declared.strip() != split:
+                    raise SourceFormatError(file, f"says {declared!r} but the record is listed under {split!r}",
+                                            record=where, field="split")
+                paths = [p.strip() for p in paths]
+                chosen = list(enumerate(paths)) if self.views == "all" else [(0, paths[0])]
+                for view, path in chosen:
+                    image = self._images.get(path)
+                    if image is None:
+                        self.missing_image(split, file, path, record=where, field="image_path")
+                        continue
+                    record_id = study if self.views == "first" else f"{study}_{view}"
+                    yield SourceRecord(self.make_record(
+                        split, record_id, caption=caption, image=path, study=study, view=view, views=paths,
+                    ), image)

@@ -166,22 +166,26 @@ class MedMnistConverter(Converter):
             raise SourceFormatError(file, f"expected {width} label column(s), got shape {labels.shape}",
                                     field=f"{split}_labels")
         for i in range(len(images)):
-            row = labels[i]
-            if self.info.multi_label:
-                if not set(int(v) for v in row) <= {0, 1}:
-                    raise SourceFormatError(file, f"expected 0/1 values, got {row.tolist()}", field=f"{split}_labels[{i}]")
-                positive = [j for j, v in enumerate(row) if int(v) == 1]
-                label: int | list[int] = positive
-                label_name: str | list[str] = [self.info.labels[j] for j in positive]
-            else:
-                value = int(row[0])
-                if not 0 <= value < n_classes:
-                    raise SourceFormatError(file, f"label {value} outside 0..{n_classes - 1}", field=f"{split}_labels[{i}]")
-                label, label_name = value, self.info.labels[value]
-            yield SourceRecord(self.make_record(
-                split, f"{split}_{i:06d}", label=label, label_name=label_name, subset=self.subset,
-                image=f"{split}_images[{i}]",
-            ), ArrayImage(file, f"{split}_images", i))
+            with self.guard(split, i) as guard:
+                guard.id = f"{split}_{i:06d}"
+                row = labels[i]
+                if self.info.multi_label:
+                    if not set(int(v) for v in row) <= {0, 1}:
+                        raise SourceFormatError(file, f"expected 0/1 values, got {row.tolist()}", record=f"record {i}",
+                                            field=f"{split}_labels[{i}]")
+                    positive = [j for j, v in enumerate(row) if int(v) == 1]
+                    label: int | list[int] = positive
+                    label_name: str | list[str] = [self.info.labels[j] for j in positive]
+                else:
+                    value = int(row[0])
+                    if not 0 <= value < n_classes:
+                        raise SourceFormatError(file, f"label {value} outside 0..{n_classes - 1}", record=f"record {i}",
+                                            field=f"{split}_labels[{i}]")
+                    label, label_name = value, self.info.labels[value]
+                yield SourceRecord(self.make_record(
+                    split, f"{split}_{i:06d}", label=label, label_name=label_name, subset=self.subset,
+                    image=f"{split}_images[{i}]",
+                ), ArrayImage(file, f"{split}_images", i))
 
 
 def _subset_converters() -> dict[str, type[MedMnistConverter]]:

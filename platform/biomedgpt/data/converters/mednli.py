@@ -18,7 +18,7 @@ from typing import Iterator
 
 from .base import Converter, SourceFormatError, SourceRecord
 from .normalise import clean_text
-from .tables import cell_text, read_rows
+from .tables import cell_text, read_rows, row_number
 
 NATIVE_SPLITS = {"train": "train", "val": "dev", "test": "test"}
 ANSWERS = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
@@ -42,20 +42,21 @@ class MedNliConverter(Converter):
         self.require_split(split)
         file = self.url(split)
         seen: dict[str, str] = {}
-        for where, row in read_rows(file, "jsonl"):
-            gold = cell_text(row, "gold_label", file, where).lower()
-            if gold == "-":
-                self.drop(split, "no_gold_label")
-                continue
-            if gold not in ANSWERS:
-                raise SourceFormatError(file, f"expected one of {sorted(ANSWERS)} or '-', got {row['gold_label']!r}",
-                                        record=where, field="gold_label")
-            pair_id = cell_text(row, "pairID", file, where, required=False) or f"{split}_{len(seen):06d}"
-            if pair_id in seen:
-                raise SourceFormatError(file, f"duplicate pairID (also {seen[pair_id]})", record=where, field="pairID")
-            seen[pair_id] = where
-            premise = clean_text(cell_text(row, "sentence1", file, where))
-            hypothesis = clean_text(cell_text(row, "sentence2", file, where))
-            yield SourceRecord(self.make_record(
-                split, pair_id, premise=premise, hypothesis=hypothesis, label=ANSWERS[gold], gold_label=gold,
-            ), None)
+        for where, row in read_rows(file, "jsonl", skip=self.bad_row(split)):
+            with self.guard(split, row_number(where)) as guard:
+                gold = cell_text(row, "gold_label", file, where).lower()
+                if gold == "-":
+                    self.drop(split, "no_gold_label")
+                    continue
+                if gold not in ANSWERS:
+                    raise SourceFormatError(file, f"expected one of {sorted(ANSWERS)} or '-', got {row['gold_label']!r}",
+                                            record=where, field="gold_label")
+                pair_id = guard.id = cell_text(row, "pairID", file, where, required=False) or f"{split}_{len(seen):06d}"
+                if pair_id in seen:
+                    raise SourceFormatError(file, f"duplicate pairID (also {seen[pair_id]})", record=where, field="pairID")
+                seen[pair_id] = where
+                premise = clean_text(cell_text(row, "sentence1", file, where))
+                hypothesis = clean_text(cell_text(row, "sentence2", file, where))
+                yield SourceRecord(self.make_record(
+                    split, pair_id, premise=premise, hypothesis=hypothesis, label=ANSWERS[gold], gold_label=gold,
+                ), None)

@@ -34,7 +34,7 @@ from typing import Iterator
 from .. import storage
 from .base import Converter, ImageIndex, SourceFormatError, SourceRecord, sort_splits
 from .normalise import clean_text
-from .tables import cell_text, read_rows, read_source_bytes
+from .tables import cell_text, read_rows, read_source_bytes, row_number
 
 NATIVE_SPLITS = {"train": "train", "val": "validate", "test": "test"}
 SECTIONS = ("findings", "impression", "findings_impression", "findings_or_impression")
@@ -121,23 +121,24 @@ class MimicCxrConverter(Converter):
         native_to_canonical = {v: k for k, v in NATIVE_SPLITS.items()}
         by_study: dict[tuple[str, str], tuple[str, list[str]]] = {}
         order: list[tuple[str, str]] = []
-        for where, row in read_rows(file, "csv"):
-            dicom_id = cell_text(row, "dicom_id", file, where)
-            study = cell_text(row, "study_id", file, where)
-            subject = cell_text(row, "subject_id", file, where)
-            native = cell_text(row, "split", file, where)
-            if native not in native_to_canonical:
-                raise SourceFormatError(file, f"expected one of {sorted(native_to_canonical)}, got {native!r}",
-                                        record=where, field="split")
-            key = (subject, study)
-            split = native_to_canonical[native]
-            if key not in by_study:
-                by_study[key] = (split, [])
-                order.append(key)
-            elif by_study[key][0] != split:
-                raise SourceFormatError(file, f"study s{study} is in both {by_study[key][0]!r} and {split!r}",
-                                        record=where, field="split")
-            by_study[key][1].append(dicom_id)
+        for where, row in read_rows(file, "csv", skip=self.bad_row(None)):
+            with self.guard(None, row_number(where)) as guard:
+                dicom_id = guard.id = cell_text(row, "dicom_id", file, where)
+                study = cell_text(row, "study_id", file, where)
+                subject = cell_text(row, "subject_id", file, where)
+                native = cell_text(row, "split", file, where)
+                if native not in native_to_canonical:
+                    raise SourceFormatError(file, f"expected one of {sorted(native_to_canonical)}, got {native!r}",
+                                            record=where, field="split")
+                key = (subject, study)
+                split = guard.split = native_to_canonical[native]
+                if key not in by_study:
+                    by_study[key] = (split, [])
+                    order.append(key)
+                elif by_study[key][0] != split:
+                    raise SourceFormatError(file, f"study s{study} is in both {by_study[key][0]!r} and {split!r}",
+                                            record=where, field="split")
+                by_study[key][1].append(dicom_id)
         out: dict[str, list] = {}
         for key in order:
             split, dicoms = by_study[key]
@@ -151,7 +152,7 @@ class MimicCxrConverter(Converter):
             file = self.url("metadata")
             self._view_of = {}
             if storage.exists(file):
-                for where, row in read_rows(file, "csv"):
+                for where, row in read_rows(file, "csv", skip=self.bad_row(None)):
                     self._view_of[cell_text(row, "dicom_id", file, where)] = cell_text(
                         row, "ViewPosition", file, where, required=False).upper()
         return self._view_of
@@ -166,31 +167,33 @@ class MimicCxrConverter(Converter):
         self.require_split(split)
         views = self._views()
         for subject, study, dicoms in self._load()[split]:
-            folder = f"p{subject[:2]}/p{subject}/s{study}"
-            report_url = storage.join(self.url("reports"), f"p{subject[:2]}/p{subject}/s{study}.txt")
-            try:
-                report = read_source_bytes(report_url).decode("utf-8", errors="replace")
-            except SourceFormatError:
-                self.drop(split, "no_report")
-                continue
-            caption = report_caption(report, self.section)
-            if not caption:
-                self.drop(split, f"no_{self.section}")
-                continue
-            ordered = sorted(dicoms, key=lambda d: (_view_rank(views.get(d, "")), d))
-            chosen = ordered if self.views == "all" else ordered[:1]
-            for dicom_id in chosen:
-                relpath = f"{folder}/{dicom_id}.jpg"
-                image = self._images.get(relpath)
-                if image is None:
-                    self.missing_image(split, f"{self.url('split')}: study s{study}", relpath)
+            with self.guard(split) as guard:
+                guard.id = f"s{study}"
+                folder = f"p{subject[:2]}/p{subject}/s{study}"
+                report_url = storage.join(self.url("reports"), f"p{subject[:2]}/p{subject}/s{study}.txt")
+                try:
+                    report = read_source_bytes(report_url).decode("utf-8", errors="replace")
+                except SourceFormatError:
+                    self.drop(split, "no_report")
                     continue
-                record_id = f"s{study}" if self.views == "frontal" else f"s{study}_{dicom_id}"
-                yield SourceRecord(self.make_record(
-                    split, record_id, caption=caption, image=relpath, study=f"s{study}", subject=f"p{subject}",
-                    view=views.get(dicom_id) or None, views=[f"{folder}/{d}.jpg" for d in ordered],
-                    section=self.section,
-                ), image)
+                caption = report_caption(report, self.section)
+                if not caption:
+                    self.drop(split, f"no_{self.section}")
+                    continue
+                ordered = sorted(dicoms, key=lambda d: (_view_rank(views.get(d, "")), d))
+                chosen = ordered if self.views == "all" else ordered[:1]
+                for dicom_id in chosen:
+                    relpath = f"{folder}/{dicom_id}.jpg"
+                    image = self._images.get(relpath)
+                    if image is None:
+                        self.missing_image(split, self.url("split"), relpath, record=f"study s{study}")
+                        continue
+                    record_id = f"s{study}" if self.views == "frontal" else f"s{study}_{dicom_id}"
+                    yield SourceRecord(self.make_record(
+                        split, record_id, caption=caption, image=relpath, study=f"s{study}", subject=f"p{subject}",
+                        view=views.get(dicom_id) or None, views=[f"{folder}/{d}.jpg" for d in ordered],
+                        section=self.section,
+                    ), image)
 
 
 def _view_rank(view: str) -> int:

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Sequence
 
 from .. import storage
-from .base import Converter, SourceFormatError, SourceRecord, sort_splits
+from .base import Converter, SourceFormatError, SourceRecord, UnusableImageError, sort_splits
 from .normalise import clean_text, is_closed_answer, normalise_answer
 
 SPLIT_PATTERNS = {
@@ -72,7 +72,7 @@ def decode_base64(data: bytes, source: str = "<tsv>") -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as err:
-        raise SourceFormatError(source, f"image column is not valid base64 ({err})") from None
+        raise UnusableImageError(source, f"image column is not valid base64 ({err})") from None
 
 
 def base64_decoded_size(cell: bytes) -> int:
@@ -151,25 +151,28 @@ class _OfaTsvConverter(Converter):
         file = self.url(split)
         seen: dict[str, int] = {}
         index = 0
-        for number, offset, cells in _tsv_lines(file, len(self.columns)):
-            where = f"line {number}"
-            row: dict[str, tuple[bytes, int]] = {}
-            for name, (cell, cell_offset) in zip(self.columns, cells):
-                if name != "-":
-                    row[name] = (cell, offset + cell_offset)
-            if self.row_type is not None and "type" in row:
-                kind = self.text(row, "type", file, where)
-                if kind != self.row_type:
-                    self.drop(split, f"type_{kind}")
-                    continue
-            record_id, fields, image = self.convert_row(row, file, where, split, index)
-            if row.get("source_dataset") and self.text(row, "source_dataset", file, where, required=False):
-                fields["source_dataset"] = self.text(row, "source_dataset", file, where)
-            index += 1
-            if record_id in seen:
-                raise SourceFormatError(file, f"duplicate uniq_id (also line {seen[record_id]})", record=where, field="uniq_id")
-            seen[record_id] = number
-            yield SourceRecord(self.make_record(split, record_id, **fields), image)
+        for number, offset, cells in _tsv_lines(file, len(self.columns), skip=self.bad_row(split)):
+            with self.guard(split, number) as guard:
+                where = f"line {number}"
+                row: dict[str, tuple[bytes, int]] = {}
+                for name, (cell, cell_offset) in zip(self.columns, cells):
+                    if name != "-":
+                        row[name] = (cell, offset + cell_offset)
+                if self.row_type is not None and "type" in row:
+                    kind = self.text(row, "type", file, where)
+                    if kind != self.row_type:
+                        self.drop(split, f"type_{kind}")
+                        continue
+                row_index, index = index, index + 1  # counted before converting: ids stay put when a row is bad
+                record_id, fields, image = self.convert_row(row, file, where, split, row_index)
+                guard.id = record_id
+                if row.get("source_dataset") and self.text(row, "source_dataset", file, where, required=False):
+                    fields["source_dataset"] = self.text(row, "source_dataset", file, where)
+                if record_id in seen:
+                    raise SourceFormatError(file, f"duplicate uniq_id (also line {seen[record_id]})", record=where,
+                                            field="uniq_id")
+                seen[record_id] = number
+                yield SourceRecord(self.make_record(split, record_id, **fields), image)
 
     # helpers for the kinds
     @staticmethod
@@ -200,9 +203,10 @@ class _OfaTsvConverter(Converter):
         """One TSV row -> (record id, record fields, image or None); each task's layout defines it."""
 
 
-def _tsv_lines(url: str, n_columns: int) -> Iterator[tuple[int, int, list[tuple[bytes, int]]]]:
+def _tsv_lines(url: str, n_columns: int, skip=None) -> Iterator[tuple[int, int, list[tuple[bytes, int]]]]:
     """``(line number, byte offset of the line, [(cell, offset of the cell in the line)])`` of a
-    headerless TSV, read as a stream (files of many GB with inline images)."""
+    headerless TSV, read as a stream (files of many GB with inline images). ``skip(error, line number)``:
+    called for a line with too few columns, which is then left out (default: the error is raised)."""
     try:
         f = storage.open_url(url, "rb")
     except FileNotFoundError:
@@ -217,8 +221,12 @@ def _tsv_lines(url: str, n_columns: int) -> Iterator[tuple[int, int, list[tuple[
                 continue
             parts = body.split(b"\t")
             if len(parts) < n_columns:
-                raise SourceFormatError(url, f"{len(parts)} tab-separated columns, expected at least {n_columns}",
-                                        record=f"line {number}")
+                error = SourceFormatError(url, f"{len(parts)} tab-separated columns, expected at least {n_columns}",
+                                          record=f"line {number}")
+                if skip is None:
+                    raise error
+                skip(error, number)
+                continue
             cells, pos = [], 0
             for part in parts:
                 cells.append((part, pos))

@@ -70,41 +70,43 @@ class OiaDdrConverter(Converter):
             if rel.lower().endswith(IMAGE_EXTS):
                 images.setdefault(posixpath.basename(rel), []).append(rel)
         for rel in sorted(r for r in files if r.lower().endswith(".xml")):
-            file = storage.join(root, rel)
-            ann = parse_xml(file)
-            if ann.tag != "annotation":
-                raise SourceFormatError(file, f"not Pascal VOC: root element <{ann.tag}>, expected <annotation>")
-            filename = (ann.findtext("filename") or "").strip() or posixpath.basename(rel)[:-4] + ".jpg"
-            width = int(_number(ann, "size/width", file, "annotation"))
-            height = int(_number(ann, "size/height", file, "annotation"))
-            if width <= 0 or height <= 0:
-                raise SourceFormatError(file, f"image size {width}x{height}", record="annotation", field="size")
-            boxes, labels = [], []
-            for i, obj in enumerate(ann.iter("object")):
-                where = f"object {i + 1}"
-                name = (obj.findtext("name") or "").strip()
-                if not name:
-                    raise SourceFormatError(file, "missing", record=where, field="name")
-                box = obj.find("bndbox")
-                if box is None:
-                    raise SourceFormatError(file, "missing", record=where, field="bndbox")
-                x0, y0, x1, y1 = (_number(box, k, file, where) for k in ("xmin", "ymin", "xmax", "ymax"))
-                boxes.append(normalised_box(x0, y0, x1, y1, width, height))
-                labels.append(LESIONS.get(name.lower(), name.lower()))
-            if not boxes:
-                self.drop(split, "no_lesion")
-                continue
-            candidates = images.get(filename, [])
-            same_dir = [c for c in candidates if posixpath.dirname(c) == posixpath.dirname(rel)]
-            if len(candidates) > 1 and len(same_dir) != 1:
-                raise SourceFormatError(file, f"image {filename!r} found {len(candidates)} times in {native}/: "
-                                              f"{', '.join(candidates)}", field="filename")
-            image_rel = (same_dir or candidates or [None])[0]
-            if image_rel is None:
-                self.missing_image(split, file, filename)
-                continue
-            record_id = posixpath.splitext(filename)[0]
-            yield SourceRecord(self.make_record(
-                split, record_id, boxes=boxes, labels=labels, width=width, height=height,
-                image=image_rel[len(native) + 1:],
-            ), FileImage(storage.join(root, image_rel), files[image_rel]))
+            with self.guard(split, whole_file=True) as guard:
+                guard.id = posixpath.splitext(posixpath.basename(rel))[0]
+                file = storage.join(root, rel)
+                ann = parse_xml(file)
+                if ann.tag != "annotation":
+                    raise SourceFormatError(file, f"not Pascal VOC: root element <{ann.tag}>, expected <annotation>")
+                filename = (ann.findtext("filename") or "").strip() or posixpath.basename(rel)[:-4] + ".jpg"
+                width = int(_number(ann, "size/width", file, "annotation"))
+                height = int(_number(ann, "size/height", file, "annotation"))
+                if width <= 0 or height <= 0:
+                    raise SourceFormatError(file, f"image size {width}x{height}", record="annotation", field="size")
+                boxes, labels = [], []
+                for i, obj in enumerate(ann.iter("object")):
+                    where = f"object {i + 1}"
+                    name = (obj.findtext("name") or "").strip()
+                    if not name:
+                        raise SourceFormatError(file, "missing", record=where, field="name")
+                    box = obj.find("bndbox")
+                    if box is None:
+                        raise SourceFormatError(file, "missing", record=where, field="bndbox")
+                    x0, y0, x1, y1 = (_number(box, k, file, where) for k in ("xmin", "ymin", "xmax", "ymax"))
+                    boxes.append(normalised_box(x0, y0, x1, y1, width, height))
+                    labels.append(LESIONS.get(name.lower(), name.lower()))
+                if not boxes:
+                    self.drop(split, "no_lesion")
+                    continue
+                candidates = images.get(filename, [])
+                same_dir = [c for c in candidates if posixpath.dirname(c) == posixpath.dirname(rel)]
+                if len(candidates) > 1 and len(same_dir) != 1:
+                    raise SourceFormatError(file, f"image {filename!r} found {len(candidates)} times in {native}/: "
+                                                  f"{', '.join(candidates)}", field="filename")
+                image_rel = (same_dir or candidates or [None])[0]
+                if image_rel is None:
+                    self.missing_image(split, file, filename, record="annotation", field="filename")
+                    continue
+                record_id = posixpath.splitext(filename)[0]
+                yield SourceRecord(self.make_record(
+                    split, record_id, boxes=boxes, labels=labels, width=width, height=height,
+                    image=image_rel[len(native) + 1:],
+                ), FileImage(storage.join(root, image_rel), files[image_rel]))

@@ -10,7 +10,8 @@ that were merged or renamed still split correctly; an id without such a prefix t
 the file role it came from. PathVQA has no answer_type field: yes/no answers are ``closed``,
 everything else ``open`` (as in the paper). Quirks handled: mixed case (``"Cardiovascular"`` and
 ``"cardiovascular"``), trailing spaces in answers, doubled spaces in questions, images without
-questions (skipped: they carry no record).
+questions (skipped: they carry no record). A record or question that cannot be used is skipped and named
+(``Converter.defects``).
 
 Licence: the images and captions are the publishers' copyright; never ship PathVQA images.
 """
@@ -60,14 +61,15 @@ class PathVqaConverter(Converter):
             if not isinstance(data, list):
                 raise SourceFormatError(file, f"expected a JSON list of per-image records, got {type(data).__name__}")
             for i, raw in enumerate(data):
-                img_id = clean_text(require(raw, "img_id", str, file, f"record {i}"))
-                if img_id in seen:
-                    raise SourceFormatError(file, f"duplicate img_id (also in {seen[img_id]})",
-                                            record=f"record {i} ({img_id})", field="img_id")
-                seen[img_id] = file
-                match = _SPLIT_PREFIX.match(img_id)
-                split = match.group(1) if match else role
-                by_split.setdefault(split, []).append((file, raw, i, img_id))
+                with self.guard(None, i) as guard:  # the split is in the img_id: unknown until read
+                    img_id = guard.id = clean_text(require(raw, "img_id", str, file, f"record {i}"))
+                    match = _SPLIT_PREFIX.match(img_id)
+                    guard.split = split = match.group(1) if match else role
+                    if img_id in seen:
+                        raise SourceFormatError(file, f"duplicate img_id (also in {seen[img_id]})",
+                                                record=f"record {i} ({img_id})", field="img_id")
+                    seen[img_id] = file
+                    by_split.setdefault(split, []).append((file, raw, i, img_id))
         self._by_split = {s: by_split[s] for s in sort_splits(by_split)}
         return self._by_split
 
@@ -77,35 +79,39 @@ class PathVqaConverter(Converter):
     def records(self, split: str) -> Iterator[SourceRecord]:
         self.require_split(split)
         for file, raw, i, img_id in self._load()[split]:
-            where = f"record {i} ({img_id})"
-            questions = _source_list(require(raw, "sentf", dict, file, where), "sentf", file, where)
-            labels = _source_list(require(raw, "labelf", dict, file, where), "labelf", file, where)
-            if len(questions) != len(labels):
-                raise SourceFormatError(file, f"{len(questions)} questions in sentf but {len(labels)} answers in labelf",
-                                        record=where, field="labelf")
-            if not questions:
-                continue
-            image_name, image = self._find_image(split, img_id)
+            questions, labels, image = (), (), None
+            with self.guard(split, i) as guard:  # the image record: every question of a broken one is lost
+                guard.id = img_id
+                where = f"record {i} ({img_id})"
+                questions = _source_list(require(raw, "sentf", dict, file, where), "sentf", file, where)
+                labels = _source_list(require(raw, "labelf", dict, file, where), "labelf", file, where)
+                if len(questions) != len(labels):
+                    raise SourceFormatError(file, f"{len(questions)} questions in sentf but {len(labels)} answers "
+                                                  "in labelf", record=where, field="labelf")
+                image_name, image = self._find_image(split, img_id)
+                if image is None and questions:
+                    self.missing_image(split, file, f"{split}/{img_id}.jpg", record=where)
+                    questions = labels = ()
             if image is None:
-                self.missing_image(split, f"{file}: {where}", f"{split}/{img_id}.jpg")
                 continue
             for j, (question, label) in enumerate(zip(questions, labels)):
-                field = f"sentf.pvqa[{j}]"
-                if not isinstance(question, str) or not question.strip():
-                    raise SourceFormatError(file, f"expected a non-empty question string, got {question!r}",
-                                            record=where, field=field)
-                answer_raw = _best_answer(label, file, where, f"labelf.pvqa[{j}]")
-                answer = normalise_answer(answer_raw)
-                yield SourceRecord(self.make_record(
-                    split, f"{img_id}_q{j}",
-                    question=clean_text(question),
-                    answer=answer,
-                    answer_raw=answer_raw,
-                    answer_type="closed" if is_closed_answer(answer) else "open",
-                    organ=None,
-                    image=image_name,
-                    img_id=img_id,
-                ), image)
+                with self.guard(split, i) as guard:  # one question: the others of the image stay
+                    guard.id = f"{img_id}_q{j}"
+                    if not isinstance(question, str) or not question.strip():
+                        raise SourceFormatError(file, f"expected a non-empty question string, got {question!r}",
+                                                record=where, field=f"sentf.pvqa[{j}]")
+                    answer_raw = _best_answer(label, file, where, f"labelf.pvqa[{j}]")
+                    answer = normalise_answer(answer_raw)
+                    yield SourceRecord(self.make_record(
+                        split, f"{img_id}_q{j}",
+                        question=clean_text(question),
+                        answer=answer,
+                        answer_raw=answer_raw,
+                        answer_type="closed" if is_closed_answer(answer) else "open",
+                        organ=None,
+                        image=image_name,
+                        img_id=img_id,
+                    ), image)
 
     def _find_image(self, split: str, img_id: str):
         for name in (f"{split}/{img_id}.jpg", f"{img_id}.jpg", f"{split}/{img_id}.png", f"{img_id}.png"):

@@ -25,7 +25,7 @@ from typing import Iterator
 from .. import storage
 from .base import Converter, ImageIndex, SourceFormatError, SourceRecord, sort_splits
 from .normalise import clean_text
-from .tables import cell_text, read_rows, read_text_file
+from .tables import cell_text, read_rows, read_text_file, row_number
 
 LAYOUTS = ("auto", "biocaption", "table")
 TABLE_FILES = ("captions.json", "captions.jsonl", "captions.csv")
@@ -87,14 +87,15 @@ class PeirGrossConverter(Converter):
             for number, line in enumerate(read_text_file(file).splitlines(), start=1):
                 if not line.strip():
                     continue
-                where = f"line {number}"
-                if "\t" not in line:
-                    raise SourceFormatError(file, f"expected '<file name><TAB><caption>', got {line[:60]!r}", record=where)
-                name, caption = line.split("\t", 1)
-                name = name.strip()
-                if not rows and name.lower() in _HEADER_CELLS:
-                    continue
-                rows.append((file, where, name, caption))
+                with self.guard(split, number) as guard:
+                    where = f"line {number}"
+                    if "\t" not in line:
+                        raise SourceFormatError(file, f"expected '<file name><TAB><caption>', got {line[:60]!r}", record=where)
+                    name, caption = line.split("\t", 1)
+                    name = guard.id = name.strip()
+                    if not rows and name.lower() in _HEADER_CELLS:
+                        continue
+                    rows.append((file, where, name, caption))
             if split == "train" and self.val_fraction > 0:
                 n_val = int(round(len(rows) * self.val_fraction))
                 cut = len(rows) - n_val
@@ -109,14 +110,16 @@ class PeirGrossConverter(Converter):
     def _load_table(self) -> dict[str, list]:
         file = self.url("table")
         out: dict[str, list] = {}
-        for where, row in read_rows(file):
-            name = cell_text(row, "image", file, where)
-            caption = cell_text(row, "caption", file, where)
-            raw_split = cell_text(row, "split", file, where).lower()
-            if raw_split not in SPLIT_NAMES:
-                raise SourceFormatError(file, f"expected one of {sorted(SPLIT_NAMES)}, got {raw_split!r}",
-                                        record=where, field="split")
-            out.setdefault(SPLIT_NAMES[raw_split], []).append((file, where, name, caption))
+        for where, row in read_rows(file, skip=self.bad_row(None)):
+            with self.guard(None, row_number(where)) as guard:
+                name = guard.id = cell_text(row, "image", file, where)
+                caption = cell_text(row, "caption", file, where)
+                raw_split = cell_text(row, "split", file, where).lower()
+                if raw_split not in SPLIT_NAMES:
+                    raise SourceFormatError(file, f"expected one of {sorted(SPLIT_NAMES)}, got {raw_split!r}",
+                                            record=where, field="split")
+                guard.split = SPLIT_NAMES[raw_split]
+                out.setdefault(guard.split, []).append((file, where, name, caption))
         return {s: out[s] for s in sort_splits(out)}
 
     def splits(self) -> list[str]:
@@ -127,15 +130,17 @@ class PeirGrossConverter(Converter):
         images = ImageIndex(self.url("table_images" if self.layout == "table" else "images"))
         seen: dict[str, str] = {}
         for file, where, name, caption_raw in self._load()[split]:
-            caption = clean_text(caption_raw)
-            if not caption:
-                raise SourceFormatError(file, "empty caption", record=f"{where} ({name})", field="caption")
-            record_id = PurePosixPath(name).stem
-            if record_id in seen:
-                raise SourceFormatError(file, f"image listed twice (also {seen[record_id]})", record=where, field="image")
-            seen[record_id] = where
-            image = images.get(name)
-            if image is None:
-                self.missing_image(split, f"{file}: {where}", name)
-                continue
-            yield SourceRecord(self.make_record(split, record_id, caption=caption, image=name), image)
+            with self.guard(split, row_number(where)) as guard:
+                guard.id = name
+                caption = clean_text(caption_raw)
+                if not caption:
+                    raise SourceFormatError(file, "empty caption", record=f"{where} ({name})", field="caption")
+                record_id = PurePosixPath(name).stem
+                if record_id in seen:
+                    raise SourceFormatError(file, f"image listed twice (also {seen[record_id]})", record=where, field="image")
+                seen[record_id] = where
+                image = images.get(name)
+                if image is None:
+                    self.missing_image(split, file, name, record=where)
+                    continue
+                yield SourceRecord(self.make_record(split, record_id, caption=caption, image=name), image)

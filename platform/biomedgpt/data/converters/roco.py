@@ -61,22 +61,23 @@ class RocoConverter(Converter):
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            where = f"line {number}"
-            if "\t" not in line:
-                raise SourceFormatError(file, f"expected 'ROCO_<n><TAB>caption', got {line[:60]!r}", record=where)
-            roco_id, caption = line.split("\t", 1)
-            roco_id = roco_id.strip()
-            if not _ROCO_ID.match(roco_id):
-                raise SourceFormatError(file, f"expected an id like ROCO_00020, got {roco_id!r}", record=where, field="id")
-            if roco_id in seen:
-                raise SourceFormatError(file, f"duplicate id (also line {seen[roco_id]})", record=where, field="id")
-            seen[roco_id] = number
-            caption = clean_text(caption)
-            if not caption:
-                raise SourceFormatError(file, "empty caption", record=f"{where} ({roco_id})", field="caption")
-            image_name = f"{roco_id}.jpg"
-            image = images.get(image_name)
-            if image is None:
-                self.missing_image(split, f"{file}: {where}", image_name)
-                continue
-            yield SourceRecord(self.make_record(split, roco_id, caption=caption, image=image_name), image)
+            with self.guard(split, number) as guard:
+                where = f"line {number}"
+                if "\t" not in line:
+                    raise SourceFormatError(file, f"expected 'ROCO_<n><TAB>caption', got {line[:60]!r}", record=where)
+                roco_id, caption = line.split("\t", 1)
+                roco_id = guard.id = roco_id.strip()
+                if not _ROCO_ID.match(roco_id):
+                    raise SourceFormatError(file, f"expected an id like ROCO_00020, got {roco_id!r}", record=where, field="id")
+                if roco_id in seen:
+                    raise SourceFormatError(file, f"duplicate id (also line {seen[roco_id]})", record=where, field="id")
+                seen[roco_id] = number
+                caption = clean_text(caption)
+                if not caption:
+                    raise SourceFormatError(file, "empty caption", record=f"{where} ({roco_id})", field="caption")
+                image_name = f"{roco_id}.jpg"
+                image = images.get(image_name)
+                if image is None:
+                    self.missing_image(split, file, image_name, record=where)
+                    continue
+                yield SourceRecord(self.make_record(split, roco_id, caption=caption, image=image_name), image)

@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from .. import storage
-from .base import Converter, SourceFormatError, SourceRecord, sort_splits, stable_fraction
+from .base import Converter, SourceFormatError, SourceRecord, is_record_error, sort_splits, stable_fraction
 from .normalise import clean_text
-from .tables import cell_text, read_rows, table_format
+from .tables import cell_text, read_rows, row_number, table_format
 
 BLANK = {"", "blank(s)", "blank", "unknown/blank"}
 
@@ -57,44 +57,53 @@ class SeerConverter(Converter):
         file = self.url("cases")
         if not storage.exists(file):
             raise SourceFormatError(file, "SEER case listing not found (pass files={'cases': ...})")
-        yield from read_rows(file, table_format(file))
+        yield from read_rows(file, table_format(file), skip=self.bad_row(None))
 
     def splits(self) -> list[str]:
         file = self.url("cases")
-        return sort_splits({self.split_of(cell_text(row, self.id_column, file, where)) for where, row in self._rows()})
+        found = set()
+        for where, row in self._rows():
+            try:
+                found.add(self.split_of(cell_text(row, self.id_column, file, where)))
+            except SourceFormatError as err:  # a row without an id: a defect, met again by records()
+                if not is_record_error(err):
+                    raise
+        return sort_splits(found)
 
     def records(self, split: str) -> Iterator[SourceRecord]:
         self.require_split(split)
         file = self.url("cases")
         seen: dict[str, str] = {}
         for where, row in self._rows():
-            patient = cell_text(row, self.id_column, file, where)
-            if self.split_of(patient) != split:
-                continue
-            columns = self.text_columns or [c for c in row if c not in (self.label_column, self.id_column)]
-            label = clean_text(cell_text(row, self.label_column, file, where, required=False))
-            if self.label_column not in row:
-                raise SourceFormatError(file, f"missing (columns: {', '.join(row)})", record=where,
-                                        field=self.label_column)
-            if label.lower() in BLANK:
-                self.drop(split, "no_label")
-                continue
-            parts = []
-            for column in columns:
-                value = clean_text(cell_text(row, column, file, where, required=False))
-                if column not in row:
-                    raise SourceFormatError(file, f"text column not in the listing (columns: {', '.join(row)})",
-                                            record=where, field=column)
-                if value.lower() not in BLANK:
-                    parts.append(f"{column}: {value}")
-            if not parts:
-                self.drop(split, "no_fields")
-                continue
-            tumour = cell_text(row, "Record number recode", file, where, required=False)
-            record_id = f"{patient}_{tumour}" if tumour else patient
-            if record_id in seen:
-                raise SourceFormatError(file, f"duplicate case {record_id!r} (also {seen[record_id]})", record=where,
-                                        field=self.id_column)
-            seen[record_id] = where
-            yield SourceRecord(self.make_record(split, record_id, text="; ".join(parts), label=label.lower(),
-                                                label_name=label.lower()), None)
+            with self.guard(None, row_number(where)) as guard:
+                patient = guard.id = cell_text(row, self.id_column, file, where)
+                if self.split_of(patient) != split:
+                    continue
+                guard.split = split
+                columns = self.text_columns or [c for c in row if c not in (self.label_column, self.id_column)]
+                label = clean_text(cell_text(row, self.label_column, file, where, required=False))
+                if self.label_column not in row:
+                    raise SourceFormatError(file, f"missing (columns: {', '.join(row)})", record=where,
+                                            field=self.label_column)
+                if label.lower() in BLANK:
+                    self.drop(split, "no_label")
+                    continue
+                parts = []
+                for column in columns:
+                    value = clean_text(cell_text(row, column, file, where, required=False))
+                    if column not in row:
+                        raise SourceFormatError(file, f"text column not in the listing (columns: {', '.join(row)})",
+                                                record=where, field=column)
+                    if value.lower() not in BLANK:
+                        parts.append(f"{column}: {value}")
+                if not parts:
+                    self.drop(split, "no_fields")
+                    continue
+                tumour = cell_text(row, "Record number recode", file, where, required=False)
+                record_id = f"{patient}_{tumour}" if tumour else patient
+                if record_id in seen:
+                    raise SourceFormatError(file, f"duplicate case {record_id!r} (also {seen[record_id]})", record=where,
+                                            field=self.id_column)
+                seen[record_id] = where
+                yield SourceRecord(self.make_record(split, record_id, text="; ".join(parts), label=label.lower(),
+                                                    label_name=label.lower()), None)

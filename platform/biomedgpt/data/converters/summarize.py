@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 from .. import storage
 from .base import Converter, SourceFormatError, SourceRecord, sort_splits
 from .normalise import clean_text
-from .tables import cell_text, read_rows, table_format
+from .tables import cell_text, read_rows, row_number, table_format
 
 SPLITS = ("train", "val", "test")
 
@@ -31,7 +31,7 @@ class _SummaryTable(Converter):
     def _rows(self, split: str, file: str) -> Iterator[tuple[str, dict[str, Any]]]:
         fmt = table_format(file)
         columns = self.headerless_columns if fmt == "tsv" and self.headerless else None
-        return read_rows(file, fmt, columns=columns)
+        return read_rows(file, fmt, columns=columns, skip=self.bad_row(split))
 
     headerless = True
 
@@ -47,19 +47,21 @@ class _SummaryTable(Converter):
         file = self.url(split)
         seen: dict[str, str] = {}
         for n, (where, row) in enumerate(self._rows(split, file)):
-            text = clean_text(cell_text(row, self.text_column, file, where, required=False))
-            summary = clean_text(cell_text(row, self.summary_column, file, where, required=False))
-            for column in (self.text_column, self.summary_column):
-                if column not in row:
-                    raise SourceFormatError(file, f"missing (columns: {', '.join(map(str, row))})", record=where, field=column)
-            if not text or not summary:
-                self.drop(split, "empty_text" if not text else "empty_summary")
-                continue
-            record_id = cell_text(row, self.id_column, file, where) if self.id_column else f"{split}_{n:06d}"
-            if record_id in seen:
-                raise SourceFormatError(file, f"duplicate id (also {seen[record_id]})", record=where, field=self.id_column)
-            seen[record_id] = where
-            yield SourceRecord(self.make_record(split, record_id, text=text, summary=summary), None)
+            with self.guard(split, row_number(where)) as guard:
+                text = clean_text(cell_text(row, self.text_column, file, where, required=False))
+                summary = clean_text(cell_text(row, self.summary_column, file, where, required=False))
+                for column in (self.text_column, self.summary_column):
+                    if column not in row:
+                        raise SourceFormatError(file, f"missing (columns: {', '.join(map(str, row))})", record=where, field=column)
+                if not text or not summary:
+                    self.drop(split, "empty_text" if not text else "empty_summary")
+                    continue
+                record_id = cell_text(row, self.id_column, file, where) if self.id_column else f"{split}_{n:06d}"
+                guard.id = record_id
+                if record_id in seen:
+                    raise SourceFormatError(file, f"duplicate id (also {seen[record_id]})", record=where, field=self.id_column)
+                seen[record_id] = where
+                yield SourceRecord(self.make_record(split, record_id, text=text, summary=summary), None)
 
 
 class SummarizeTableConverter(_SummaryTable):
@@ -137,7 +139,7 @@ class MeQSumConverter(_SummaryTable):
         if self.layout == "tsv":
             return super()._rows(split, file)
         if self._xlsx_rows is None:
-            self._xlsx_rows = list(read_rows(self.url("xlsx"), "xlsx"))
+            self._xlsx_rows = list(read_rows(self.url("xlsx"), "xlsx", skip=self.bad_row(None)))
             total = sum(self.split_sizes.values())
             if self.split_sizes and total != len(self._xlsx_rows):
                 raise SourceFormatError(self.url("xlsx"), f"split_sizes add up to {total} but the file has "
@@ -182,14 +184,14 @@ class HealthCareMagicConverter(_SummaryTable):
     def _rows(self, split: str, file: str):
         if table_format(file) == "json":
             self.text_column, self.summary_column, self.id_column = "src", "tgt", "id"
-            for where, row in read_rows(file, "json", json_key="data"):
+            for where, row in read_rows(file, "json", json_key="data", skip=self.bad_row(split)):
                 row = dict(row)
                 row["id"] = str(row.get("id", ""))
                 row["tgt"] = _strip_q(row.get("tgt"))
                 yield where, row
             return
         self.text_column, self.summary_column, self.id_column = "text", "summary", None
-        for where, row in read_rows(file, "tsv", columns=("text", "summary")):
+        for where, row in read_rows(file, "tsv", columns=("text", "summary"), skip=self.bad_row(split)):
             row["summary"] = _strip_q(row["summary"])
             yield where, row
 

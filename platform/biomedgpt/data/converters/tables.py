@@ -3,7 +3,9 @@ and Excel ``.xlsx`` (openpyxl).
 
 Every row comes with a ``where`` label (``line 12``, ``row 7``, ``record 3``) so converters can name
 the file, the row and the field in their errors. Headerless files (the OFA/BiomedGPT TSVs) take
-their column names from ``columns``.
+their column names from ``columns``. A row that cannot be read (wrong number of columns, invalid JSON
+line) stops the reading, unless ``skip`` is given: it is then called with the error and the row's
+number, and reading goes on (converters pass ``Converter.bad_row(split)``: the row becomes a defect).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import gzip
 import io
 import json
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .. import storage
 from .base import SourceFormatError
@@ -56,22 +58,54 @@ def read_text_file(url: str) -> str:
         raise SourceFormatError(url, f"not UTF-8 text ({err})") from None
 
 
+RowSkip = Callable[[SourceFormatError, int], None]
+
+
+def row_number(where: str) -> int | None:
+    """The number in a ``where`` label (``line 12`` -> 12), None when there is none."""
+    last = where.split(" ", 2)[1] if where.count(" ") >= 1 else ""
+    return int(last) if last.isdigit() else None
+
+
 def read_rows(url: str, fmt: str | None = None, *, columns: Sequence[str] | None = None,
-              json_key: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+              json_key: str | None = None, skip: RowSkip | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(where, row)`` for every row of a table file.
 
     ``columns``: names for a headerless CSV/TSV (every line is data); without it the first line is
     the header. JSON files hold a list of objects, or an object with the list under ``json_key``
-    (default: the only list value, e.g. BioBART's ``{"data": [...]}``).
+    (default: the only list value, e.g. BioBART's ``{"data": [...]}``). ``skip(error, number)``: called
+    for a row that cannot be read, which is then left out (default: the error is raised).
     """
-    fmt = fmt or table_format(url)
+    rows = _read_rows(url, fmt or table_format(url), columns, json_key)
+    for item in rows:
+        if isinstance(item, SourceFormatError):
+            if skip is None:
+                raise item
+            skip(item, row_number(item.record or "") or 0)
+            continue
+        yield item
+
+
+def _read_rows(url: str, fmt: str, columns: Sequence[str] | None, json_key: str | None
+               ) -> Iterator[tuple[str, dict[str, Any]] | SourceFormatError]:
+    """Rows, and in their place the error of each row that cannot be read (file-level errors raise)."""
     if fmt in ("csv", "tsv"):
         text = read_text_file(url)
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t",
                             quoting=csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE)
         header = list(columns) if columns else None
         last_line = 0
-        for cells in reader:
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:  # e.g. a NUL byte: the reader goes on with the next line
+                number, last_line = last_line + 1, reader.line_num
+                if header is not None:
+                    yield SourceFormatError(url, f"unreadable row ({err})", record=f"line {number}")
+                    continue
+                raise SourceFormatError(url, f"line {number}: unreadable header ({err})") from None
             # quoted fields may span lines: name the row by its first physical line
             number, last_line = last_line + 1, reader.line_num
             if not cells or all(not c.strip() for c in cells):
@@ -80,8 +114,9 @@ def read_rows(url: str, fmt: str | None = None, *, columns: Sequence[str] | None
                 header = [c.strip() for c in cells]
                 continue
             if len(cells) != len(header):
-                raise SourceFormatError(url, f"{len(cells)} columns, expected {len(header)} ({', '.join(header)})",
+                yield SourceFormatError(url, f"{len(cells)} columns, expected {len(header)} ({', '.join(header)})",
                                         record=f"line {number}")
+                continue
             yield f"line {number}", dict(zip(header, cells))
     elif fmt == "jsonl":
         text = read_text_file(url)
@@ -91,9 +126,11 @@ def read_rows(url: str, fmt: str | None = None, *, columns: Sequence[str] | None
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise SourceFormatError(url, f"invalid JSON at column {err.colno}: {err.msg}", record=f"line {number}") from None
+                yield SourceFormatError(url, f"invalid JSON at column {err.colno}: {err.msg}", record=f"line {number}")
+                continue
             if not isinstance(row, dict):
-                raise SourceFormatError(url, f"expected a JSON object, got {type(row).__name__}", record=f"line {number}")
+                yield SourceFormatError(url, f"expected a JSON object, got {type(row).__name__}", record=f"line {number}")
+                continue
             yield f"line {number}", row
     elif fmt == "json":
         text = read_text_file(url)
@@ -111,7 +148,8 @@ def read_rows(url: str, fmt: str | None = None, *, columns: Sequence[str] | None
             raise SourceFormatError(url, f"expected a list of records, got {type(data).__name__}")
         for i, row in enumerate(data):
             if not isinstance(row, dict):
-                raise SourceFormatError(url, f"expected a JSON object, got {type(row).__name__}", record=f"record {i}")
+                yield SourceFormatError(url, f"expected a JSON object, got {type(row).__name__}", record=f"record {i}")
+                continue
             yield f"record {i}", row
     elif fmt == "xlsx":
         yield from _read_xlsx(url)

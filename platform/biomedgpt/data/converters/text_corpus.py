@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 from .. import storage
 from .base import Converter, ImageIndex, SourceFormatError, SourceRecord
 from .normalise import clean_text
-from .tables import cell_text, read_rows, read_text_file, table_format
+from .tables import cell_text, read_rows, read_text_file, row_number, table_format
 
 _FIGURE_LABEL = re.compile(r"^\s*(fig\.?|figure)\s*[A-Za-z]?\d+[A-Za-z]?\s*[.:|]\s*", re.IGNORECASE)
 
@@ -65,22 +65,23 @@ class TextCorpusConverter(Converter):
                 yield SourceRecord(self.make_record(split, f"line{number:09d}", text=text), None)
             return
         seen: set[str] = set()
-        for n, (where, row) in enumerate(read_rows(file, table_format(file))):
-            if self.filter_column and cell_text(row, self.filter_column, file, where, required=False).lower() \
-                    not in self.filter_values:
-                continue
-            text = clean_text(cell_text(row, self.text_column, file, where, required=False))
-            if self.text_column not in row:
-                raise SourceFormatError(file, f"missing (columns: {', '.join(map(str, row))})", record=where,
-                                        field=self.text_column)
-            if not text:
-                self.drop(split, "empty_text")
-                continue
-            record_id = cell_text(row, self.id_column, file, where) if self.id_column else f"row{n:09d}"
-            if record_id in seen:
-                raise SourceFormatError(file, "duplicate id", record=where, field=self.id_column)
-            seen.add(record_id)
-            yield SourceRecord(self.make_record(split, record_id, text=text), None)
+        for n, (where, row) in enumerate(read_rows(file, table_format(file), skip=self.bad_row(split))):
+            with self.guard(split, row_number(where)) as guard:
+                if self.filter_column and cell_text(row, self.filter_column, file, where, required=False).lower() \
+                        not in self.filter_values:
+                    continue
+                text = clean_text(cell_text(row, self.text_column, file, where, required=False))
+                if self.text_column not in row:
+                    raise SourceFormatError(file, f"missing (columns: {', '.join(map(str, row))})", record=where,
+                                            field=self.text_column)
+                if not text:
+                    self.drop(split, "empty_text")
+                    continue
+                record_id = guard.id = cell_text(row, self.id_column, file, where) if self.id_column else f"row{n:09d}"
+                if record_id in seen:
+                    raise SourceFormatError(file, "duplicate id", record=where, field=self.id_column)
+                seen.add(record_id)
+                yield SourceRecord(self.make_record(split, record_id, text=text), None)
 
 
 class MedicatConverter(Converter):
@@ -101,18 +102,19 @@ class MedicatConverter(Converter):
         file = self.url("captions")
         images = ImageIndex(self.url("images"))
         seen: set[str] = set()
-        for where, row in read_rows(file, "jsonl"):
-            name = f"{cell_text(row, 'pdf_hash', file, where)}_{cell_text(row, 'fig_uri', file, where)}"
-            caption = clean_text(_FIGURE_LABEL.sub("", cell_text(row, "s2_caption", file, where, required=False)))
-            if not caption:
-                self.drop(split, "empty_caption")
-                continue
-            if name in seen:
-                raise SourceFormatError(file, "figure listed twice", record=where, field="fig_uri")
-            seen.add(name)
-            image = images.get(name)
-            if image is None:
-                self.missing_image(split, f"{file}: {where}", name)
-                continue
-            record_id = name.rsplit(".", 1)[0]
-            yield SourceRecord(self.make_record(split, record_id, caption=caption, image=name), image)
+        for where, row in read_rows(file, "jsonl", skip=self.bad_row(split)):
+            with self.guard(split, row_number(where)) as guard:
+                name = guard.id = f"{cell_text(row, 'pdf_hash', file, where)}_{cell_text(row, 'fig_uri', file, where)}"
+                caption = clean_text(_FIGURE_LABEL.sub("", cell_text(row, "s2_caption", file, where, required=False)))
+                if not caption:
+                    self.drop(split, "empty_caption")
+                    continue
+                if name in seen:
+                    raise SourceFormatError(file, "figure listed twice", record=where, field="fig_uri")
+                seen.add(name)
+                image = images.get(name)
+                if image is None:
+                    self.missing_image(split, file, name, record=where)
+                    continue
+                record_id = name.rsplit(".", 1)[0]
+                yield SourceRecord(self.make_record(split, record_id, caption=caption, image=name), image)

@@ -29,7 +29,7 @@ from typing import Iterator
 from .. import storage
 from .base import Converter, SourceFormatError, SourceRecord, sort_splits, stable_fraction
 from .normalise import clean_text
-from .tables import read_source_bytes, read_text_file
+from .tables import read_source_bytes, read_text_file, row_number
 
 LABELS = {"0": "irrelevant", "1": "excluded", "2": "eligible"}
 
@@ -114,19 +114,26 @@ class Trec2022Converter(Converter):
             self._topics = out
         return self._topics
 
-    def qrels(self) -> Iterator[tuple[str, str, str, str]]:
-        """(where, topic, NCT id, relevance) per judgement line."""
+    def qrels(self, skip=None) -> Iterator[tuple[str, str, str, str]]:
+        """(where, topic, NCT id, relevance) per judgement line; ``skip(error, line number)``: called for an
+        unreadable line, which is then left out (default: the error is raised)."""
         file = self.url("qrels")
         for number, line in enumerate(read_text_file(file).splitlines(), start=1):
             if not line.strip():
                 continue
             parts = line.split()
             where = f"line {number}"
+            error = None
             if len(parts) != 4:
-                raise SourceFormatError(file, f"expected 'topic 0 NCTid relevance', got {line.strip()!r}", record=where)
+                error = SourceFormatError(file, f"expected 'topic 0 NCTid relevance', got {line.strip()!r}", record=where)
+            elif parts[3] not in LABELS:
+                error = SourceFormatError(file, f"expected 0, 1 or 2, got {parts[3]!r}", record=where, field="relevance")
+            if error is not None:
+                if skip is None:
+                    raise error
+                skip(error, number)
+                continue
             topic, _, nct, rel = parts
-            if rel not in LABELS:
-                raise SourceFormatError(file, f"expected 0, 1 or 2, got {rel!r}", record=where, field="relevance")
             yield where, topic, nct, rel
 
     def trials(self) -> dict[str, str]:
@@ -151,27 +158,32 @@ class Trec2022Converter(Converter):
         file = self.url("qrels")
         criteria: dict[str, str | None] = {}  # NCT id -> eligibility text (None: not in the snapshot)
         seen: dict[str, str] = {}
-        for where, topic, nct, rel in self.qrels():
-            if topic not in topics:
-                raise SourceFormatError(file, f"topic {topic} is not in {self.files['topics']}", record=where,
-                                        field="topic")
-            if self.split_of(topic) != split:
-                continue
-            record_id = f"{topic}_{nct}"
-            if record_id in seen:
-                raise SourceFormatError(file, f"judged twice (also {seen[record_id]})", record=where)
-            seen[record_id] = where
-            if nct not in criteria:
-                url = trials.get(nct.upper())
-                criteria[nct] = None if url is None else trial_criteria(parse_xml(url))
-            text = criteria[nct]
-            if text is None:
-                self.drop(split, "trial_not_in_snapshot")
-                continue
-            if not text:
-                self.drop(split, "no_eligibility_criteria")
-                continue
-            yield SourceRecord(self.make_record(
-                split, record_id, premise=topics[topic], hypothesis=text, label=LABELS[rel], relevance=int(rel),
-                topic=topic, trial=nct,
-            ), None)
+        for where, topic, nct, rel in self.qrels(skip=self.bad_row(None)):
+            with self.guard(None, row_number(where)) as guard:
+                if topic not in topics:
+                    raise SourceFormatError(file, f"topic {topic} is not in {self.files['topics']}", record=where,
+                                            field="topic")
+                if self.split_of(topic) != split:
+                    continue
+                guard.split = split
+                record_id = guard.id = f"{topic}_{nct}"
+                if record_id in seen:
+                    raise SourceFormatError(file, f"judged twice (also {seen[record_id]})", record=where)
+                seen[record_id] = where
+                if nct not in criteria:
+                    url = trials.get(nct.upper())
+                    try:
+                        criteria[nct] = None if url is None else trial_criteria(parse_xml(url))
+                    except SourceFormatError as err:  # an unreadable trial record: this judgement's defect
+                        raise SourceFormatError(file, f"trial {nct}: {err}", record=where, field="trial") from None
+                text = criteria[nct]
+                if text is None:
+                    self.drop(split, "trial_not_in_snapshot")
+                    continue
+                if not text:
+                    self.drop(split, "no_eligibility_criteria")
+                    continue
+                yield SourceRecord(self.make_record(
+                    split, record_id, premise=topics[topic], hypothesis=text, label=LABELS[rel], relevance=int(rel),
+                    topic=topic, trial=nct,
+                ), None)

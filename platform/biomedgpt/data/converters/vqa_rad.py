@@ -13,7 +13,9 @@ Two native layouts are read:
 
 ``layout="auto"`` reads the OSF file when it is present, else ``data_RAD``.
 
-Quirks handled: ``answer_type`` with trailing spaces (``"CLOSED "``); answers stored as numbers
+A record that cannot be used (no or an empty question or answer, an unknown answer type, a duplicate
+qid, a missing image) is skipped and named (``Converter.defects``). Quirks handled: ``answer_type``
+with trailing spaces (``"CLOSED "``); answers stored as numbers
 (``12``); mixed-case answers (``"Yes"``/``"yes"``); stray tabs inside questions and answers
 (``"Heart \\tlungs"``); qids that are sometimes strings (``"0"``), sometimes numbers; a record
 without ``question_rephrase``; an image in the folder that no question uses.
@@ -91,20 +93,23 @@ class VqaRadConverter(Converter):
         out: dict[str, list[SourceRecord]] = {"train": [], "test": []}
         seen: dict[str, int] = {}
         for i, raw in enumerate(data):
-            where = f"record {i}"
-            if isinstance(raw, dict) and isinstance(raw.get("qid"), (int, str)):
-                where = f"record {i} (qid {clean_text(str(raw['qid']))})"
-            phrase = clean_text(require(raw, "phrase_type", str, file, where)).lower()
-            if phrase in OSF_TRAIN_PHRASES:
-                split = "train"
-            elif phrase in OSF_TEST_PHRASES:
-                split = "test"
-            else:
-                raise SourceFormatError(file, f"expected one of {OSF_TRAIN_PHRASES + OSF_TEST_PHRASES}, got {phrase!r}",
-                                        record=where, field="phrase_type")
-            rec = self._convert(raw, file, i, split, images, seen)
-            if rec is not None:
-                out[split].append(rec)
+            with self.guard(None, i) as guard:  # the split is in the record: unknown until read
+                where = f"record {i}"
+                if isinstance(raw, dict) and isinstance(raw.get("qid"), (int, str)):
+                    guard.id = clean_text(str(raw["qid"]))
+                    where = f"record {i} (qid {guard.id})"
+                phrase = clean_text(require(raw, "phrase_type", str, file, where)).lower()
+                if phrase in OSF_TRAIN_PHRASES:
+                    split = "train"
+                elif phrase in OSF_TEST_PHRASES:
+                    split = "test"
+                else:
+                    raise SourceFormatError(file, f"expected one of {OSF_TRAIN_PHRASES + OSF_TEST_PHRASES}, got "
+                                                  f"{phrase!r}", record=where, field="phrase_type")
+                guard.split = split
+                rec = self._convert(raw, file, i, split, images, seen)
+                if rec is not None:
+                    out[split].append(rec)
         return out
 
     def _load_mevf(self) -> dict[str, list[SourceRecord]]:
@@ -121,8 +126,14 @@ class VqaRadConverter(Converter):
             data = load_json(file)
             if not isinstance(data, list):
                 raise SourceFormatError(file, f"expected a JSON list of question records, got {type(data).__name__}")
-            out[split] = [r for i, raw in enumerate(data)
-                          if (r := self._convert(raw, file, i, split, images, seen)) is not None]
+            out[split] = []
+            for i, raw in enumerate(data):
+                with self.guard(split, i) as guard:
+                    if isinstance(raw, dict) and isinstance(raw.get("qid"), (int, str)):
+                        guard.id = clean_text(str(raw["qid"]))
+                    rec = self._convert(raw, file, i, split, images, seen)
+                    if rec is not None:
+                        out[split].append(rec)
         if not found:
             raise SourceFormatError(self.source, "no VQA-RAD release found: expected 'VQA_RAD Dataset Public.json' "
                                                  "(OSF release) or data_RAD/trainset.json + testset.json (MEVF layout)")
@@ -142,7 +153,7 @@ class VqaRadConverter(Converter):
         organ = raw.get("image_organ")
         image = images.get(image_name)
         if image is None:
-            self.missing_image(split, f"{file}: {where}: field 'image_name'", image_name)
+            self.missing_image(split, file, image_name, record=where, field="image_name")
             return None
         record = self.make_record(
             split, record_id,
