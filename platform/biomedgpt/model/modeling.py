@@ -11,6 +11,8 @@ policy wraps `BiomedGPTEncoderLayer`, `BiomedGPTDecoderLayer` and `ResNetBackbon
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import math
 from dataclasses import dataclass
@@ -22,6 +24,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import ModelOutput, Seq2SeqLMOutput
+
+# transformers 5.2x names the decoder's key/value cache `cache` (in outputs and in the kwargs generate()
+# passes); earlier 5.x releases, still on some GPU images, name it `past_key_values`. Both are served.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(Seq2SeqLMOutput)} else "past_key_values"
 
 from .configuration import BiomedGPTConfig
 from .resnet import Bottleneck, ResNetBackbone, drop_path, linear_rates
@@ -657,6 +663,8 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
         with -100 ignored (decoder_input_ids default to labels shifted right behind BOS).
         """
         output_hidden_states = bool(output_hidden_states)
+        if cache is None and kwargs.get("past_key_values") is not None:
+            cache = kwargs["past_key_values"]  # generate() of transformers releases before the rename
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
         if decoder_input_ids is None:
@@ -686,10 +694,10 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
         return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            cache=cache,
             decoder_hidden_states=decoder_hidden_states,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
+            **{_CACHE_FIELD: cache},
         )
 
 

@@ -18,6 +18,14 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) -
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for unit in model.sharding_units():
-        fully_shard(unit, **kwargs)
+        unit_kwargs = kwargs
+        if param_dtype is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in unit.modules()):
+            # Batch norm (the ResNet backbone) computes in float32: its running statistics are float32
+            # buffers, which CUDA's kernels refuse beside low-precision weights and inputs. Its output is
+            # cast back to the compute dtype for the layers after it.
+            unit_kwargs = dict(kwargs, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32,
+                                                                      reduce_dtype=torch.float32,
+                                                                      output_dtype=param_dtype))
+        fully_shard(unit, **unit_kwargs)
     fully_shard(model, **kwargs)
     return model
