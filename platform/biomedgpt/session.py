@@ -49,8 +49,13 @@ def free_port() -> int:
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local Ray on
-    127.0.0.1 with its dashboard (Ray Train needs it). Returns True when this call started Ray."""
+    """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`) or start a fresh local Ray on
+    127.0.0.1 with its dashboard (Ray Train needs it). Returns True when this call started Ray.
+
+    Without RAY_ADDRESS, Ray's own default would follow the pointer file of the last `ray start`
+    (`<tmp>/ray/ray_current_cluster`), which outlives a head that died or was killed: every later run
+    would then fail at once ("When connecting to an existing cluster, num_cpus and num_gpus must not
+    be provided"). `address="local"` ignores that file: a local run always starts its own Ray."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported: set first
     import ray  # heavy (~2 s), and the variable above must be set before it is imported
 
@@ -62,7 +67,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     port = free_port()
     # Train workers ask the dashboard's state API whether the controller lives (FIELD_NOTES): they get
     # its address through the runtime env only, so nothing started later by this process inherits it.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
              log_to_driver=True, configure_logging=False)
