@@ -92,3 +92,26 @@ def test_localize_prints_the_base_and_the_run_directory(monkeypatch, tmp_path, c
     monkeypatch.delenv("BIOMEDGPT_OUTPUT_ROOT")
     default = localize(load_spec(DEMO))
     assert default.output.storage == str(Path.home() / "biomedgpt-runs/runs/demo/runs")
+
+
+def test_serve_gives_its_replicas_a_relative_model_dir_as_an_absolute_path(monkeypatch, tmp_path):
+    import biomedgpt.session
+    import biomedgpt.serve.app as app
+    from biomedgpt.cli import main
+
+    class Started(Exception):
+        pass
+
+    def start(model, **kwargs):
+        raise Started(model)
+
+    (tmp_path / "export").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(biomedgpt.session, "ensure_ray", lambda *a, **k: True)
+    monkeypatch.setattr(app, "start", start)
+    try:
+        main(["serve", "export", "--port", "8000"])
+    except Started as got:
+        assert str(got) == str(tmp_path / "export")
+    else:
+        raise AssertionError("serve did not start the model")
