@@ -18,7 +18,7 @@ from .data import storage as st
 from .data.build import build_shards
 from .evaluate.job import run_evaluate_job, run_evaluation
 from .modeldir import export_checkpoint
-from .session import RunResult, ensure_ray, say, staging_dir
+from .session import RunResult, ensure_ray, localize, say, staging_dir
 from .spec import JobSpec
 from .tenancy import admit, load_tenants
 from .train.plan import plan_training
@@ -31,6 +31,7 @@ def run(spec: Any) -> RunResult:
     if spec.kind == "serve":
         raise ValueError(f"{spec.source}: a serving spec is run with `biomedgpt serve {spec.source}` "
                          "(or deployed with `biomedgpt serve-config`), not `biomedgpt run`")
+    spec = localize(spec)  # relative paths -> absolute, once, here: every process of the job opens the same files
     admit(spec, load_tenants())
     if spec.kind in ("finetune", "pretrain"):
         return run_training(spec)

@@ -10,6 +10,7 @@ another's driver:
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
@@ -49,8 +50,13 @@ def free_port() -> int:
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local Ray on
-    127.0.0.1 with its dashboard (Ray Train needs it). Returns True when this call started Ray."""
+    """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`) or start a fresh local Ray on
+    127.0.0.1 with its dashboard (Ray Train needs it). Returns True when this call started Ray.
+
+    Without RAY_ADDRESS, Ray's own default would follow the pointer file of the last `ray start`
+    (`<tmp>/ray/ray_current_cluster`), which outlives a head that died or was killed: every later run
+    would then fail at once ("When connecting to an existing cluster, num_cpus and num_gpus must not
+    be provided"). `address="local"` ignores that file: a local run always starts its own Ray."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported: set first
     import ray  # heavy (~2 s), and the variable above must be set before it is imported
 
@@ -62,11 +68,50 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     port = free_port()
     # Train workers ask the dashboard's state API whether the controller lives (FIELD_NOTES): they get
     # its address through the runtime env only, so nothing started later by this process inherits it.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
              log_to_driver=True, configure_logging=False)
     return True
+
+
+def submitted_job() -> str | None:
+    """The submission id when this process is the driver of a job submitted through Ray's job API
+    (`ray job submit`, `biomedgpt submit`): Ray's job supervisor gives the driver its job config
+    (RAY_JOB_CONFIG_JSON_ENV_VAR) and runs it in the working dir it unpacked under the session's
+    `runtime_resources/`. None for a local run."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if raw:
+        try:
+            job = (json.loads(raw).get("metadata") or {}).get("job_submission_id")
+        except (ValueError, AttributeError):
+            job = None
+        if job:
+            return str(job)
+    if "runtime_resources" in Path.cwd().parts:
+        return "?"
+    return None
+
+
+def localize(spec: Any) -> Any:
+    """The spec with its relative paths made absolute once, here on the driver, so that every process of
+    the job opens the same files (spec.resolve_paths); says which base it took. Under Ray's job API the
+    base is the unpacked working dir, and what the job writes goes under $BIOMEDGPT_OUTPUT_ROOT (default
+    ~/biomedgpt-runs), which outlives the job."""
+    from .spec import OUTPUT_ROOT_ENV, output_root, resolve_paths
+
+    job = submitted_job()
+    base = Path.cwd()
+    resolved, info = resolve_paths(spec, base, outputs=output_root() if job else None)
+    if job is None:
+        say(f"paths: relative paths of {spec.source} resolve against {base} (the current directory of "
+            f"`biomedgpt run`); run directory {resolved.run_dir}")
+    else:
+        say(f"paths: relative paths of {spec.source} resolve against {base} (the working dir Ray unpacked for "
+            f"job {job}); what the job writes at a relative path goes under {info.outputs} (${OUTPUT_ROOT_ENV}, "
+            f"default ~/biomedgpt-runs; Ray deletes the working dir with its session); run directory "
+            f"{resolved.run_dir}")
+    return resolved
 
 
 def staging_dir(spec: Any) -> Path:

@@ -14,7 +14,9 @@ and the field path.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -608,6 +610,80 @@ def load_serve_spec(path: str | Path) -> ServeAppSpec:
     except yaml.YAMLError as err:
         raise SpecError(f"{p}: not valid YAML: {err}") from None
     return serve_spec_from_dict(data, str(p))
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths: one base for every process of a job
+# ----------------------------------------------------------------------------------------------
+
+#: Where a job submitted through Ray's job API keeps what a relative `output.storage` names (and the
+#: shards it builds at a relative `data.shards`): Ray deletes the job's unpacked working dir with its session.
+OUTPUT_ROOT_ENV = "BIOMEDGPT_OUTPUT_ROOT"
+DEFAULT_OUTPUT_ROOT = "~/biomedgpt-runs"
+
+
+def output_root() -> Path:
+    """$BIOMEDGPT_OUTPUT_ROOT, default ~/biomedgpt-runs (on the machine running the job's driver)."""
+    return Path(os.environ.get(OUTPUT_ROOT_ENV) or DEFAULT_OUTPUT_ROOT).expanduser().absolute()
+
+
+def _relative_local(path: str | None) -> bool:
+    """A plain relative path (not a URL, not absolute, not ~)."""
+    return bool(path) and "://" not in path and not path.startswith("~") and not Path(path).is_absolute()
+
+
+@dataclass
+class ResolvedPaths:
+    """What `resolve_paths` did: the base of relative paths, the root of a submitted job's outputs
+    (None for a local run) and each changed field (`field: before -> after`)."""
+
+    base: Path
+    outputs: Path | None
+    changed: list[str] = field(default_factory=list)
+
+
+def resolve_paths(spec: JobSpec, base: str | Path, *, outputs: str | Path | None = None) -> tuple[JobSpec, ResolvedPaths]:
+    """A copy of `spec` whose relative local paths are absolute, so that every process of the job (driver,
+    Ray Data tasks, Ray Train workers, evaluation actors), whatever its own current directory, opens the
+    same files. Done once, on the driver, when a job starts.
+
+    Paths the job reads (`data.build` sources, `data.shards` it does not build, `model.init`, the
+    tokenizer's files) resolve against `base`. With `outputs` (a job submitted through Ray's job API,
+    whose `base` is the working dir Ray unpacked and deletes with its session), the paths it writes
+    (`output.storage`, and `data.shards` when `data.build` builds them) resolve against `outputs` instead,
+    and so does a read path that exists there but not under `base` (what an earlier submitted job wrote,
+    such as the export an evaluate spec names). `~` is expanded; URLs and absolute paths are kept."""
+    base = Path(base).expanduser().absolute()
+    out_root = Path(outputs).expanduser().absolute() if outputs is not None else None
+    new = copy.deepcopy(spec)
+    info = ResolvedPaths(base=base, outputs=out_root)
+
+    def fix(where: str, value: str | None, writes: bool) -> str | None:
+        if not value:
+            return value
+        if value.startswith("~") and "://" not in value:
+            resolved = str(Path(value).expanduser())
+        elif not _relative_local(value):
+            return value
+        elif out_root is not None and (writes or (not (base / value).exists() and (out_root / value).exists())):
+            resolved = str(out_root / value)
+        else:
+            resolved = str(base / value)
+        if resolved != value:
+            info.changed.append(f"{where}: {value} -> {resolved}")
+        return resolved
+
+    new.output.storage = fix("output.storage", new.output.storage, writes=True)
+    new.model.init = fix("model.init", new.model.init, writes=False)
+    tok = new.model.tokenizer
+    tok.path = fix("model.tokenizer.path", tok.path, writes=False)
+    tok.vocab = fix("model.tokenizer.vocab", tok.vocab, writes=False)
+    tok.merges = fix("model.tokenizer.merges", tok.merges, writes=False)
+    if new.data is not None:
+        new.data.build = {name: fix(f"data.build.{name}", src, writes=False) or src
+                          for name, src in new.data.build.items()}
+        new.data.shards = fix("data.shards", new.data.shards, writes=bool(new.data.build)) or new.data.shards
+    return new, info
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ from .tenancy import admit, load_tenants
 
 # Variables forwarded to the job: where object storage is (credentials come from the cluster's own
 # identity, not from the submitting laptop) and the local-Ray switch of single-machine clusters.
+# A head that just started may have no job agent yet: retry that many times, that many seconds apart.
+AGENT_RETRIES, AGENT_RETRY_S = 5, 5.0
+
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
 
 
@@ -27,6 +30,29 @@ def _git_ignored(path: Path, repo: Path) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0
+
+
+class ClusterUnavailable(Exception):
+    """The cluster's job API cannot take the job now (nothing listens, no job agent, auth refused):
+    one line naming the address and what to do; `biomedgpt submit` exits 3 with it."""
+
+
+def _unavailable(address: str, err: BaseException) -> ClusterUnavailable:
+    """Ray's error of a failed job API call, in one line that says what to do."""
+    text = str(err)
+    if "No available agent" in text:
+        return ClusterUnavailable(
+            f"the Ray cluster at {address} has no job agent ready (the head may still be starting, or its "
+            "dashboard agent died): wait a minute and submit again; `ray status` and the head's "
+            "dashboard_agent.log say more")
+    if "401" in text or "Unauthorized" in text or "token" in text.lower():
+        return ClusterUnavailable(
+            f"the Ray cluster at {address} refused the request ({text.splitlines()[0][:120]}): it uses token "
+            "auth: export RAY_AUTH_MODE=token with the head's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+    return ClusterUnavailable(
+        f"cannot reach the Ray job API at {address} ({text.splitlines()[0][:160] if text else type(err).__name__}): "
+        "start the head (`ray start --head --dashboard-host=127.0.0.1`) or give --address the dashboard's URL "
+        "(http://HOST:8265 by default)")
 
 
 def job_id_for(team: str, name: str) -> str:
@@ -59,10 +85,13 @@ def submit(spec_path: str, address: str, working_dir: str = ".", follow: bool = 
     # ray: heavy (~2 s), and it reads RAY_AUTH_MODE (set just above) when imported
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    try:
+        client = JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError) as err:  # nothing listens there, or it is not a Ray job API
+        raise _unavailable(address, err) from None
     job_id = job_id_for(spec.team, spec.name)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    for attempt in range(6):
+    for attempt in range(AGENT_RETRIES + 1):
         try:
             client.submit_job(
                 entrypoint=f"biomedgpt run {shlex.quote(entry_spec)}", submission_id=job_id,
@@ -70,11 +99,12 @@ def submit(spec_path: str, address: str, working_dir: str = ".", follow: bool = 
                 metadata={"team": spec.team, "run": spec.name, "kind": spec.kind},
             )
             break
-        except RuntimeError as err:  # a head that just started may have no job agent yet
-            if "No available agent" not in str(err) or attempt == 5:
-                raise
-            print("[submit] the cluster's job agent is not up yet; retrying in 5 s", file=sys.stderr, flush=True)
-            time.sleep(5)
+        except (ConnectionError, RuntimeError) as err:  # a head that just started may have no job agent yet
+            if "No available agent" not in str(err) or attempt == AGENT_RETRIES:
+                raise _unavailable(address, err) from None
+            print(f"[submit] the cluster's job agent is not up yet; retrying in {AGENT_RETRY_S:.0f} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(AGENT_RETRY_S)
     print(f"[submit] job {job_id} submitted to {address} (team {spec.team}, run {spec.name})", flush=True)
     if not follow:
         return 0

@@ -89,9 +89,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from ..submit import submit
+    from ..submit import ClusterUnavailable, submit
 
-    return submit(args.spec, args.address, working_dir=args.working_dir, follow=not args.no_wait)
+    try:
+        return submit(args.spec, args.address, working_dir=args.working_dir, follow=not args.no_wait)
+    except ClusterUnavailable as err:
+        print(f"biomedgpt submit: error: {err}", file=sys.stderr)
+        return 3
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -137,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Validates SPEC, then submits `biomedgpt run SPEC` through the Ray job API "
                                         "(the working dir uploaded as the runtime env; token auth when the cluster "
                                         "uses it; job id <team>-<name>-<time>) and prints the job's log until it "
-                                        "ends. Exit code 0 only when the job succeeded.")
+                                        "ends. Exit code 0 only when the job succeeded, 1 when it did not, 3 when the "
+                                        "cluster cannot take it (nothing listens at ADDRESS, no job agent ready, "
+                                        "token auth refused).")
     submit.add_argument("spec", help="job spec YAML (inside --working-dir)")
     submit.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
     submit.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: .)")

@@ -37,7 +37,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         what = f"{spec.name} ({spec.source})"
     else:
         ensure_ray()
-        url = start(args.target, host=args.host or "127.0.0.1", port=args.port or 8000, team=args.team,
+        # a model directory named relative to here: absolute, since Serve's replicas have their own cwd
+        model = str(target.absolute()) if "://" not in args.target and target.exists() else args.target
+        url = start(model, host=args.host or "127.0.0.1", port=args.port or 8000, team=args.team,
                     tenants_path=args.tenants)
         name = "biomedgpt"
         what = args.target

@@ -80,7 +80,8 @@ def write_splits_ray(jobs: list[SplitJob], result: BuildResult, *, workers: int 
 
     started_here = False
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # RAY_ADDRESS's cluster, else a fresh local Ray (never the stale pointer of a dead head: session.ensure_ray)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
         started_here = True
     try:
         if workers is None:
