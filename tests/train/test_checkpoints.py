@@ -111,7 +111,7 @@ def test_evaluation_of_a_run_takes_its_newest_complete_checkpoint(tmp_path, monk
     import shutil
 
     from biomedgpt.evaluate.job import resolve_model_dir
-    from biomedgpt.train.checkpoints import checkpoint_model_state
+    from biomedgpt.modeldir import checkpoint_model_state
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
