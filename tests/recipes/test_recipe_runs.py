@@ -150,9 +150,11 @@ FAMILIES = {
 
 
 def test_every_task_family_has_a_recipe_run():
-    from biomedgpt.tasks import task_names
+    from biomedgpt.tasks import get_task, task_names
 
-    assert set(task_names()) <= set(FAMILIES), f"a family without a recipe run: {set(task_names()) - set(FAMILIES)}"
+    # the package's own families (a test may register a toy family of its own: tests/tasks/toy_task.py)
+    shipped = {n for n in task_names() if type(get_task(n)).__module__.startswith("biomedgpt.")}
+    assert shipped <= set(FAMILIES), f"a family without a recipe run: {shipped - set(FAMILIES)}"
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
