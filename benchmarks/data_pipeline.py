@@ -2,7 +2,8 @@
 plain `webdataset` + `torch.utils.data.DataLoader` over the same shards with the same preprocessing and
 the same number of processes, in one run; its memory as the data grows; and the image transform alone.
 
-Data: the real VQA-RAD release in ../shared/data/vqa_rad, converted to shards of 100 samples (1x) and
+Data: a real VQA-RAD release folder ($BIOMEDGPT_VQA_RAD; the figures in BENCHMARKS.md used a 1,216-question
+subset of the official release), else the CC0 sample in datasets_spec/samples/vqa_rad, converted to shards of 100 samples (1x) and
 the same shards copied ten times under new names (10x); 256 px images, batch 64, 2 CPU cores.
 
 (a) Throughput, samples/s in steady state over 3 epochs of the 1x shards (the clock starts at the
@@ -39,8 +40,9 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("BIOMEDGPT_SHARED", REPO.parent / "shared"))
-VQA_RAD = SHARED / "data" / "vqa_rad"
+# A VQA-RAD release folder (the official layout): $BIOMEDGPT_VQA_RAD, else the CC0 sample the repository
+# ships (datasets_spec/samples/vqa_rad, 40 images). The figures in BENCHMARKS.md name the data they used.
+VQA_RAD = Path(os.environ.get("BIOMEDGPT_VQA_RAD", REPO / "datasets_spec" / "samples" / "vqa_rad"))
 IMAGE_SIZE = 256
 BATCH = 64
 PROCESSES = 2

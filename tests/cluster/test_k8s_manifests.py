@@ -174,3 +174,14 @@ def test_core_validation_agrees_with_kubernetes_validate(validator, builds):
             except kubernetes_validate.ValidationError as err:
                 theirs = [err.message]
             assert bool(ours) == bool(theirs), (obj["kind"], ours, theirs)
+
+
+def test_cluster_validate_finds_the_repository_crds_without_anything_beside_the_checkout(monkeypatch):
+    """A clone alone validates: the default CRD folder is the repository's, read compressed as it is stored."""
+    from biomedgpt.cluster.check import default_crd_dir
+    from biomedgpt.cluster.validate import load_crds
+
+    monkeypatch.delenv("BIOMEDGPT_CRDS", raising=False)
+    crds = load_crds(default_crd_dir())
+    kinds = {kind for _, kind in crds}
+    assert {"RayJob", "RayService", "RayCluster", "ClusterQueue", "LocalQueue", "ResourceFlavor"} <= kinds

@@ -138,8 +138,8 @@ def add_cluster_commands(subparsers: argparse._SubParsersAction) -> None:
     _tenants_arg(validate)
     validate.add_argument("--k8s", metavar="DIR", default=None, help="the k8s folder (default: beside cluster/)")
     validate.add_argument("--crds", metavar="DIR", default=None,
-                          help="folder of KubeRay and Kueue CRD YAML files (default: $BIOMEDGPT_CRDS, else "
-                               "../shared/schemas/crds beside the checkout)")
+                          help="folder of KubeRay and Kueue CRD YAML files, plain or .xz (default: $BIOMEDGPT_CRDS, "
+                               "else the repository's tests/fixtures/crds)")
     validate.set_defaults(func=_cmd_validate)
 
     api_key = csub.add_parser(

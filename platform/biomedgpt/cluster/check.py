@@ -29,12 +29,11 @@ CRDS_ENV = "BIOMEDGPT_CRDS"
 
 
 def default_crd_dir() -> Path:
-    """$BIOMEDGPT_CRDS, else <shared>/schemas/crds with shared/ found as the tests find it
-    ($BIOMEDGPT_SHARED, else the folder beside the checkout)."""
+    """$BIOMEDGPT_CRDS, else the KubeRay and Kueue CRDs the repository carries at the versions it targets
+    (tests/fixtures/crds, xz-compressed; provenance in tests/fixtures/README.md)."""
     if os.environ.get(CRDS_ENV):
         return Path(os.environ[CRDS_ENV])
-    shared = Path(os.environ.get("BIOMEDGPT_SHARED", REPO.parent / "shared"))
-    return shared / "schemas" / "crds"
+    return REPO / "tests" / "fixtures" / "crds"
 
 
 @dataclass

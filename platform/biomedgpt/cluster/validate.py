@@ -28,6 +28,7 @@ import copy
 import importlib.resources
 import importlib.util
 import json
+import lzma
 import re
 import shutil
 import subprocess
@@ -158,15 +159,16 @@ def load_crds(crd_dir: Path) -> dict[tuple[str, str], CrdVersion]:
     """Every served version of every CRD in crd_dir, by (apiVersion, kind). Parsed once per process
     while the files are unchanged (the KubeRay CRDs are 3 MB of YAML)."""
     out: dict[tuple[str, str], CrdVersion] = {}
-    files = sorted(Path(crd_dir).glob("*.yaml"))
+    files = sorted([*Path(crd_dir).glob("*.yaml"), *Path(crd_dir).glob("*.yaml.xz")])
     if not files:
-        raise FileNotFoundError(f"{crd_dir}: no CustomResourceDefinition files (*.yaml)")
+        raise FileNotFoundError(f"{crd_dir}: no CustomResourceDefinition files (*.yaml, *.yaml.xz)")
     key = tuple((str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
     if key in _crd_cache:
         return _crd_cache[key]
     _crd_cache[key] = out
     for f in files:
-        for crd in load_documents(f.read_text()):
+        text = lzma.decompress(f.read_bytes()).decode() if f.suffix == ".xz" else f.read_text()
+        for crd in load_documents(text):
             if crd.get("kind") != "CustomResourceDefinition":
                 continue
             spec = crd["spec"]

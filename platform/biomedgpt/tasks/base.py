@@ -27,6 +27,7 @@ The defaults below are a free-text task's (generation, exact-match scoring of on
 
 from __future__ import annotations
 
+import abc
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,9 +199,10 @@ def normalize_text(text: Any) -> str:
     return re.sub(r"\s+", " ", str(text).strip().lower())
 
 
-class Task:
+class Task(abc.ABC):
     """A task family: its records, decoding, scores, reports and serving (see the module docstring).
-    Subclasses set the class attributes and override what differs from a free-text task."""
+    Subclasses set the class attributes, implement `instruction` and `example`, and override what
+    differs from a free-text task."""
 
     name: str = ""
     #: whether an example uses the record's image
@@ -238,11 +240,13 @@ class Task:
 
     # -- records --------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def instruction(self, record: dict[str, Any]) -> str:
-        raise NotImplementedError
+        """The encoder text of a record, from its input fields only (what a serving request has)."""
 
+    @abc.abstractmethod
     def example(self, record: dict[str, Any]) -> Example:
-        raise NotImplementedError
+        """The record as a model example; a record missing a field raises `MissingFieldError`."""
 
     def multi_label(self, record: dict[str, Any]) -> bool:
         """Whether the record answers with a list of classes (decoded with method `multilabel`)."""
