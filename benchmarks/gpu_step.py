@@ -55,36 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
                              warmup_ratio=0.04, max_steps=args.steps, clip_grad_norm=5.0, fsdp=fsdp,
                              param_dtype="bfloat16" if gpu and fsdp else None, log_every=10**9)
     n_src, n_tgt, vocab = 80, 30, cfg.vocab_size
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(4):  # a cycle of distinct batches, made once (the data path is not measured here)
-        labels = torch.randint(4, vocab, (args.batch, n_tgt), generator=g)
-        batches.append({
-            "input_ids": torch.randint(4, vocab, (args.batch, n_src), generator=g),
-            "patch_images": torch.randn(args.batch, 3, args.image, args.image, generator=g),
-            "patch_masks": torch.ones(args.batch, dtype=torch.bool),
-            "decoder_input_ids": torch.cat([torch.zeros(args.batch, 1, dtype=torch.long), labels[:, :-1]], 1),
-            "labels": labels,
-        })
+    from synthetic import Cycle, StepClock, batches
 
-    class Cycle:
-        def __iter__(self):
-            for i in range(args.steps):
-                yield batches[i % len(batches)]
-
-    times: list[float] = []
-
-    class Clock(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if gpu:
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if gpu:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
-
+    clock = StepClock(gpu)
+    data = Cycle(batches(vocab, args.batch, args.image, n_src, n_tgt, seed=0), args.steps)
     if fsdp:  # bf16 parameters inside FSDP2's mixed-precision policy; Lightning's precision stays 32
         strategy, precision = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), "32-true"
     else:  # as train/ray_trainer.py: frozen parts give no gradients, so DDP must tolerate unused parameters
@@ -92,11 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
         precision = "bf16-mixed" if gpu else "32-true"
     trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=1, max_steps=args.steps,
                         strategy=strategy, precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Clock()], use_distributed_sampler=False)
+                        enable_model_summary=False, callbacks=[clock], use_distributed_sampler=False)
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=Cycle())
+    trainer.fit(module, train_dataloaders=data)
     wall = time.perf_counter() - t0
-    step_s = statistics.median(times[args.warmup:] or times)
+    step_s = statistics.median(clock.times[args.warmup:] or clock.times)
     n_params = sum(p.numel() for p in module.model.parameters())
     patches = (args.image // 16) ** 2
     tokens = args.batch * (n_src + patches + n_tgt)  # encoder text + image patches + decoder tokens

@@ -53,35 +53,11 @@ def worker(args: argparse.Namespace) -> None:
                              param_dtype="bfloat16" if bf16 and fsdp else None, log_every=10**9)
     n_src, n_tgt = 40, 16
     rank = int(os.environ.get("LOCAL_RANK", "0"))
-    g = torch.Generator().manual_seed(1000 + rank)  # each rank its own data, the same for both strategies
-    batches = []
-    for _ in range(2):
-        labels = torch.randint(4, cfg.vocab_size, (args.batch, n_tgt), generator=g)
-        batches.append({
-            "input_ids": torch.randint(4, cfg.vocab_size, (args.batch, n_src), generator=g),
-            "patch_images": torch.randn(args.batch, 3, args.image, args.image, generator=g),
-            "patch_masks": torch.ones(args.batch, dtype=torch.bool),
-            "decoder_input_ids": torch.cat([torch.zeros(args.batch, 1, dtype=torch.long), labels[:, :-1]], 1),
-            "labels": labels,
-        })
+    from synthetic import Cycle, StepClock, batches
 
-    class Cycle:
-        def __iter__(self):
-            for i in range(args.steps):
-                yield batches[i % len(batches)]
-
-    times: list[float] = []
-
-    class Clock(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if args.gpu:
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if args.gpu:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
+    # each rank its own data, the same for both strategies
+    data = Cycle(batches(cfg.vocab_size, args.batch, args.image, n_src, n_tgt, seed=1000 + rank, count=2), args.steps)
+    clock = StepClock(args.gpu)
 
     backend = "nccl" if args.gpu else "gloo"
     if fsdp:
@@ -93,10 +69,10 @@ def worker(args: argparse.Namespace) -> None:
     trainer = L.Trainer(accelerator="gpu" if args.gpu else "cpu", devices=args.workers, num_nodes=1,
                         max_steps=args.steps, strategy=strategy, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Clock()], use_distributed_sampler=False)
-    trainer.fit(module, train_dataloaders=Cycle())
+                        callbacks=[clock], use_distributed_sampler=False)
+    trainer.fit(module, train_dataloaders=data)
     if trainer.global_rank == 0:
-        step_s = statistics.median(times[args.warmup:] or times)
+        step_s = statistics.median(clock.times[args.warmup:] or clock.times)
         n_params = sum(p.numel() for p in module.model.parameters())
         print("RESULT " + json.dumps({"size": args.size, "strategy": args.strategy, "params": n_params,
                                       "step_ms": round(step_s * 1000, 1), "steps_per_s": round(1 / step_s, 3)}),
