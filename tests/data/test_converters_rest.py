@@ -14,7 +14,9 @@ from data_testing import skipped, tiny_jpeg
 
 from biomedgpt.data.build import build_shards
 from biomedgpt.data.converters import SourceFormatError, open_converter
+from biomedgpt.data.converters.base import RecordDefect
 from biomedgpt.data.dataset_spec import load_dataset_spec
+from biomedgpt.data.plan import BadRecordsError
 from biomedgpt.data.shards import read_shard
 from biomedgpt.tasks import get_task
 
@@ -107,6 +109,58 @@ def test_trec_2022(tmp_path: Path):
         open_converter("trec_2022", str(tmp_path)).splits()
 
 
+def test_trec_2022_defective_topics_are_skipped_with_their_judgements(tmp_path: Path, capsys):
+    """topics2022.xml with a topic without a number, one with an empty description and a number given
+    twice; qrels2022.txt with judgements of those and of a topic the file does not have."""
+    src = tmp_path / "src"
+    write_trec(src)
+    topics = (src / "topics2022.xml").read_text()
+    topics = topics.replace("</topics>", '  <topic>A 40-year-old woman whose topic lost its number.</topic>\n'
+                                         '  <topic number="16">   </topic>\n'
+                                         '  <topic number="4">A second description under number 4.</topic>\n'
+                                         "</topics>")
+    (src / "topics2022.xml").write_text(topics)
+    qrels = (src / "qrels2022.txt").read_text().splitlines()
+    qrels += ["16 0 NCT0000010 2", "99 0 NCT0000010 1"]  # the empty topic's judgement; an unknown topic's
+    (src / "qrels2022.txt").write_text("\n".join(qrels) + "\n")
+    line_99 = len(qrels)
+    split_of = open_converter("trec_2022", str(src)).split_of
+
+    result = build_shards("trec_2022", str(src), str(tmp_path / "out"), max_bad_fraction=0.2, progress=True)
+    err = capsys.readouterr().err
+    samples = {split: [json.loads(s["json"]) for shard in sorted((tmp_path / "out/trec_2022" / split).glob("*.tar"))
+                       for s in read_shard(shard.as_posix())] for split in result}
+    topics_out = {r["topic"] for recs in samples.values() for r in recs}
+    assert topics_out == {str(n) for n in range(1, 16)} - {"4"}  # 4 has two descriptions: neither is used
+    assert sum(m.samples for m in result.values()) == 42
+
+    xml = str(src / "topics2022.xml")
+    no_number = f"{xml}: topic element 16: field 'number': missing"
+    empty = f"{xml}: topic element 17 (number 16): empty patient description"
+    twice = (f"{xml}: topic element 18 (number 4): field 'number': duplicate topic number (also topic element 4): "
+             f"neither description is used")
+    unknown = f"{src / 'qrels2022.txt'}: line {line_99}: field 'topic': topic 99 is not in topics2022.xml"
+    by_split = {split: {RecordDefect.from_json(d).describe() for d in m.notes["defects"]["skipped"]}
+                for split, m in result.items()}
+    for split in result:  # a topic without a number belongs to no split: each split names it
+        assert no_number in by_split[split] and f"trec_2022/{split}: skipped record: {no_number}" in err
+    for text, topic in ((empty, "16"), (twice, "4"), (unknown, "99")):
+        split = split_of(topic) if split_of(topic) in result else None
+        named_in = {s for s in result if text in by_split[s]}
+        assert named_in == ({split} if split else set(result)), (text, named_in)
+        assert f"skipped record: {text}" in err
+    skipped_json = [d for m in result.values() for d in m.notes["defects"]["skipped"]]
+    assert {"file": xml, "reason": "empty patient description", "record": "topic element 17 (number 16)",
+            "index": 16, "id": "16"} in skipped_json
+    assert any(d.get("id") == "99_NCT0000010" and d["index"] == line_99 for d in skipped_json)
+    # the judgements of topics 4 and 16 are dropped and counted, in the split of each topic
+    dropped = {}
+    for topic, judged in (("4", 3), ("16", 1)):
+        dropped[split_of(topic)] = dropped.get(split_of(topic), 0) + judged
+    for split, m in result.items():
+        assert m.notes.get("dropped", {}).get("topic_unusable", 0) == dropped.get(split, 0)
+
+
 def test_trec_2022_builds_through_its_spec(tmp_path: Path):
     write_trec(tmp_path / "src")
     spec = load_dataset_spec(REPO / "datasets_spec" / "trec_2022.yaml")
@@ -191,11 +245,59 @@ def test_ncbi_bionlp(tmp_path: Path):
     assert got[2]["corpus"] == "zz_bc5cdr.xml.gz" and got[0]["task"] == "text"
     assert conv.dropped["train"] == {"duplicate_document": 1}
     (tmp_path / "corpus" / "bad.pubtator").write_text("10021369|t|x\nfree text without a tab\n")
-    with pytest.raises(SourceFormatError, match=r"bad.pubtator: line 2: not PubTator"):
-        records(open_converter("ncbi_bionlp", str(tmp_path)), "train")
+    assert re.fullmatch(r".*bad.pubtator: line 2: not PubTator: .*'free text without a tab'",
+                        skipped(open_converter("ncbi_bionlp", str(tmp_path))))
     (tmp_path / "corpus" / "bad.pubtator").unlink()
     spec = load_dataset_spec(REPO / "datasets_spec" / "ncbi_bionlp.yaml")
     assert build_shards("ncbi_bionlp", str(tmp_path), str(tmp_path / "out"), spec=spec, progress=False)["train"].samples == 3
+
+
+def test_ncbi_bionlp_defects_are_documents_and_files(tmp_path: Path, capsys):
+    """A PubTator file with one malformed document among good ones, a BioC file with a document
+    without its id, and a file that is not XML at all: the good documents are built, each defect is
+    named (file, index, id, reason) on the console and in the manifest, and the budget decides."""
+    corpus = tmp_path / "src" / "corpus"
+    corpus.mkdir(parents=True)
+    pubtator = PUBTATOR + ("\n30000001|t|A title\nthis line is not PubTator\n30000001|a|Its abstract.\n"
+                           "30000001\t0\t1\tA\tDisease\tD1\n"
+                           "\n30000002|t|After the bad one.\n30000002|a|Read again.\n")
+    (corpus / "a.pubtator").write_text(pubtator)
+    bad_line = pubtator.splitlines().index("this line is not PubTator") + 1
+    (corpus / "b.xml").write_text(BIOC.replace("<document><id>2000</id>", "<document>"))
+    (corpus / "c.xml").write_text("PMID\ttitle\n1\tnot XML\n")
+    spec = load_dataset_spec(REPO / "datasets_spec" / "ncbi_bionlp.yaml")
+    build = dict(spec=spec, progress=True)
+
+    # 3 defects among 6 source records: past the default 1% budget, nothing is written
+    with pytest.raises(BadRecordsError, match=r"ncbi_bionlp/train: 3 of 6 source records cannot be used, more than "
+                                              r"the 0 its error budget allows \(max_bad_fraction=0.01; .*"
+                                              rf"a\.pubtator: line {bad_line}: not PubTator"):
+        build_shards("ncbi_bionlp", str(tmp_path / "src"), str(tmp_path / "out"), **build)
+    assert not (tmp_path / "out" / "ncbi_bionlp" / "train").exists()
+    capsys.readouterr()
+
+    result = build_shards("ncbi_bionlp", str(tmp_path / "src"), str(tmp_path / "out"), max_bad_fraction=0.5, **build)
+    manifest = result["train"]
+    ids = [json.loads(s["json"])["id"] for shard in sorted((tmp_path / "out/ncbi_bionlp/train").glob("*.tar"))
+           for s in read_shard(shard.as_posix())]
+    assert sorted(ids) == ["10021369", "10021416", "30000002"] and manifest.samples == 3
+    assert manifest.notes["dropped"] == {"duplicate_document": 1}  # b.xml's first document repeats a.pubtator's
+    note = manifest.notes["defects"]
+    assert note["count"] == 3 and note["records"] == 6 and note["allowed"] == 3
+    by_file = {Path(d["file"]).name: d for d in note["skipped"]}
+    assert by_file["a.pubtator"] == {
+        "file": str(corpus / "a.pubtator"), "record": f"line {bad_line}", "index": bad_line, "id": "30000001",
+        "reason": "not PubTator: expected 'PMID|t|title', 'PMID|a|abstract' or a tab-separated annotation, "
+                  "got 'this line is not PubTator'"}
+    assert by_file["b.xml"] == {"file": str(corpus / "b.xml"), "record": "document 2", "index": 1, "field": "id",
+                                "reason": "missing"}
+    assert by_file["c.xml"]["reason"].startswith("invalid XML at line 1") and "index" not in by_file["c.xml"]
+    err = capsys.readouterr().err
+    for line in (f"{corpus / 'a.pubtator'}: line {bad_line}: not PubTator",
+                 f"{corpus / 'b.xml'}: document 2: field 'id': missing",
+                 f"{corpus / 'c.xml'}: invalid XML at line 1"):
+        assert f"ncbi_bionlp/train: skipped record: {line}" in err
+    assert "3 unusable records skipped (budget 3)" in err
 
 
 # --- OIA-DDR ---------------------------------------------------------------------------------------

@@ -19,6 +19,16 @@ The paper publishes neither its pairing of topic and trial text nor its split, s
 choice: the trial text above, and a topic-disjoint split by a stable hash of the topic number
 (``test_fraction`` of the topics, default 0.2, go to ``test``; option ``val_fraction`` adds a
 ``val`` split). Judged trials missing from the snapshot or without criteria are dropped and counted.
+
+Defects (skipped and named, ``Converter.guard``; the build's error budget decides whether there are too
+many): a ``<topic>`` without a ``number``, with an empty description, or whose number another topic
+has too (neither description is then used: the judgements could be about either) is left out
+(``topics2022.xml: topic element 3 (number 7): empty patient description``, index = the topic's
+0-based position), in the split its number hashes to (no split when it has no number). Judgements of
+such a topic are dropped and counted (``topic_unusable``); a judgement naming a topic that is not in
+the topics file at all, judged twice, of an unreadable trial record, or an unreadable qrels line is a
+defect of its own (``qrels2022.txt: line 12: field 'topic': topic 2 is not in topics2022.xml``). An
+unreadable topics file, or one without any usable topic, still stops the converter.
 """
 
 from __future__ import annotations
@@ -82,6 +92,10 @@ class Trec2022Converter(Converter):
                              f"{val_fraction}")
         self.test_fraction, self.val_fraction = test_fraction, val_fraction
         self._topics: dict[str, str] | None = None
+        #: Topics left out as defects: (0-based position, number or None, the error naming them).
+        self._bad_topics: list[tuple[int, str | None, SourceFormatError]] = []
+        #: Numbers of the topics left out (their judgements are dropped as ``topic_unusable``).
+        self._unusable_topics: set[str] = set()
         self._trials: dict[str, str] | None = None
 
     def split_of(self, topic: str) -> str:
@@ -93,25 +107,49 @@ class Trec2022Converter(Converter):
         return "train"
 
     def topics(self) -> dict[str, str]:
-        """topic number -> patient description."""
+        """topic number -> patient description, of the usable topics; the others are defects (see the
+        module docstring), named through :meth:`guard` in the split their number hashes to."""
         if self._topics is None:
             file = self.url("topics")
             if not storage.exists(file):
                 raise SourceFormatError(file, "topics file not found")
             out: dict[str, str] = {}
+            first: dict[str, str] = {}  # number -> where its first topic is
+            bad: list[tuple[int, str | None, SourceFormatError]] = []
+            unusable: set[str] = set()
+            n = 0
             for i, topic in enumerate(parse_xml(file).iter("topic")):
-                number = (topic.get("number") or "").strip()
-                if not number:
-                    raise SourceFormatError(file, "missing", record=f"topic {i + 1}", field="number")
+                n += 1
+                number = (topic.get("number") or "").strip() or None
+                where = f"topic element {i + 1}" + (f" (number {number})" if number else "")
+                if number is None:
+                    bad.append((i, None, SourceFormatError(file, "missing", record=where, field="number")))
+                    continue
+                if number in first:
+                    bad.append((i, number, SourceFormatError(
+                        file, f"duplicate topic number (also {first[number]}): neither description is used",
+                        record=where, field="number")))
+                    out.pop(number, None)
+                    unusable.add(number)
+                    continue
+                first[number] = f"topic element {i + 1}"
                 text = element_text(topic)
                 if not text:
-                    raise SourceFormatError(file, "empty patient description", record=f"topic {number}")
-                if number in out:
-                    raise SourceFormatError(file, "duplicate topic number", record=f"topic {number}")
+                    bad.append((i, number, SourceFormatError(file, "empty patient description", record=where)))
+                    unusable.add(number)
+                    continue
                 out[number] = text
             if not out:
-                raise SourceFormatError(file, "no <topic> elements")
-            self._topics = out
+                reasons = "; ".join(str(err) for _, _, err in bad[:3])
+                raise SourceFormatError(file, f"no usable <topic> elements ({n} found{': ' if reasons else ''}"
+                                              f"{reasons})")
+            self._topics, self._bad_topics, self._unusable_topics = out, bad, unusable
+            present = {self.split_of(number) for number in out}
+            for i, number, err in bad:
+                split = self.split_of(number) if number is not None else None
+                with self.guard(split if split in present else None, i) as guard:
+                    guard.id = number
+                    raise err
         return self._topics
 
     def qrels(self, skip=None) -> Iterator[tuple[str, str, str, str]]:
@@ -158,15 +196,21 @@ class Trec2022Converter(Converter):
         file = self.url("qrels")
         criteria: dict[str, str | None] = {}  # NCT id -> eligibility text (None: not in the snapshot)
         seen: dict[str, str] = {}
+        present = self.splits()
         for where, topic, nct, rel in self.qrels(skip=self.bad_row(None)):
-            with self.guard(None, row_number(where)) as guard:
+            topic_split = self.split_of(topic)
+            if topic_split in present and topic_split != split:
+                continue
+            # a judgement is its topic's split's defect (of no split when that split has no usable topic)
+            with self.guard(topic_split if topic_split in present else None, row_number(where)) as guard:
+                record_id = guard.id = f"{topic}_{nct}"
+                if topic in self._unusable_topics:  # the topic is a defect already: its judgements go with it
+                    if topic_split == split:
+                        self.drop(split, "topic_unusable")
+                    continue
                 if topic not in topics:
                     raise SourceFormatError(file, f"topic {topic} is not in {self.files['topics']}", record=where,
                                             field="topic")
-                if self.split_of(topic) != split:
-                    continue
-                guard.split = split
-                record_id = guard.id = f"{topic}_{nct}"
                 if record_id in seen:
                     raise SourceFormatError(file, f"judged twice (also {seen[record_id]})", record=where)
                 seen[record_id] = where
