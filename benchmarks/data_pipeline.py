@@ -18,9 +18,20 @@ the same shards copied ten times under new names (10x); 256 px images, batch 64,
 (c) Images/s per core of the image transform alone (`transforms.load_image`: decode at reduced DCT
     scale, RGB, bicubic resize to 256, normalise) on every VQA-RAD JPEG, one process, one thread,
     against plain PIL decode + resize + normalise. Target: >= 200 images/s per core.
+(d) The rank's planning state at 100x the shards, from manifests alone (no shard bytes): 1x is 200
+    shards, 100x is 20,000, the pretraining corpus's shape (3% image shards of ~1,000 samples, 97% text
+    shards of ~9,433 sentences: ~600K images and ~183M sentences at 100x). In a fresh process per point
+    (the rank's process: the stream module imported, torch with it), rank 0 of 8 reads the manifests,
+    builds its stream (the epoch-0 plan checked), plans an epoch, resumes at a position 40% into it
+    (mid-shard, windows moved by bad rows), then re-plans for 3 ranks and resumes there. Figures: the
+    wall time; the process's peak RSS (`ru_maxrss`, what the rank needs; the import alone is shown
+    too) and the 100x / 1x ratio of it (target <= 1.3x); and, traced with tracemalloc in a second pass,
+    the planning state itself: its peak (manifest parsing) and what stays held, which grow with the
+    shards (not with the samples or the bytes).
 
-`.venv/bin/python benchmarks/data_pipeline.py [--repeat 3]`. The last line printed is one JSON object
-with the figures.
+`.venv/bin/python benchmarks/data_pipeline.py [--repeat 3] [--only plan]`: `--only plan` runs (d)
+alone (a few seconds, no Ray, no shard bytes). The last line printed is one JSON object with the
+figures.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -273,13 +286,130 @@ def transform_rates(repeat: int) -> dict:
             "plain_pil_per_core": round(rate(plain), 1)}
 
 
+# -- the planning state at 100x the shards ----------------------------------------------------------
+
+#: Shards at 1x of (d); 100x is PLAN_SHARDS * 100 (20,000: the pretraining corpus's shape).
+PLAN_SHARDS = 200
+PLAN_WORLD, PLAN_NEW_WORLD, PLAN_EPOCH = 8, 3, 5
+
+
+def write_plan_manifests(root: Path, shards: int) -> None:
+    """Manifests only (no shard files) of an image split (3% of the shards, ~1,000 samples each) and a
+    text split (97%, ~9,433 sentences each) under `root`."""
+    from biomedgpt.data.shards import Manifest, ShardEntry, write_manifest
+
+    images = shards * 3 // 100
+    for dataset, count, samples in (("pretrain_images", images, lambda i: 995 + i % 11),
+                                    ("pubmed_text", shards - images, lambda i: 9_400 + (i * 37) % 67)):
+        entries = [ShardEntry(f"{dataset}-train-{i:06d}.tar", samples(i), samples(i) * 300, f"{i:064x}",
+                              f"{i + 1:064x}") for i in range(count)]
+        write_manifest(str(root / dataset / "train"), Manifest(dataset, "train", "caption", "synthetic", "CC0 1.0",
+                                                               "open", entries))
+
+
+def plan_state(root: str) -> tuple[list, int]:
+    """What rank 0 holds to read an epoch from a mid-epoch position, for PLAN_WORLD ranks and again after
+    a re-plan for PLAN_NEW_WORLD ranks: the shard lists, the streams, the epoch's plan, the resumed reads."""
+    from biomedgpt.data.stream import ShardStream, batches_per_epoch, list_shards, plan_epoch, rank_reads, rank_shards
+
+    groups = [(list_shards(root, ds, "train"), 1.0) for ds in ("pretrain_images", "pubmed_text")]
+    per_epoch = batches_per_epoch(plan_epoch(groups, PLAN_EPOCH, 0), PLAN_WORLD, BATCH)
+    batches = per_epoch * 2 // 5 + 1
+    position = {"epoch": PLAN_EPOCH, "batches": batches,
+                "rows_by_rank": [batches // 4 * 256 + 17 * r + 3 for r in range(PLAN_WORLD)]}
+    held: list = [groups]
+    for world in (PLAN_WORLD, PLAN_NEW_WORLD):
+        stream = ShardStream(groups, rank=0, world=world, batch_size=BATCH, seed=0, preprocess={},
+                             columns=["input_ids"], shuffle_buffer=256)
+        stream.seek(position)
+        mine = rank_shards(plan_epoch(groups, PLAN_EPOCH, 0), 0, world)
+        reads, skip = rank_reads(mine, PLAN_EPOCH, stream.window_start)
+        assert reads[0].offset + skip == stream.window_start, "resume does not start at the window"
+        held.append((stream, mine, reads))
+    return held, sum(s.samples for shards, _ in groups for s in shards)
+
+
+def plan_point(root: str) -> dict:
+    """One point of (d), in this (fresh) process: times and peak RSS untraced, then the state traced."""
+    import resource
+    import tracemalloc
+
+    import biomedgpt.data.stream  # noqa: F401 - the rank's process has it (and torch) imported
+
+    import_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    held, samples = plan_state(root)
+    seconds = time.perf_counter() - t0
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    shards = len(held[0][0][0]) + len(held[0][1][0])
+    del held
+    gc.collect()
+    tracemalloc.start()
+    held, _ = plan_state(root)
+    traced_held, traced_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"shards": shards, "samples": samples, "seconds": seconds, "import_mb": import_kib / 1024,
+            "peak_mb": peak_kib / 1024, "traced_peak_mb": traced_peak / 2**20, "held_mb": traced_held / 2**20}
+
+
+def plan_memory() -> dict:
+    """(d): the 1x and 100x points, each in its own process."""
+    points = {}
+    work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
+    try:
+        for x, shards in (("1x", PLAN_SHARDS), ("100x", PLAN_SHARDS * 100)):
+            root = work / x
+            write_plan_manifests(root, shards)
+            out = subprocess.run([sys.executable, __file__, "--plan-point", str(root)], check=True,
+                                 capture_output=True, text=True).stdout
+            points[x] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    one, hundred = points["1x"], points["100x"]
+    figures = {}
+    for x, p in points.items():
+        figures.update({f"plan_shards_{x}": p["shards"], f"plan_samples_{x}": p["samples"],
+                        f"plan_seconds_{x}": round(p["seconds"], 3), f"plan_import_mb_{x}": round(p["import_mb"], 1),
+                        f"plan_peak_mb_{x}": round(p["peak_mb"], 1),
+                        f"plan_traced_peak_mb_{x}": round(p["traced_peak_mb"], 2),
+                        f"plan_held_mb_{x}": round(p["held_mb"], 2)})
+    figures["plan_memory_ratio_100x"] = round(hundred["peak_mb"] / one["peak_mb"], 3)
+    figures["plan_held_bytes_per_shard_100x"] = round(hundred["held_mb"] * 2**20 / hundred["shards"])
+    figures["plan_traced_peak_bytes_per_shard_100x"] = round(hundred["traced_peak_mb"] * 2**20 / hundred["shards"])
+    return figures
+
+
+def print_plan_memory(f: dict) -> None:
+    print(f"(d) rank 0's planning state from manifests alone: read, plan an epoch for {PLAN_WORLD} ranks, resume "
+          f"40% into it, re-plan for {PLAN_NEW_WORLD} ranks and resume (a fresh process per point)")
+    print("| shards | samples | seconds | peak RSS MiB (import alone) | traced peak MiB | held MiB |")
+    print("|---|---|---|---|---|---|")
+    for x in ("1x", "100x"):
+        print(f"| {x}: {f[f'plan_shards_{x}']:,} | {f[f'plan_samples_{x}']:,} | {f[f'plan_seconds_{x}']:.3f} | "
+              f"{f[f'plan_peak_mb_{x}']:.1f} ({f[f'plan_import_mb_{x}']:.1f}) | {f[f'plan_traced_peak_mb_{x}']:.2f} | "
+              f"{f[f'plan_held_mb_{x}']:.2f} |")
+    print(f"| **100x / 1x** | | | **{f['plan_memory_ratio_100x']:.2f}x** (target <= 1.3x) | "
+          f"{f['plan_traced_peak_bytes_per_shard_100x']:,} B/shard | {f['plan_held_bytes_per_shard_100x']:,} B/shard |")
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs of each pipeline, interleaved (best counts)")
+    parser.add_argument("--only", choices=["plan"], help="run only (d), the planning state at 100x the shards")
+    parser.add_argument("--plan-point", metavar="ROOT", help=argparse.SUPPRESS)  # one point of (d), in its process
     args = parser.parse_args()
+    if args.plan_point:
+        print(json.dumps(plan_point(args.plan_point)))
+        return
+    if args.only == "plan":
+        plan = plan_memory()
+        print()
+        print_plan_memory(plan)
+        print(json.dumps(plan))
+        return
 
     import ray
 
@@ -306,6 +436,7 @@ def main() -> None:
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    plan = plan_memory()
 
     platform, baseline = max(platform_rates), max(baseline_rates)
     gib = 2**30
@@ -324,6 +455,7 @@ def main() -> None:
         "memory_ratio_store": round(mem10.peak_store / mem1.peak_store, 3),
         "memory_samples": [mem1.samples, mem10.samples],
         "transform": transform,
+        **plan,
     }
     print()
     print(f"(a) throughput, {EPOCHS} epochs of the 1x shards ({n_platform} samples), {IMAGE_SIZE} px, batch {BATCH}, "
@@ -351,6 +483,8 @@ def main() -> None:
     print("|---|---|")
     print(f"| plain PIL decode + resize + normalise | {t['plain_pil_per_core']:.1f} |")
     print(f"| platform load_image (draft decode) | {t['platform_per_core']:.1f} (target >= 200) |")
+    print()
+    print_plan_memory(plan)
     print(json.dumps(figures))
 
 

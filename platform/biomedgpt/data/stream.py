@@ -113,6 +113,23 @@ def rank_shards(plan: Sequence[ShardInfo], rank: int, world: int) -> list[ShardI
     return list(plan[rank::world])
 
 
+def rank_reads(shards: Sequence[ShardInfo], epoch: int, start: int = 0) -> tuple[list[_Read], int]:
+    """A rank's shard reads of one epoch (`shards`: its shards in plan order) from raw row `start` of
+    its rows on: the shards wholly before `start` are left out unread, the first read is of the shard
+    holding row `start`; with the rows of that shard to skip. Each read carries the offset of its first
+    row in the rank's rows, so the reads cover rows [start, planned) exactly. O(shards), whatever the
+    samples or the position."""
+    first, skip = 0, start
+    while first < len(shards) and skip >= shards[first].samples:
+        skip -= shards[first].samples
+        first += 1
+    reads, offset = [], start - skip
+    for sh in shards[first:]:
+        reads.append(_Read(sh, epoch, offset))
+        offset += sh.samples
+    return reads, skip
+
+
 def batches_per_epoch(plan: Sequence[ShardInfo], world: int, batch_size: int,
                       budget: ErrorBudget | None = None) -> int:
     """Batches every rank yields this epoch: min over ranks of (planned rows - error allowance) //
@@ -306,6 +323,15 @@ class ShardStream:
             pos["rows"] = self._window_rows
         return pos
 
+    @property
+    def window_start(self) -> int:
+        """The raw row of this rank's rows in the current epoch where its current shuffle window starts:
+        where reading resumes (the rows before it were consumed; the batches the window already gave
+        are re-read and skipped)."""
+        if self._window_rows is not None:
+            return self._window_rows
+        return self.batches_in_epoch // (self.window // self.batch_size) * self.window
+
     def seek(self, position: dict[str, Any]) -> None:
         """Continue from `position` (this rank's, or a gathered one with `rows_by_rank`)."""
         self.epoch = int(position["epoch"])
@@ -443,23 +469,10 @@ class ShardStream:
             allowance = {ep: self.budget.allowance(sum(sh.samples for sh in mine)) for ep, _, mine in epochs}
             # Resume inside the first epoch: skip its consumed windows, whole shards unread.
             w_index = self.batches_in_epoch // per_window
-            start_rows = self._window_rows if self._window_rows is not None else w_index * window
-            skip_rows = start_rows
-            first = list(epochs[0][2])
-            while first and skip_rows >= first[0].samples:
-                skip_rows -= first[0].samples
-                first = first[1:]
-            skipped_whole = start_rows - skip_rows
-            reads: list[_Read] = []
-            offset = skipped_whole
-            for sh in first:
-                reads.append(_Read(sh, epochs[0][0], offset))
-                offset += sh.samples
+            start_rows = self.window_start
+            reads, skip_rows = rank_reads(epochs[0][2], epochs[0][0], start_rows)
             for ep, _, mine in epochs[1:]:
-                offset = 0
-                for sh in mine:
-                    reads.append(_Read(sh, ep, offset))
-                    offset += sh.samples
+                reads += rank_reads(mine, ep)[0]
             reader = _RowReader(self._read([r.shard for r in reads], [r.epoch for r in reads]), self.columns, reads,
                                 lambda *a: self._count_bad(*a, allowance))
             reader.skip(skip_rows)
