@@ -67,6 +67,15 @@ def test_demo_command_runs_the_whole_slice(tmp_path):
     assert (run_dir / "logs" / "metrics.csv").is_file() and (run_dir / "loss.png").is_file()
     assert json.loads((run_dir / "report.json").read_text())["steps"] == 4
     assert list((run_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    # the console speaks of phases and progress; the libraries' own logs are in the run's logs/
+    for noise in ("RayTrainWorker", "Reporting training result", "weights_only", "Tip:", "ServeController",
+                  "Deprecat", "Warning:", "INFO "):
+        assert noise not in log, f"{noise!r} on the console:\n{log[-5000:]}"
+    assert f"logs: Ray's, Lightning's and torch's own logs go to {run_dir / 'logs'}" in log
+    assert "[biomedgpt] evaluate: 8/8 samples" in log
+    assert "Reporting training result" in (run_dir / "logs" / "workers" / "rank0.log").read_text()
+    assert (run_dir / "logs" / "driver.log").is_file()
+    assert list((run_dir / "logs" / "ray").glob("worker-*.out")) and list((run_dir / "logs" / "serve" / "ray").iterdir())
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

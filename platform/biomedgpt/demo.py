@@ -19,7 +19,7 @@ import yaml
 
 from .data.stream import records
 from .runner import run_training
-from .session import ensure_ray, free_port, say
+from .session import ensure_ray, free_port, keep_ray_logs, say
 from .spec import spec_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,6 +97,7 @@ def run_demo(out: str = "runs/demo", spec_path: str | None = None) -> dict[str, 
         say(f"A: {answer['answer']}   [reference: {sample['answer']}; model {answer['model']}, {answer['decoding']}]")
     finally:
         serve.shutdown()
+        keep_ray_logs(Path(result.run_dir) / "logs" / "serve")  # the Serve controller's, proxy's and replica's logs
         ray.shutdown()
     summary = {"run_dir": result.run_dir, "export": result.export_dir, "evaluation": ev,
                "question": sample["question"], "answer": answer["answer"], "reference": sample["answer"],

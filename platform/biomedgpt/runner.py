@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
+from .console import libraries_to_file
 from .data import storage as st
 from .data.build import build_shards
 from .evaluate.job import run_evaluate_job, run_evaluation
 from .modeldir import export_checkpoint
-from .session import RunResult, ensure_ray, localize, say, staging_dir
+from .session import RunResult, ensure_ray, keep_ray_logs, localize, say, staging_dir
 from .spec import JobSpec
 from .tenancy import admit, load_tenants
 from .train.plan import plan_training
@@ -43,27 +45,32 @@ def run(spec: Any) -> RunResult:
 def run_training(spec: JobSpec, *, num_cpus: int | None = None) -> RunResult:
     """Train (or resume) the spec's run; export and evaluate the result. One Ray session serves the
     training and the evaluation after it (when this call starts Ray, it stops it at the end)."""
+    # The run lives at its URL (local or object storage). Ray Train writes checkpoints there itself;
+    # everything else (assets, logs, report, export, evaluation) is made in run_dir, which is the URL's
+    # folder when that is local, else a staging folder uploaded to the URL as the job goes.
+    run_dir = st.local_path(spec.run_dir) if st.is_local(spec.run_dir) else staging_dir(spec)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if libraries_to_file(run_dir / "logs" / "driver.log"):
+        say(f"logs: Ray's, Lightning's and torch's own logs go to {run_dir / 'logs'} (--verbose shows them here)")
     started = ensure_ray(num_cpus)
     import ray  # after ensure_ray: Ray reads its environment when imported
 
     try:
-        return _train_export_evaluate(spec)
+        return _train_export_evaluate(spec, run_dir)
     finally:
         if started:
+            keep_ray_logs(run_dir / "logs")
             ray.shutdown()
 
 
-def _train_export_evaluate(spec: JobSpec) -> RunResult:
-    from .train.ray_trainer import fit  # imports Ray: only once ensure_ray has set its environment
+def _train_export_evaluate(spec: JobSpec, run_dir: Path) -> RunResult:
+    # imports Ray: only once ensure_ray has set its environment
+    from .train.progress import ProgressView
+    from .train.ray_trainer import fit
 
     assert spec.data is not None
-    # The run lives at run_url (local or object storage). Ray Train writes checkpoints there itself;
-    # everything else (assets, logs, report, export, evaluation) is made in run_dir, which is run_url
-    # when that is local, else a staging folder uploaded to run_url as the job goes.
     run_url = spec.run_dir
     remote = not st.is_local(run_url)
-    run_dir = staging_dir(spec) if remote else st.local_path(run_url)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if remote and (pulled := st.download_dir(st.join(run_url, "logs"), run_dir / "logs")):
         say(f"storage: resuming {run_url}: {pulled} log file(s) of earlier attempts fetched")
     (run_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
@@ -78,7 +85,8 @@ def _train_export_evaluate(spec: JobSpec) -> RunResult:
         f" -> {run_url}")
     if remote:
         st.upload_dir(run_dir, run_url)  # spec.json and assets beside the checkpoints from the start
-    result = fit(plan)
+    with ProgressView(plan.max_steps) as view:  # the workers' progress, drawn here
+        result = fit(plan, progress=view.inbox)
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     if result.checkpoint is None:

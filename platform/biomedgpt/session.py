@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .console import VERBOSE_ENV, say, verbose
+
 # Ports Ray components take by default; an ephemeral port handed to Ray must not be one of them.
 RAY_DEFAULT_PORTS = frozenset({6379, 8076, 8265, 10001, 44217, 44227, 52365, 52366, 62365})
-
-
-def say(msg: str) -> None:
-    """One progress line of the driver."""
-    print(f"[biomedgpt] {msg}", flush=True)
 
 
 @dataclass
@@ -62,17 +60,59 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    # The workers' own output reaches this terminal only with --verbose; the platform's progress comes
+    # through train/progress.py, and each worker's log stays in the run's logs/ and Ray's session logs.
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=verbose(), configure_logging=False)
         return True
     port = free_port()
     # Train workers ask the dashboard's state API whether the controller lives (FIELD_NOTES): they get
     # its address through the runtime env only, so nothing started later by this process inherits it.
+    env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    if verbose():
+        env_vars[VERBOSE_ENV] = "1"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
-                                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
-             log_to_driver=True, configure_logging=False)
+             runtime_env={"env_vars": env_vars}, log_to_driver=verbose(), configure_logging=False)
     return True
+
+
+# A Ray log file bigger than this is named in logs/ray/README.txt instead of copied.
+KEEP_RAY_LOG_MAX_BYTES = 20 * 2**20
+
+
+def keep_ray_logs(dest: str | os.PathLike[str]) -> Path | None:
+    """Copy the local Ray session's logs (every worker's and actor's output, Serve's and Ray Data's
+    logs) into `dest/ray/` before Ray is shut down, so a run keeps them beside its own; a file over
+    KEEP_RAY_LOG_MAX_BYTES is listed in `dest/ray/README.txt` with its path instead. None when this
+    process has no local Ray session."""
+    import ray
+
+    try:
+        node = ray._private.worker._global_node  # Ray keeps no public handle on its session folder
+        src = Path(node.get_logs_dir_path()) if node is not None else None
+    except Exception:
+        src = None
+    if src is None or not src.is_dir():
+        return None
+    out = Path(dest) / "ray"
+    left_out: list[str] = []
+    for path in sorted(src.rglob("*")):
+        if not path.is_file():
+            continue
+        target = out / path.relative_to(src)
+        try:
+            if path.stat().st_size > KEEP_RAY_LOG_MAX_BYTES:
+                left_out.append(f"{path} ({path.stat().st_size} bytes)")
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+        except OSError as err:  # a file Ray is still writing or has just rotated
+            left_out.append(f"{path} ({err.strerror or err})")
+    if left_out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "README.txt").write_text("Ray's session logs not copied here (too big, or unreadable):\n"
+                                        + "\n".join(left_out) + "\n")
+    return out
 
 
 def submitted_job() -> str | None:

@@ -20,7 +20,8 @@ from .tenancy import admit, load_tenants
 # A head that just started may have no job agent yet: retry that many times, that many seconds apart.
 AGENT_RETRIES, AGENT_RETRY_S = 5, 5.0
 
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+                 "BIOMEDGPT_VERBOSE")
 
 
 def _git_ignored(path: Path, repo: Path) -> bool:

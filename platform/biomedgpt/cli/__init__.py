@@ -18,6 +18,9 @@
     biomedgpt k8s rayjob SPEC                  a KubeRay RayJob (Kueue-queued) for a job spec
 
 Every subcommand has `--help`. Errors are printed as one line naming the file or field, exit code 2.
+The console shows one line per phase and progress bars; Ray's, Serve's, Lightning's and torch's own
+logs go to the run's `logs/` (the path is printed once): `-v/--verbose`, before or after the command,
+shows them on the terminal instead.
 
 The package holds the whole command line: this module (the front door and the commands of its own),
 `shards.py` (`shards ...`), `serve.py` (`serve`, `serve-config`, `registry ...`), `evaluate.py`
@@ -34,6 +37,7 @@ import os
 import sys
 from typing import Sequence
 
+from ..console import quiet_warnings, set_verbose
 from ..evaluate.score import add_score_parser
 from ..spec import SpecError
 from .cluster import add_cluster_commands
@@ -117,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ..model.configuration import SIZES  # transformers (~4 s): `model info` offers the sizes as choices
 
     parser = argparse.ArgumentParser(prog="biomedgpt", description="Pretrain, fine-tune, evaluate and serve BiomedGPT.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's, Serve's, Lightning's and torch's own logs and warnings on the terminal "
+                             "(otherwise they go to the run's logs/ folder)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -186,9 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --verbose is accepted anywhere before a "--": moved in front of the command, where the parser has it
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in VERBOSE_FLAGS]
+    argv = flags[:1] + [a for a in argv[:end] if a not in VERBOSE_FLAGS] + argv[end:]
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        set_verbose(True)
+    quiet_warnings()
     try:
         return int(args.func(args) or 0)
     except (SpecError, ValueError, FileNotFoundError, KeyError) as err:

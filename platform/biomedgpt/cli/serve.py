@@ -18,12 +18,17 @@ REGISTRY_HELP = "registry URL: a path, file:// or s3:// (default $BIOMEDGPT_REGI
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import tempfile
     import time
 
-    from ..session import ensure_ray
+    from ..console import libraries_to_file
+    from ..session import ensure_ray, keep_ray_logs
     from ..serve.spec import apply_serve_ray_env
 
     apply_serve_ray_env()  # before Ray starts (and before ray.serve reads its constants)
+    logs = Path(tempfile.gettempdir()) / "biomedgpt-logs" / time.strftime("serve-%Y%m%d-%H%M%S")
+    if libraries_to_file(logs / "driver.log"):
+        print(f"[biomedgpt] logs: Ray's and Serve's own logs go to {logs} (--verbose shows them here)", flush=True)
     from ..serve.app import start, start_spec, stop
 
     target = Path(args.target)
@@ -50,6 +55,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         stop(name)
+        keep_ray_logs(logs)
     return 0
 
 

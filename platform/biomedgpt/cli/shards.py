@@ -56,6 +56,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
     spec = load_dataset_spec(spec_path) if spec_path else None
     if spec is not None and not args.quiet:
         print(f"dataset spec: {spec_path}", file=sys.stderr)
+    if args.ray:  # Ray's own logs to a file: the console keeps the bar of shards
+        import tempfile
+        import time
+
+        from ..console import libraries_to_file
+
+        log = Path(tempfile.gettempdir()) / "biomedgpt-logs" / time.strftime("shards-%Y%m%d-%H%M%S.log")
+        if libraries_to_file(log) and not args.quiet:
+            print(f"[biomedgpt] logs: Ray's own logs go to {log} (--verbose shows them here)", file=sys.stderr)
     options = _pairs(args.option, "--option", parse_values=True)
     if args.skip_missing_images:
         options["on_missing_image"] = "skip"

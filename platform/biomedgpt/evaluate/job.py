@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..modeldir import CONFIG, MODEL_FILES, WEIGHTS, export_checkpoint, materialise, read_model_meta
-from ..session import RunResult, ensure_ray, say, staging_dir
+from ..console import Progress, libraries_to_file
+from ..session import RunResult, ensure_ray, keep_ray_logs, say, staging_dir
 from ..tasks import DecodePlan, evaluated_task_names, get_task
 from .candidates import (Candidates, EvaluationError, answer_candidates, list_split_shards, load_dataset_spec_or_none,
                          shard_records)
@@ -291,16 +292,14 @@ def predict_entries(entries: list[EvalEntry], bundle: dict[str, bytes], settings
     t0 = time.perf_counter()
     chunks: dict[int, dict[int, list[dict]]] = {i: {} for i in range(len(entries))}
     thumbs: list[dict[str, str]] = [{} for _ in entries]
+    total = sum(e.count for e in entries)
     try:
         pool = ActorPool(actors)
-        done = 0
-        for res in pool.map_unordered(lambda actor, unit: actor.run.remote(unit), units):
-            chunks[res["entry"]][res["order"]] = res["predictions"]
-            thumbs[res["entry"]].update(res["thumbnails"])
-            done += 1
-            e = entries[res["entry"]]
-            say(f"evaluate: {e.key} shard {res['order'] + 1}/{len(e.units())}: {len(res['predictions'])} predictions "
-                f"in {res['seconds']:.1f} s ({done}/{len(units)} shards)")
+        with Progress(total, "evaluate", unit="sample") as bar:
+            for res in pool.map_unordered(lambda actor, unit: actor.run.remote(unit), units):
+                chunks[res["entry"]][res["order"]] = res["predictions"]
+                thumbs[res["entry"]].update(res["thumbnails"])
+                bar.update(len(res["predictions"]))
     finally:
         for a in actors:
             try:
@@ -359,6 +358,7 @@ def run_evaluation(spec, model_source: str, out_dir: str | Path, *, num_cpus: in
             use_gpu=ev.use_gpu, report_samples=ev.report_samples)
     finally:
         if started:
+            keep_ray_logs(out / "logs")
             ray.shutdown()
     del bundle
 
@@ -425,6 +425,8 @@ def run_evaluate_job(spec, *, num_cpus: int | None = None):
     remote = not st.is_local(run_url)
     out = staging_dir(spec) if remote else st.local_path(run_url)
     out.mkdir(parents=True, exist_ok=True)
+    if libraries_to_file(out / "logs" / "driver.log"):
+        say(f"logs: Ray's and torch's own logs go to {out / 'logs'} (--verbose shows them here)")
     (out / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
     flat = run_evaluation(spec, spec.model.init, out, num_cpus=num_cpus)
     result = RunResult(run_dir=run_url, export_dir=spec.model.init, evaluation=flat)

@@ -88,9 +88,11 @@ class StepCheckpointer(L.Callback):
             shutil.rmtree(base)
         trainer.strategy.barrier()
         if self.sharded:
-            trainer.save_checkpoint(base / "lightning")  # collective: every rank writes its shard
+            # collective: every rank writes its shard. weights_only=False: the full state (optimizer, loops,
+            # the data position), said explicitly (Lightning logs a notice when it is left unset)
+            trainer.save_checkpoint(base / "lightning", weights_only=False)
         else:
-            trainer.save_checkpoint(base / "lightning.ckpt")  # gathered; rank 0 writes the full state
+            trainer.save_checkpoint(base / "lightning.ckpt", weights_only=False)  # gathered; rank 0 writes the full state
         metrics = self._metrics(trainer)
         if trainer.is_global_zero:
             meta = dict(self.meta, step=step, metrics=metrics, format="sharded" if self.sharded else "full")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from ..model.tokenizer import BiomedGPTTokenizer
 from ..modeldir import materialise
 from ..tasks import get_task
+from .progress import send
 
 
 def full_state_dict(model: torch.nn.Module, rank0: bool) -> dict[str, torch.Tensor]:
@@ -117,8 +117,7 @@ class EvalDuringTraining(L.Callback):
             self.history.append(dict(metrics, step=float(step)))
             shown = "  ".join(f"{k[len('eval/'):]} {v:.4f}" for k, v in metrics.items()
                               if not k.endswith(("/count", "_count", "/num_labels")) and k != "eval/seconds")
-            sys.stdout.write(f"[eval] step {step}: {shown} ({metrics['eval/seconds']:.1f} s)\n")
-            sys.stdout.flush()
+            send({"kind": "eval", "text": f"step {step}: {shown} ({metrics['eval/seconds']:.1f} s)"})
         del state
         trainer.strategy.barrier("biomedgpt-eval-during-training")
 

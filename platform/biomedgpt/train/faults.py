@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from .progress import send
+
 
 def maybe_crash(point: str, step: int, rank: int) -> None:
     spec = os.environ.get("BIOMEDGPT_FAULTS", "")
@@ -28,6 +30,11 @@ def maybe_crash(point: str, step: int, rank: int) -> None:
             if marker.exists():
                 return
             marker.write_text(f"{point}@{step}:{rank}\n")
-        sys.stderr.write(f"[fault] {point} at step {step} on rank {rank}: exiting\n")
+        text = f"{point} at step {step} on rank {rank}: exiting"
+        try:  # the driver's console shows it (the worker's own output goes to its log)
+            send({"kind": "fault", "text": text}, wait=True)
+        except Exception:
+            pass
+        sys.stderr.write(f"[fault] {text}\n")
         sys.stderr.flush()
         os._exit(13)

@@ -11,7 +11,6 @@ after a failure.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.lightning import RayLightningEnvironment
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from ..console import libraries_to_file
 from ..data import storage
 from ..data.pipeline import TRAIN_COLUMNS
 from ..data.stream import ShardStream, merge_data_errors
@@ -35,6 +35,7 @@ from .checkpoints import StepCheckpointer
 from .eval_callback import EvalDuringTraining
 from .module import BiomedGPTModule
 from .plan import TrainPlan
+from .progress import attach, send
 from .report import keep_earlier_attempt
 
 
@@ -147,6 +148,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t = plan.trainer
     torch.set_num_threads(max(1, plan.torch_threads))
     ctx = ray.train.get_context()
+    # Lightning's, Ray's and torch's records go to the run's logs/workers/, progress to the driver
+    libraries_to_file(Path(plan.log_dir) / "workers" / f"rank{ctx.get_world_rank()}.log")
+    attach(config.get("progress"))
     module = make_module(t, plan.model_config, plan.init_dir, noise_vocab_end=plan.noise_vocab_end,
                          constraint_candidates=plan.constraint_candidates)
     checkpointer = StepCheckpointer(
@@ -160,7 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           columns=TRAIN_COLUMNS, shuffle_buffer=plan.data.shuffle_buffer,
                           error_budget=plan.data.error_budget)
     callbacks: list[L.Callback] = [checkpointer, DataPosition(batches, plan.log_dir, t.log_every, plan.max_steps),
-                                   ProgressPrinter(plan.max_steps, t.log_every)]
+                                   ProgressReporter(plan.max_steps, t.log_every)]
     logger: Any = False
     if ctx.get_world_rank() == 0:  # metrics.csv for the report, TensorBoard events for people
         if plan.log_url and not (Path(plan.log_dir) / "metrics.csv").exists():
@@ -181,8 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with checkpoint.as_directory() as ckpt_dir:
         path = lightning_checkpoint_path(Path(ckpt_dir))
         if ctx.get_world_rank() == 0:
-            sys.stdout.write(f"[train] resuming from {checkpoint.path}\n")
-            sys.stdout.flush()
+            send({"kind": "resume", "path": checkpoint.path})
         trainer.fit(module, train_dataloaders=batches, ckpt_path=str(path))
 
 
@@ -207,12 +210,13 @@ class LogSync(L.Callback):
         self.sync(trainer)
 
 
-class ProgressPrinter(L.Callback):
-    """Prints one progress line every `every` steps on rank 0 (Lightning's bar is off in workers)."""
+class ProgressReporter(L.Callback):
+    """Rank 0 sends a progress item every `every` steps and at the last one (train/progress.py: the
+    driver draws the bar; Lightning's own bar is off in workers)."""
 
     def __init__(self, max_steps: int, every: int) -> None:
         self.max_steps = max_steps
-        self.every = every
+        self.every = max(1, every)
         self.last = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -221,14 +225,11 @@ class ProgressPrinter(L.Callback):
             return
         self.last = step
         m = trainer.callback_metrics
-        parts = [f"step {step}/{self.max_steps}"]
-        for key, label, fmt in (("train/loss", "loss", ".4f"), ("train/lr", "lr", ".2e"),
-                                ("train/samples_per_s", "samples/s", ".1f")):
+        item: dict[str, Any] = {"kind": "step", "step": step, "max_steps": self.max_steps}
+        for key, name in (("train/loss", "loss"), ("train/lr", "lr"), ("train/samples_per_s", "samples_per_s")):
             if key in m:
-                parts.append(f"{label} {float(m[key]):{fmt}}")
-        # Written to the stream directly: Ray Train's patched print() would echo the line twice.
-        sys.stdout.write("[train] " + "  ".join(parts) + "\n")
-        sys.stdout.flush()
+                item[name] = float(m[key])
+        send(item)
 
 
 def scaling_config(t: TrainerSpec) -> ScalingConfig:
@@ -237,16 +238,17 @@ def scaling_config(t: TrainerSpec) -> ScalingConfig:
     return ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources)
 
 
-def fit(plan: TrainPlan) -> Result:
+def fit(plan: TrainPlan, progress: Any = None) -> Result:
     """Run the plan on a TorchTrainer (`trainer.workers` workers; the run `<storage>/<name>`, resumed from
-    its latest checkpoint when there is one); returns Ray's Result (`.checkpoint`: the latest checkpoint)."""
+    its latest checkpoint when there is one); returns Ray's Result (`.checkpoint`: the latest checkpoint).
+    `progress`: a ProgressInbox (train/progress.py) rank 0 sends its progress to; None: printed."""
     t = plan.trainer
     fs, path = storage.pyarrow_filesystem(plan.storage)
     if storage.is_local(plan.storage):
         Path(path).mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan},  # Ray's config is a dict: the typed plan is its one entry
+        train_loop_config={"plan": plan, "progress": progress},  # Ray's config is a dict
         scaling_config=scaling_config(t),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(

@@ -1,0 +1,183 @@
+"""The console is for people: one line per phase, a progress bar on long work, then a summary.
+
+Ray's, Serve's, Lightning's and torch's own logs go to a file of the run (`libraries_to_file`), whose
+path the job prints once; `--verbose` (or BIOMEDGPT_VERBOSE=1, which reaches Ray's workers through
+their environment) brings them back to the terminal. Warnings the platform itself would cause are
+silenced here (`quiet_warnings`), not left for the user to read.
+
+    say("training: 2 workers, 300 steps")
+    with Progress(total=n, desc="evaluate", unit="sample") as bar:
+        bar.update(k)
+
+Nothing here imports the rest of the package, or Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
+
+VERBOSE_ENV = "BIOMEDGPT_VERBOSE"
+
+# The libraries whose log records go to the run's log file unless --verbose.
+LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "lightning", "lightning.pytorch",
+                   "lightning.fabric", "pytorch_lightning", "torch", "fsspec", "s3fs", "botocore", "urllib3",
+                   "filelock", "transformers", "py.warnings", "uvicorn", "fastapi")
+
+# Warnings that come from how the libraries are wired together, not from anything the user did; each
+# is either handled by the platform or harmless here (reasons beside them).
+SILENCED_WARNINGS = (
+    # Lightning's hints about dataloader workers and logging intervals: Ray Data feeds the batches.
+    r".*does not have many workers.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+    r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    # Lightning's own tips (LitLogger, tensorboardX) printed when a Trainer is made.
+    r".*Tip: .*",
+    r".*Consider installing .*",
+    # A Ray Data iterator handed to Lightning has no length; the step budget (max_steps) ends the epoch.
+    r".*Total length of `.*` across ranks is zero.*",
+    r".*Your `IterableDataset` has `__len__` defined.*",
+    # Deprecations inside Ray and Lightning that their next releases resolve.
+    r".*pkg_resources is deprecated.*",
+    r".*is deprecated and will be removed.*",
+    r".*The '.*' parameter is deprecated.*",
+    # torch.distributed.checkpoint's notice that a single-process save/load runs without a process group.
+    r".*torch.distributed is disabled, unavailable or uninitialized.*",
+    r".*TypedStorage is deprecated.*",
+)
+
+
+def verbose() -> bool:
+    """Whether the libraries' own logs go to the terminal (`--verbose` or BIOMEDGPT_VERBOSE=1)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_verbose(on: bool) -> None:
+    """Set for this process and everything it starts (Ray's workers read the same variable)."""
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+    else:
+        os.environ.pop(VERBOSE_ENV, None)
+
+
+def say(msg: str) -> None:
+    """One progress line of the driver."""
+    print(f"[biomedgpt] {msg}", flush=True)
+
+
+def quiet_warnings() -> None:
+    """Silence the warnings the platform's wiring of the libraries causes (unless --verbose), and
+    Lightning's tips; does nothing to warnings from the user's own code or data."""
+    if verbose():
+        return
+    for pattern in SILENCED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # workers Ray starts from here
+    for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # "GPU available: False", "Tip: ..."
+
+
+def libraries_to_file(log_file: str | os.PathLike[str]) -> Path | None:
+    """Send the libraries' log records (and Python warnings) to `log_file` instead of the terminal;
+    returns the file, or None when --verbose keeps them on the terminal. Their levels are left as
+    they are: the file holds what the terminal would have shown."""
+    if verbose():
+        return None
+    path = Path(log_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.captureWarnings(True)
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+                logger.removeHandler(old)
+            elif isinstance(old, logging.FileHandler) and getattr(old, "_biomedgpt", False):
+                logger.removeHandler(old)
+                old.close()
+        handler._biomedgpt = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    return path
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """A progress bar for long work: tqdm on a terminal, else (a log file, CI) one line per tenth of
+    the total with the rate and the time left. `total` may be unknown (None): then a line per
+    `every` items."""
+
+    def __init__(self, total: int | None, desc: str, unit: str = "it", *, enabled: bool = True,
+                 stream: TextIO | None = None, every: int | None = None) -> None:
+        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+        self.stream = stream or sys.stdout
+        self.n = 0
+        self.t0 = time.monotonic()
+        self._bar: Any = None
+        self._shown = 0  # the count of the last line printed
+        self._every = every or (max(1, total // 10) if total else 100)
+        if enabled and self.stream.isatty():
+            try:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total, desc=f"[biomedgpt] {desc}", unit=unit, leave=False,
+                                 file=self.stream, dynamic_ncols=True)
+            except ImportError:  # tqdm is a dependency of the libraries we use; lines if not there
+                self._bar = None
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.t0
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        text = f"[biomedgpt] {self.desc}: {done} {self.unit}s  {rate:.1f} {self.unit}s/s"
+        if self.total and rate > 0 and self.n < self.total:
+            text += f"  ETA {_clock((self.total - self.n) / rate)}"
+        return text
+
+    def update(self, n: int = 1) -> None:
+        self.moveto(self.n + n)
+
+    def moveto(self, n: int) -> None:
+        """Set the count (a resumed run starts past zero; a retried one may go back)."""
+        if not self.enabled:
+            self.n = n
+            return
+        if self._bar is not None:
+            self._bar.update(n - self.n)
+            self.n = n
+            return
+        self.n = n
+        crossed = n // self._every != self._shown // self._every
+        if n != self._shown and (crossed or (self.total and n >= self.total)):
+            self._shown = n
+            self.write(self.line())
+
+    def write(self, text: str) -> None:
+        """A line above the bar (or on its own without one)."""
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
