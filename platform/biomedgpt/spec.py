@@ -246,9 +246,15 @@ class TrainerSpec:
     (captioning); `decoder_noise` replaces that fraction of decoder input tokens by random text tokens
     (summarisation, OFA's noise_ratio); `freeze_token_embeddings` freezes the shared token embedding
     (OFA's --freeze-encoder-embedding --freeze-decoder-embedding); `ema` keeps a moving average of the
-    weights. Examples carrying a `loss_weight` (pretraining's second group) are weighted by it."""
+    weights. Examples carrying a `loss_weight` (pretraining's second group) are weighted by it.
+
+    `min_workers` (default: `workers`) makes the group elastic: Ray Train starts or restarts it (after a
+    failure, `max_failures`) with as many workers between `min_workers` and `workers` as the cluster has
+    room for. Whatever the count, the run keeps the data plan and global batch (`workers` x `batch_size`
+    x `grad_accumulation`) of the worker count it started with, so every count must divide that batch."""
 
     workers: int = 1
+    min_workers: int | None = None
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int | None = None
@@ -306,6 +312,16 @@ class TrainerSpec:
                 raise SpecError(f"{where}.{name}: {msg}, got {getattr(self, name)!r}")
         if self.precision != "32-true" and not self.use_gpu and self.precision == "16-mixed":
             raise SpecError(f"{where}.precision: 16-mixed needs a GPU (use 32-true or bf16-mixed on CPU)")
+        if self.min_workers is not None:
+            if not 1 <= self.min_workers <= self.workers:
+                raise SpecError(f"{where}.min_workers: must be in [1, workers = {self.workers}], got {self.min_workers!r}")
+            total = self.workers * self.batch_size
+            odd = [m for m in range(self.min_workers, self.workers) if total % m]
+            if odd:
+                raise SpecError(f"{where}.min_workers: a group of {odd[0]} worker(s) cannot share the global batch of "
+                                f"{total} samples (workers {self.workers} x batch_size {self.batch_size}) equally; "
+                                f"choose min_workers and batch_size so that every count from min_workers to workers "
+                                f"divides workers x batch_size")
         if self.max_steps is not None and self.epochs is not None:
             raise SpecError(f"{where}.epochs: give max_steps or epochs, not both (max_steps is {self.max_steps})")
         self.ema.validate(f"{where}.ema")

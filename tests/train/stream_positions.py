@@ -9,7 +9,8 @@ from collections import Counter
 from typing import Any, Sequence
 
 from biomedgpt.data.error_budget import ErrorBudget
-from biomedgpt.data.stream import ShardStream, batches_per_epoch, list_shards, plan_epoch
+from biomedgpt.data.shards import read_shard
+from biomedgpt.data.stream import ShardStream, batches_per_epoch, list_shards, plan_epoch, rank_shards
 
 
 class StreamOf:
@@ -48,6 +49,25 @@ class StreamOf:
             stream.seek(position)
         it = iter(stream)
         return [[int(x) for x in next(it)["sample_id"]] for _ in range(batches)]
+
+    def batch_keys(self, rank: int, tokenizer_dir: str, batches: int) -> list[list[str]]:
+        """The sample keys of the first `batches` batches plan rank `rank` reads (needs a running Ray)."""
+        preprocess = dict(task_name="vqa", tokenizer_dir=tokenizer_dir, image_size=16, max_source_length=24,
+                          max_target_length=8)
+        stream = ShardStream(self.groups, rank=rank, world=self.world, batch_size=self.batch_size, seed=self.seed,
+                             preprocess=preprocess, columns=("__key__",), shuffle_buffer=self.shuffle_buffer,
+                             as_torch=False, min_rows_per_read=1, error_budget=self.budget)
+        it = iter(stream)
+        return [[str(k) for k in next(it)["__key__"]] for _ in range(batches)]
+
+    def planned_keys(self, epoch: int) -> list[str]:
+        """The keys of every sample of the shards epoch `epoch`'s plan lists (a shard listed twice, twice)."""
+        return [s["__key__"] for sh in plan_epoch(self.groups, epoch, self.seed) for s in read_shard(sh.url)]
+
+    def planned_rows(self, epoch: int) -> list[int]:
+        """Rows each rank's shards hold in epoch `epoch`."""
+        plan = plan_epoch(self.groups, epoch, self.seed)
+        return [sum(sh.samples for sh in rank_shards(plan, r, self.world)) for r in range(self.world)]
 
     def check_epochs_covered_once(self, per_rank: Sequence[Sequence[Sequence[int]]], whole_epoch: bool = True) -> None:
         """`per_rank[r]`: the sample ids of the batches rank r trained on, in order, from the start. Within

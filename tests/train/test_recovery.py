@@ -13,103 +13,14 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from stream_positions import StreamOf
-from tests_paths import REPO
-
-BIN = Path(sys.executable).parent
-
-
-def spec_file(tmp: Path, shards: Path, name: str, **trainer) -> Path:
-    data = yaml.safe_load((REPO / "jobs" / "demo" / "vqa_rad.yaml").read_text())
-    data["name"] = name
-    data["model"]["image_size"] = 16
-    data["model"]["tokenizer"]["train_vocab_size"] = 300
-    data["data"]["shards"] = str(shards)
-    data["data"]["build"] = {"vqa_rad": str(REPO / "datasets_spec" / "samples" / "vqa_rad")}
-    data["data"]["shard_max_samples"] = 16
-    data["trainer"].update(batch_size=4, log_every=5, checkpoint_every=10, max_failures=0)
-    data["trainer"].update(trainer)
-    data["evaluate"]["enabled"] = False
-    data["output"]["storage"] = str(tmp / "runs")
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def run_dir(tmp: Path, name: str) -> Path:
-    return tmp / "runs" / "demo" / name
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1", **extra)
-    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
-    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # a Ray of an earlier test is not this one
-        e.pop(var, None)
-    return e
-
-
-def start(spec: Path, log: Path, **extra_env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "biomedgpt.cli", "run", str(spec)], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, env=env(**extra_env), start_new_session=True)
-
-
-def registered(run: Path) -> list[str]:
-    """Checkpoints Ray Train has recorded (a checkpoint counts only once every rank reported it)."""
-    snap = run / "checkpoint_manager_snapshot.json"
-    if not snap.is_file():
-        return []
-    try:
-        text = snap.read_text()
-    except OSError:
-        return []
-    return sorted(set(part.split('"')[0] for part in text.split("checkpoint-")[1:] if part[:8].isdigit()))
-
-
-def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before: {what}")
-        if time.time() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.5)
-
-
-def train_workers(proc: subprocess.Popen) -> list:
-    """The Ray Train workers of the job `proc` runs (its local Ray's processes descend from it; other
-    Rays on the machine are not this job's)."""
-    import psutil
-
-    out = []
-    for p in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.NoSuchProcess:
-            continue
-    return out
-
-
-def data_position(checkpoint: Path) -> dict:
-    meta = torch.load(checkpoint / "lightning" / "meta.pt", map_location="cpu", weights_only=False)
-    return next(v["position"] for k, v in meta["callbacks"].items() if "DataPosition" in k)
-
-
-def stream_of(shards: Path, spec: Path) -> StreamOf:
-    return StreamOf(str(shards), "vqa_rad", yaml.safe_load(spec.read_text()))
-
-
-def steps_logged(log: str) -> list[int]:
-    return [int(line.split("[train] step ")[1].split("/")[0]) for line in log.splitlines() if "[train] step " in line]
+from job_runs import (data_position, registered, run_dir, spec_file, start, steps_logged, stream_of, train_workers,
+                      wait_until)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,13 @@ Resuming skips the shards the position has fully consumed without reading them (
 consumed rows of the partly read shard, so no sample is read twice or dropped within an epoch (beyond
 the tail every epoch drops so that ranks stay equal).
 
+Elastic resume (:class:`ElasticStream`): a run keeps the epoch plan of the worker count it started with,
+its data world N, whatever the number M of workers it continues on. The global batch of every step is
+the N plan ranks' batches of that step, in rank order; compute rank j of M takes its equal share of
+those rows (the whole batches of some plan ranks and/or a slice of one), so each step trains exactly the
+samples the N-rank run would have, and epochs cover what the N-rank plan covers. Only the global batch
+(N x batch_size) must divide by M.
+
 Memory does not grow with the data: Ray Data may hold at most `buffer_bytes` of preprocessed rows in
 the object store ahead of the rank (default: 256 MiB per cluster CPU, 512 MiB to 4 GiB). The reading is
 one Ray Data map operator, one task per shard read (`read_and_preprocess`), so reads spread over the
@@ -361,12 +368,15 @@ class ShardStream:
         """Bad samples this rank counted (its share of the run's total, restored ones included)."""
         return sum(s.count for s in self._summary.values())
 
-    def data_errors(self) -> dict[str, Any]:
-        """This rank's counts as a JSON-able report (see `merge_data_errors`)."""
+    def data_errors(self, since_epoch: int | None = None) -> dict[str, Any]:
+        """This rank's counts as a JSON-able report (see `merge_data_errors`), with the bad rows already
+        counted in the epochs from `since_epoch` on (default: the current one; a checkpoint's position may
+        be an epoch behind a stream that fetched ahead), which a resume from there re-reads."""
+        since = self.epoch if since_epoch is None else since_epoch
         return {"bad_samples": self.bad_samples,
                 "shards": [{"dataset": ds, "shard": url, "count": s.count, "reasons": dict(s.reasons),
                             "examples": list(s.examples)} for (ds, url), s in sorted(self._summary.items())],
-                "pending": [[self.rank, e, o, c] for (e, o), (c, _, _) in sorted(self._bad.items()) if e >= self.epoch]}
+                "pending": [[self.rank, e, o, c] for (e, o), (c, _, _) in sorted(self._bad.items()) if e >= since]}
 
     def restore_data_errors(self, state: dict[str, Any] | None, *, keep_counts: bool) -> None:
         """Continue counting from a merged report (from a checkpoint). Every rank takes the bad rows of the
@@ -510,7 +520,8 @@ class ShardStream:
                     skip_in_window = 0
                 reader.skip(planned - consumed)  # the tail every rank drops so that ranks stay equal
                 self.epoch, self.batches_in_epoch, self._window_rows = epoch + 1, 0, None
-                self._bad = {k: v for k, v in self._bad.items() if k[0] >= self.epoch}
+                # the epoch just ended stays: a checkpoint taken before the batch fetched ahead resumes in it
+                self._bad = {k: v for k, v in self._bad.items() if k[0] >= self.epoch - 1}
 
 
 def _gather(parts: Sequence[dict[str, np.ndarray]], starts: np.ndarray, rows: np.ndarray, columns: Sequence[str]
@@ -702,3 +713,198 @@ def merge_data_errors(reports: Sequence[dict[str, Any] | None]) -> dict[str, Any
         by_dataset[s["dataset"]] = by_dataset.get(s["dataset"], 0) + s["count"]
     return {"bad_samples": sum(s["count"] for s in items), "by_dataset": dict(sorted(by_dataset.items())),
             "shards": items, "pending": pending}
+
+
+# -- elastic resume: the plan of N ranks on M workers ---------------------------------------------
+
+
+def elastic_layout(data_world: int, world: int, batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """How `world` workers share the global batch of a plan of `data_world` ranks of `batch_size`: per
+    worker, the pieces (plan rank, first row, end row) of the plan ranks' batches it takes at every step.
+    The global batch is the plan ranks' batches in rank order; worker j takes its rows
+    [j * per, (j + 1) * per), per = data_world * batch_size / world. A global batch `world` workers
+    cannot share equally is refused (ValueError naming trainer.workers and trainer.batch_size)."""
+    total = data_world * batch_size
+    if world < 1 or total % world:
+        fits = [m for m in range(1, 2 * data_world + 1) if total % m == 0]
+        raise ValueError(
+            f"trainer.workers: this run's data plan has {data_world} rank(s) x trainer.batch_size {batch_size} = a "
+            f"global batch of {total} samples per step (the worker count and per-worker batch it started with), "
+            f"which {world} workers cannot share equally; continue it on a worker count that divides {total} "
+            f"(e.g. {', '.join(map(str, fits))}), or start a new run (another name) whose trainer.batch_size suits "
+            f"{world} workers")
+    per = total // world
+    layout = []
+    for j in range(world):
+        lo, hi = j * per, (j + 1) * per
+        pieces, v = [], lo // batch_size
+        while v * batch_size < hi:
+            start = v * batch_size
+            pieces.append((v, max(lo, start) - start, min(hi, start + batch_size) - start))
+            v += 1
+        layout.append(pieces)
+    return layout
+
+
+def merge_positions(positions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One position for a checkpoint from the ranks' `position_after` (gathered in rank order): the epoch
+    and batches (equal on every rank), and where bad rows moved a rank's window, `rows_by_rank` (one
+    entry per plan rank, None where nothing moved). An ElasticStream's positions also carry the data
+    world (`world`) and their rows by plan rank."""
+    head = positions[0]
+    out = {k: v for k, v in head.items() if k != "rows"}
+    if "world" in head:  # ElasticStream: rows by plan rank
+        rows: list[Any] = [None] * int(head["world"])
+        for p in positions:
+            for v, r in p.get("rows", {}).items():
+                rows[int(v)] = r
+    else:  # ShardStream: rank i's rows
+        rows = [p.get("rows") for p in positions]
+    if any(r is not None for r in rows):
+        out["rows_by_rank"] = rows
+    return out
+
+
+class ElasticStream:
+    """Compute rank `rank` of `world` workers reading the epoch plan of `data_world` ranks (the worker
+    count the run started with): at every step, its share of the plan ranks' batches (see
+    `elastic_layout`), so the run's global batch, the samples of every step and the epochs stay those of
+    the `data_world`-rank run. With `world == data_world` it is the ShardStream of its rank.
+
+    It reads each plan rank it takes rows of with a ShardStream of that rank (one Ray Data execution
+    each; a plan rank shared by two workers is read by both), and has the interface the training
+    callbacks use: `position_after`, `seek`, `data_errors`, `restore_data_errors`, `bad_samples`. The
+    bad samples of a plan rank are counted (for the run's totals) by the worker holding its first rows.
+    `keys`: remember the sample keys of the last batches handed out (`keys_after`), for tests and
+    audits."""
+
+    def __init__(self, groups: Sequence[tuple[Sequence[ShardInfo], float]], *, rank: int, world: int,
+                 batch_size: int, data_world: int | None = None, columns: Sequence[str], as_torch: bool = True,
+                 keys: bool = False, buffer_bytes: int | None = None, **stream_kwargs: Any) -> None:
+        self.rank, self.world = rank, world
+        self.data_world = data_world or world
+        self.plan_batch_size = batch_size
+        self.pieces = elastic_layout(self.data_world, world, batch_size)[rank]
+        self.columns = list(columns)
+        self.as_torch = as_torch
+        self.keys = keys
+        read_columns = self.columns + (["__key__"] if keys and "__key__" not in self.columns else [])
+        if buffer_bytes is None and len(self.pieces) > 1:
+            buffer_bytes = max(128 << 20, default_buffer_bytes() // len(self.pieces))  # the rank's budget, shared
+        self.streams = [ShardStream(groups, rank=v, world=self.data_world, batch_size=batch_size, columns=read_columns,
+                                    as_torch=False, buffer_bytes=buffer_bytes, **stream_kwargs)
+                        for v, _, _ in self.pieces]
+        # the plan ranks whose counts this worker reports: those it takes the first rows of
+        self.owns = [first == 0 for _, first, _ in self.pieces]
+        self._keys: deque[tuple[int, list[str]]] = deque(maxlen=16)
+        self._yielded = 0
+
+    @property
+    def batch_size(self) -> int:
+        """This worker's rows per batch: the global batch / world."""
+        return self.data_world * self.plan_batch_size // self.world
+
+    @property
+    def plan_ranks(self) -> list[int]:
+        return [v for v, _, _ in self.pieces]
+
+    def describe(self) -> str:
+        """What this worker takes of the plan, in words."""
+        parts = [f"plan rank {v}" + ("" if (a, b) == (0, self.plan_batch_size) else f" rows {a}-{b - 1}")
+                 for v, a, b in self.pieces]
+        return f"worker {self.rank} takes {' + '.join(parts)} of each step ({self.batch_size} samples)"
+
+    # -- position ------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.streams[0].epoch
+
+    @property
+    def batches_in_epoch(self) -> int:
+        return self.streams[0].batches_in_epoch
+
+    @property
+    def last_dataset(self) -> Any:
+        return self.streams[0].last_dataset
+
+    def _local(self, positions: Sequence[dict[str, int]]) -> dict[str, Any]:
+        head = positions[0]
+        rows = {v: p["rows"] for v, p in zip(self.plan_ranks, positions) if "rows" in p}
+        return {"epoch": head["epoch"], "batches": head["batches"], "world": self.data_world, "rows": rows}
+
+    @property
+    def position(self) -> dict[str, Any]:
+        """This worker's position (see `merge_positions` for the one a checkpoint holds)."""
+        return self._local([s.position for s in self.streams])
+
+    def position_after(self, batches: int) -> dict[str, Any]:
+        """This worker's position right after the `batches`-th batch it handed out (ShardStream.position_after)."""
+        return self._local([s.position_after(batches) for s in self.streams])
+
+    def seek(self, position: dict[str, Any]) -> None:
+        """Continue from a checkpoint's position (`merge_positions`). Its `world`, when it has one, must be
+        this stream's data world; one without (a checkpoint from before elastic resume) keeps its per-rank
+        rows only for a plan of as many ranks as it lists."""
+        world = position.get("world")
+        if world is not None and int(world) != self.data_world:
+            raise ValueError(f"the checkpoint's data position is for a plan of {world} ranks, this stream reads a plan of "
+                             f"{self.data_world}")
+        by_rank = position.get("rows_by_rank")
+        for v, stream in zip(self.plan_ranks, self.streams):
+            p = {"epoch": int(position["epoch"]), "batches": int(position["batches"])}
+            if by_rank is not None and len(by_rank) == self.data_world and by_rank[v] is not None:
+                p["rows"] = int(by_rank[v])
+            stream.seek(p)
+        self._yielded = 0
+        self._keys.clear()
+
+    def keys_after(self, batches: int) -> list[str]:
+        """The sample keys of the `batches`-th batch handed out since the start or the last seek (`keys=True`)."""
+        for count, keys in self._keys:
+            if count == batches:
+                return keys
+        raise ValueError(f"no keys of batch {batches} (keys=True keeps the last {self._keys.maxlen})")
+
+    # -- bad data ------------------------------------------------------------------------------
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples of the plan ranks this worker counts for (their share of the run's total)."""
+        return sum(s.bad_samples for s, own in zip(self.streams, self.owns) if own)
+
+    def data_errors(self, since_epoch: int | None = None) -> dict[str, Any]:
+        """The counts of the plan ranks this worker counts for, as one report (see `merge_data_errors`)."""
+        mine = [s.data_errors(since_epoch) for s, own in zip(self.streams, self.owns) if own]
+        if len(mine) == 1:
+            return mine[0]
+        merged = merge_data_errors(mine)
+        return {k: merged[k] for k in ("bad_samples", "shards", "pending")}
+
+    def restore_data_errors(self, state: dict[str, Any] | None, *, keep_counts: bool) -> None:
+        """Every plan rank read here takes its already-counted rows; the totals go to this worker's first
+        plan rank when `keep_counts` (one worker of the run: rank 0, whose first plan rank it owns)."""
+        for i, stream in enumerate(self.streams):
+            stream.restore_data_errors(state, keep_counts=keep_counts and i == 0 and self.owns[0])
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batches from the current position on, forever: at every step this worker's rows of the plan
+        ranks' batches, in plan-rank order."""
+        iters = [iter(s) for s in self.streams]
+        whole = len(self.pieces) == 1 and self.pieces[0][1:] == (0, self.plan_batch_size)
+        while True:
+            parts = [next(it) for it in iters]
+            if whole:
+                batch = dict(parts[0])
+            else:
+                batch = {c: np.concatenate([p[c][a:b] for p, (_, a, b) in zip(parts, self.pieces)])
+                         for c in parts[0]}
+            self._yielded += 1
+            keys = batch.pop("__key__", None) if "__key__" not in self.columns else batch.get("__key__")
+            if self.keys and keys is not None:
+                self._keys.append((self._yielded, [str(k) for k in keys]))
+            if self.as_torch:
+                batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+            yield batch

@@ -103,6 +103,7 @@ class StepCheckpointer(L.Callback):
         # One upload per node (its local rank 0 holds that node's shards and, on node 0, the metadata).
         local_zero = trainer.local_rank == 0 and (self.sharded or trainer.is_global_zero)
         self.report(metrics, base if local_zero else None, f"checkpoint-{step:08d}")
+        maybe_crash("hold-after-report", step, trainer.global_rank)
         trainer.strategy.barrier()
         if trainer.local_rank == 0:
             shutil.rmtree(base, ignore_errors=True)

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.stream import ErrorBudget, ShardInfo, list_shards, records
+from ..data import storage as st
+from ..data.stream import ErrorBudget, ShardInfo, elastic_layout, list_shards, records
 from ..evaluate.job import training_eval_config
 import torch
 
 from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from ..model.tokenizer import BiomedGPTTokenizer
+from ..modeldir import CHECKPOINT_META
 from ..session import say
 from ..spec import JobSpec, TrainerSpec
 from ..tasks import get_task
@@ -42,6 +44,9 @@ class DataPlan:
     """The keyword arguments of the preprocessing (data/pipeline.py): task family, tokenizer folder, image
     size, source/target lengths, augmentation, task options."""
     error_budget: ErrorBudget
+    world: int = 1
+    """The ranks of every epoch's plan (the data world): the worker count the run started with, kept when it
+    continues on another number of workers (ElasticStream); a fresh run's is `trainer.workers`."""
 
 
 @dataclass
@@ -100,9 +105,17 @@ def plan_training(spec: JobSpec, run_dir: Path, *, log_url: str | None = None, s
     shard_lists = [list_shards(d.shards, r.dataset, r.split) for r in d.train]
     groups = list(zip(shard_lists, mixing_weights(d.train, shard_lists, d.group_ratios)))
     budget = ErrorBudget(d.max_bad_samples, d.max_bad_fraction)
+    storage_root = storage or str(run_dir.parent.resolve())
+    previous = previous_checkpoint_meta(st.join(storage_root, spec.name))
+    data_world = data_world_for(spec, previous)
     strategy, why = choose_strategy(t, model_config)
+    if previous and previous.get("format") == "sharded" and strategy == "ddp":
+        if t.strategy != "auto":
+            raise ValueError(f"{spec.source}: trainer.strategy: ddp cannot resume this run's sharded FSDP2 checkpoints "
+                             f"(checkpoint of step {previous.get('step')}); use fsdp or auto")
+        strategy, why = "fsdp", "auto: this run's checkpoints are sharded FSDP2 ones"
     say(f"strategy: {strategy} ({why})")
-    max_steps = t.max_steps or steps_for_epochs(groups, t.epochs, world=t.workers, batch_size=t.batch_size,
+    max_steps = t.max_steps or steps_for_epochs(groups, t.epochs, world=data_world, batch_size=t.batch_size,
                                                 grad_accumulation=t.grad_accumulation, seed=t.seed, budget=budget)
     if t.epochs is not None:
         say(f"schedule: {t.epochs:g} epoch(s) = {max_steps} optimizer steps (from the manifests' sample counts)")
@@ -111,7 +124,7 @@ def plan_training(spec: JobSpec, run_dir: Path, *, log_url: str | None = None, s
     assets.update({name: (assets_dir / name).read_bytes() for name in ("answers.json", "candidates.json")})
     return TrainPlan(
         name=spec.name,
-        storage=storage or str(run_dir.parent.resolve()),
+        storage=storage_root,
         trainer=dataclasses.replace(t, max_steps=max_steps, epochs=None, strategy=strategy),
         model_config=model_config,
         init_dir=spec.model.init,
@@ -121,7 +134,7 @@ def plan_training(spec: JobSpec, run_dir: Path, *, log_url: str | None = None, s
         if t.label_smoothing_candidates and constrained else None,
         torch_threads=t.torch_threads or max(1, int(t.cpus_per_worker)),
         data=DataPlan(
-            groups=groups, shuffle_buffer=d.shuffle_buffer, error_budget=budget,
+            groups=groups, shuffle_buffer=d.shuffle_buffer, error_budget=budget, world=data_world,
             preprocess=dict(task_name=d.task, tokenizer_dir=str((assets_dir / "tokenizer").resolve()),
                             image_size=spec.model.image_size, max_source_length=d.max_source_length,
                             max_target_length=d.max_target_length, augment=d.augment.to_config(),
@@ -137,6 +150,33 @@ def plan_training(spec: JobSpec, run_dir: Path, *, log_url: str | None = None, s
         # evaluation during training (evaluate.every_n_steps > 0), planned here: the workers only decode
         evaluate=training_eval_config(spec, model_answers=answers),
     )
+
+
+def previous_checkpoint_meta(run_url: str) -> dict[str, Any] | None:
+    """The metadata (`biomedgpt.json`) of the newest checkpoint an earlier start of the run left in
+    `run_url` (Ray Train's run folder), or None for a new run."""
+    metas = sorted(rel for rel in st.list_files(run_url) if rel.startswith("checkpoint-") and rel.count("/") == 1
+                   and rel.endswith("/" + CHECKPOINT_META))
+    for rel in reversed(metas):
+        try:
+            return json.loads(st.read_text(st.join(run_url, rel)))
+        except (OSError, ValueError):
+            continue  # a checkpoint being written: the one before says as much about the run
+    return None
+
+
+def data_world_for(spec: JobSpec, previous: dict[str, Any] | None) -> int:
+    """The run's data world (DataPlan.world): the one its checkpoints record, else `trainer.workers`.
+    Refuses a worker count (and with `min_workers`, any count of the elastic range) that cannot share the
+    run's global batch equally (data/stream.py: elastic_layout)."""
+    t = spec.trainer
+    data_world = int((previous or {}).get("data_world") or t.workers)
+    for workers in range(t.min_workers or t.workers, t.workers + 1):
+        try:
+            elastic_layout(data_world, workers, t.batch_size)
+        except ValueError as err:
+            raise ValueError(f"{spec.source}: {err}") from None
+    return data_world
 
 
 #: Bytes of training state per parameter: float32 weights and gradients, and AdamW's two moments.

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..console import Progress, verbose
 
@@ -120,7 +121,9 @@ class ProgressView:
         self._last_line = -1
 
     def __enter__(self) -> "ProgressView":
-        self.inbox = ProgressInbox.options(name=None, lifetime=None).remote()
+        # on the driver's node: the workers' nodes may be lost (a retry, an elastic restart) while the job goes on
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.inbox = ProgressInbox.options(name=None, lifetime=None, scheduling_strategy=here).remote()
         self._bar = Progress(self.max_steps, "train", unit="step", every=10 ** 12)
         self._thread = threading.Thread(target=self._run, name="biomedgpt-progress", daemon=True)
         self._thread.start()

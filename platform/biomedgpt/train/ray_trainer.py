@@ -11,6 +11,8 @@ after a failure.
 from __future__ import annotations
 
 import json
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ..console import libraries_to_file
 from ..data import storage
 from ..data.pipeline import TRAIN_COLUMNS
-from ..data.stream import ShardStream, merge_data_errors
-from ..modeldir import lightning_checkpoint_path
+from ..data.stream import ElasticStream, merge_data_errors, merge_positions
+from ..modeldir import lightning_checkpoint_path, read_checkpoint_meta
 from ..spec import TrainerSpec
 from .checkpoints import StepCheckpointer
 from .eval_callback import EvalDuringTraining
@@ -40,8 +42,9 @@ from .report import keep_earlier_attempt
 
 
 class DataPosition(L.Callback):
-    """Saves the training stream's position (epoch, batches) in every checkpoint and restores it, so a
-    resumed run reads exactly the batches the interrupted one had not.
+    """Saves the training stream's position (epoch, batches; with an ElasticStream also the data world,
+    the ranks of the epoch plan) in every checkpoint and restores it, so a resumed run reads exactly the
+    batches the interrupted one had not, on as many workers as before or on another number of them.
 
     It also carries the bad data the ranks' streams skipped (data/stream.py): every checkpoint gathers
     the ranks' positions (where bad rows moved a rank's windows) and counts into the checkpoint; the
@@ -56,7 +59,8 @@ class DataPosition(L.Callback):
         self.trained = 0
 
     def _gather(self) -> list[dict[str, Any]]:
-        local = {"position": self.stream.position_after(self.trained), "errors": self.stream.data_errors()}
+        position = self.stream.position_after(self.trained)
+        local = {"position": position, "errors": self.stream.data_errors(since_epoch=position["epoch"])}
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             out: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(out, local)  # every rank saves checkpoints and ends training together
@@ -65,10 +69,7 @@ class DataPosition(L.Callback):
 
     def _merged(self) -> tuple[dict[str, Any], dict[str, Any]]:
         gathered = self._gather()
-        position = {k: v for k, v in gathered[0]["position"].items() if k != "rows"}
-        rows = [g["position"].get("rows") for g in gathered]
-        if any(r is not None for r in rows):
-            position["rows_by_rank"] = rows
+        position = merge_positions([g["position"] for g in gathered])
         errors = merge_data_errors([g["errors"] for g in gathered])
         if self.log_dir and self.stream.rank == 0:
             report = {k: v for k, v in errors.items() if k != "pending"}
@@ -142,50 +143,112 @@ def make_lightning_trainer(t: TrainerSpec, callbacks: list[L.Callback], logger: 
     )
 
 
+#: Set to a folder, the workers append the sample keys of every batch they train on to
+#: `<folder>/rank<R>.jsonl` ({"step", "epoch", "world", "keys"} a line): what the resume tests compare
+#: with the epochs' plans.
+RECORD_SAMPLES_ENV = "BIOMEDGPT_RECORD_SAMPLES"
+
+
+class SampleRecorder(L.Callback):
+    """Writes the keys of each batch as it is trained (see RECORD_SAMPLES_ENV); the stream keeps them
+    (`ElasticStream(keys=True)`)."""
+
+    def __init__(self, stream: ElasticStream, folder: str) -> None:
+        self.stream = stream
+        self.path = Path(folder) / f"rank{stream.rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.taken = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.taken = 0  # the stream counts its batches from its start or from the seek of a resume
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.taken += 1
+        line = {"step": trainer.global_step + 1, "epoch": self.stream.position_after(self.taken)["epoch"],
+                "world": self.stream.world, "keys": self.stream.keys_after(self.taken)}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def data_world_of(plan: TrainPlan, checkpoint_dir: Path | None) -> int:
+    """The ranks of the run's epoch plan: the worker count it started with, which its checkpoints record
+    (`data_world`); a fresh run's is the plan's. A checkpoint from before elastic resume records none:
+    it is read as one of the current worker count (its samples are then not continued exactly when the
+    count changed)."""
+    if checkpoint_dir is not None:
+        recorded = read_checkpoint_meta(checkpoint_dir).get("data_world")
+        if recorded:
+            return int(recorded)
+        return ray.train.get_context().get_world_size()
+    return plan.data.world
+
+
+def elastic_line(stream: ElasticStream, t: TrainerSpec) -> str:
+    """What a worker count other than the plan's changes, in words (rank 0 says it)."""
+    n, m, b = stream.data_world, stream.world, stream.plan_batch_size
+    return (f"the run's data plan has {n} rank(s) of batch {b} (the worker count it started with); on {m} worker(s) "
+            f"each takes {stream.batch_size} samples per batch (trainer.batch_size {b} -> {stream.batch_size}), "
+            f"grad_accumulation {t.grad_accumulation} unchanged: the global batch stays {n * b * t.grad_accumulation} "
+            f"samples per optimizer step, every step trains the samples the {n}-worker run would, and the "
+            f"schedule continues at the checkpoint's step ({stream.describe()})")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker; `config["plan"]` is the run's TrainPlan."""
+    """Runs in every Ray Train worker; `config["plan"]` is the run's TrainPlan. The group may have another
+    size than the run started with (a resume on another `trainer.workers`, or Ray Train restarting an
+    elastic group smaller): the stream keeps the run's data plan and global batch (ElasticStream)."""
     plan: TrainPlan = config["plan"]
     t = plan.trainer
     torch.set_num_threads(max(1, plan.torch_threads))
     ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Lightning's, Ray's and torch's records go to the run's logs/workers/, progress to the driver
-    libraries_to_file(Path(plan.log_dir) / "workers" / f"rank{ctx.get_world_rank()}.log")
+    libraries_to_file(Path(plan.log_dir) / "workers" / f"rank{rank}.log")
     attach(config.get("progress"))
-    module = make_module(t, plan.model_config, plan.init_dir, noise_vocab_end=plan.noise_vocab_end,
-                         constraint_candidates=plan.constraint_candidates)
-    checkpointer = StepCheckpointer(
-        every=t.checkpoint_every, max_steps=plan.max_steps,
-        sharded=t.strategy == "fsdp" and t.checkpoint_format == "sharded",
-        meta=plan.checkpoint_meta, assets=plan.assets, report_every=t.log_every,
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    batches = ShardStream(plan.data.groups, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
-                          batch_size=t.batch_size, seed=t.seed, preprocess=plan.data.preprocess,
-                          columns=TRAIN_COLUMNS, shuffle_buffer=plan.data.shuffle_buffer,
-                          error_budget=plan.data.error_budget)
-    callbacks: list[L.Callback] = [checkpointer, DataPosition(batches, plan.log_dir, t.log_every, plan.max_steps),
-                                   ProgressReporter(plan.max_steps, t.log_every)]
-    logger: Any = False
-    if ctx.get_world_rank() == 0:  # metrics.csv for the report, TensorBoard events for people
-        if plan.log_url and not (Path(plan.log_dir) / "metrics.csv").exists():
-            # a retry on another node continues the logs of earlier attempts
-            storage.download_dir(plan.log_url, plan.log_dir)
-        keep_earlier_attempt(Path(plan.log_dir))
-        logger = [CSVLogger(plan.log_dir, name="", version=""),
-                  TensorBoardLogger(plan.log_dir, name="", version="tensorboard", default_hp_metric=False)]
-        if plan.log_url:
-            callbacks.append(LogSync(plan.log_dir, plan.log_url, t.checkpoint_every))
-    if plan.evaluate:  # every rank: the full weights are gathered collectively, rank 0 evaluates
-        callbacks.append(EvalDuringTraining(plan.evaluate, plan.model_config, plan.assets))
-    trainer = make_lightning_trainer(t, callbacks, logger)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        trainer.fit(module, train_dataloaders=batches)
-        return
-    with checkpoint.as_directory() as ckpt_dir:
+    with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as ckpt_dir:
+        data_world = data_world_of(plan, Path(ckpt_dir) if ckpt_dir is not None else None)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        record = os.environ.get(RECORD_SAMPLES_ENV)
+        batches = ElasticStream(plan.data.groups, rank=rank, world=world, data_world=data_world,
+                                batch_size=t.batch_size, seed=t.seed, preprocess=plan.data.preprocess,
+                                columns=TRAIN_COLUMNS, shuffle_buffer=plan.data.shuffle_buffer,
+                                error_budget=plan.data.error_budget, keys=bool(record))
+        if data_world != world and rank == 0:
+            send({"kind": "elastic", "text": elastic_line(batches, t)})
+        module = make_module(t, plan.model_config, plan.init_dir, noise_vocab_end=plan.noise_vocab_end,
+                             constraint_candidates=plan.constraint_candidates)
+        checkpointer = StepCheckpointer(
+            every=t.checkpoint_every, max_steps=plan.max_steps,
+            sharded=t.strategy == "fsdp" and t.checkpoint_format == "sharded",
+            meta=dict(plan.checkpoint_meta, data_world=data_world, workers=world), assets=plan.assets,
+            report_every=t.log_every,
+        )
+        position = DataPosition(batches, plan.log_dir, t.log_every, plan.max_steps)
+        callbacks: list[L.Callback] = [checkpointer, position, ProgressReporter(plan.max_steps, t.log_every)]
+        if record:
+            callbacks.insert(0, SampleRecorder(batches, record))
+        logger: Any = False
+        if rank == 0:  # metrics.csv for the report, TensorBoard events for people
+            if plan.log_url and not (Path(plan.log_dir) / "metrics.csv").exists():
+                # a retry on another node continues the logs of earlier attempts
+                storage.download_dir(plan.log_url, plan.log_dir)
+            keep_earlier_attempt(Path(plan.log_dir))
+            logger = [CSVLogger(plan.log_dir, name="", version=""),
+                      TensorBoardLogger(plan.log_dir, name="", version="tensorboard", default_hp_metric=False)]
+            if plan.log_url:
+                callbacks.append(LogSync(plan.log_dir, plan.log_url, t.checkpoint_every))
+        if plan.evaluate:  # every rank: the full weights are gathered collectively, rank 0 evaluates
+            callbacks.append(EvalDuringTraining(plan.evaluate, plan.model_config, plan.assets))
+        trainer = make_lightning_trainer(t, callbacks, logger)
+        if ckpt_dir is None:
+            trainer.fit(module, train_dataloaders=batches)
+            return
         path = lightning_checkpoint_path(Path(ckpt_dir))
-        if ctx.get_world_rank() == 0:
+        if rank == 0:
             send({"kind": "resume", "path": checkpoint.path})
+        # Lightning restores the callbacks' state (DataPosition seeks the stream) before it iterates the stream;
+        # FSDP2's sharded checkpoints are resharded by torch's distributed checkpoint for any world size
         trainer.fit(module, train_dataloaders=batches, ckpt_path=str(path))
 
 
@@ -233,9 +296,13 @@ class ProgressReporter(L.Callback):
 
 
 def scaling_config(t: TrainerSpec) -> ScalingConfig:
-    """`trainer.workers` workers, each reserving `cpus_per_worker` CPUs and, with `use_gpu`, one GPU."""
+    """`trainer.workers` workers, each reserving `cpus_per_worker` CPUs and, with `use_gpu`, one GPU; with
+    `min_workers` below it, an elastic group of (min_workers, workers): Ray Train starts and restarts it
+    with as many as the cluster's nodes hold."""
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    return ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources)
+    elastic = t.min_workers is not None and t.min_workers < t.workers
+    return ScalingConfig(num_workers=(t.min_workers, t.workers) if elastic else t.workers, use_gpu=t.use_gpu,
+                         resources_per_worker=resources)
 
 
 def fit(plan: TrainPlan, progress: Any = None) -> Result:
