@@ -107,7 +107,8 @@ def libraries_to_file(log_file: str | os.PathLike[str]) -> Path | None:
     return path
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """m:ss, or h:mm:ss from an hour on."""
     seconds = max(0, int(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -143,7 +144,7 @@ class Progress:
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         text = f"[biomedgpt] {self.desc}: {done} {self.unit}s  {rate:.1f} {self.unit}s/s"
         if self.total and rate > 0 and self.n < self.total:
-            text += f"  ETA {_clock((self.total - self.n) / rate)}"
+            text += f"  ETA {clock((self.total - self.n) / rate)}"
         return text
 
     def update(self, n: int = 1) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..console import Progress, verbose
+from ..console import Progress, clock, verbose
 
 _INBOX: Any = None
 
@@ -86,7 +86,7 @@ def format_line(item: dict[str, Any]) -> str:
             if item.get(key) is not None:
                 parts.append(f"{label} {float(item[key]):{fmt}}")
         if item.get("eta_s") is not None:
-            parts.append(f"ETA {_clock(item['eta_s'])}")
+            parts.append(f"ETA {clock(item['eta_s'])}")
         return "[train] " + "  ".join(parts)
     if kind == "resume":
         return f"[train] resuming from {item['path']}"
@@ -95,12 +95,6 @@ def format_line(item: dict[str, Any]) -> str:
     if kind == "fault":
         return f"[fault] {item['text']}"
     return f"[train] {item.get('kind')}: {item.get('text', '')}"
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(max(0, int(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class ProgressView:
