@@ -6,8 +6,11 @@ import argparse
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from bpe_files import write_bart_like_files
@@ -31,22 +34,31 @@ MICRO_FAIRSEQ_ARGS = dict(
 )
 
 
-class FairseqMeter:
-    """Stands for a fairseq class pickled into extra_state (fairseq is not installed here)."""
+class AverageMeter:
+    """Stands for fairseq's meter pickled into extra_state. fairseq is not installed here: the class is saved
+    under fairseq's module name and loads as an inert placeholder; its numpy values load as numpy values."""
 
     def __init__(self) -> None:
         self.val = 3.5
+        self.sum = np.float64(7.0)
+        self.history = np.arange(3, dtype=np.float32)
+
+
+AverageMeter.__module__ = "fairseq.logging.meters"
 
 
 def write_fairseq_checkpoint(path: Path, model_sd: dict, ema_sd: dict | None = None, with_cfg: bool = True) -> None:
     ckpt: dict = {"model": model_sd, "optimizer_history": [{"criterion_name": "AdjustLabelSmoothedCrossEntropyCriterion"}]}
     if with_cfg:
         ckpt["cfg"] = {"model": argparse.Namespace(**MICRO_FAIRSEQ_ARGS), "task": {"_name": "vqa_gen"}}
-    extra: dict = {"metrics": {"train": FairseqMeter()}, "train_iterator": {"epoch": 3}}
+    extra: dict = {"metrics": {"train": AverageMeter()}, "train_iterator": {"epoch": 3}}
     if ema_sd is not None:
         extra["ema"] = ema_sd
     ckpt["extra_state"] = extra
-    torch.save(ckpt, path)
+    fairseq = {name: types.ModuleType(name) for name in ("fairseq", "fairseq.logging", "fairseq.logging.meters")}
+    fairseq["fairseq.logging.meters"].AverageMeter = AverageMeter
+    with mock.patch.dict(sys.modules, fairseq):  # pickle saves a class by the module it names
+        torch.save(ckpt, path)
 
 
 def full_fairseq_sd(micro_fairseq_state_dict, micro_hf_state_dict, micro_config) -> dict:

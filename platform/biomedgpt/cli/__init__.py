@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 from typing import Sequence
 
@@ -209,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_warnings()
     try:
         return int(args.func(args) or 0)
-    except (SpecError, ValueError, FileNotFoundError, KeyError) as err:
+    except (SpecError, ValueError, FileNotFoundError, KeyError, pickle.UnpicklingError) as err:
+        # UnpicklingError: a checkpoint naming a global it may not (model/safe_pickle.py)
         print(f"biomedgpt {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from .configuration import BiomedGPTConfig
 from .modeling import BiomedGPTForConditionalGeneration
+from .safe_pickle import torch_load_weights_only
 from .state_dict_adapter import (
     CANONICAL_EMBEDDING,
     TIED_ALIASES,
@@ -114,7 +115,7 @@ def load_source(src: str | os.PathLike, config_path: str | os.PathLike | None = 
         if path.suffix == ".safetensors":
             sd = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = torch_load_weights_only(path, map_location="cpu")
             if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
                 sd = sd["model"]
         cfg_file = Path(config_path) if config_path is not None else path.parent / "config.json"

@@ -12,14 +12,13 @@ unexpected keys.
 from __future__ import annotations
 
 import argparse
-import collections
 import io
-import pickle
 import re
 from typing import Any, Mapping
 
 import torch
 
+from . import safe_pickle
 from .configuration import FIXED_OFA_FLAGS, RESNET_LAYERS, BiomedGPTConfig
 from .modeling import decoder_image_position_ids, image_bucket_table, token_bucket_table
 
@@ -179,67 +178,19 @@ def convert_state_dict(
 # fairseq checkpoints (.pt pickles)
 # ----------------------------------------------------------------------------------------------
 
-_SAFE_MODULE_PREFIXES = ("torch", "collections", "numpy", "argparse", "_codecs", "copyreg", "builtins", "omegaconf", "typing", "enum", "pathlib")
-_SAFE_BUILTINS = {"set", "frozenset", "dict", "list", "tuple", "int", "float", "bool", "str", "bytes", "complex", "slice", "range", "object", "bytearray"}
-
-
-class _Placeholder:
-    """Stands in for a class the checkpoint names but we do not import (fairseq meters, task objects):
-    it records its state and executes nothing."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __call__(self, *args: Any, **kwargs: Any) -> "_Placeholder":
-        return _Placeholder(*args)
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    """Resolves torch/numpy/collections/argparse globals normally and replaces every other global
-    with an inert placeholder, so a fairseq checkpoint loads without fairseq and runs no foreign code."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        root = module.split(".")[0]
-        if module == "builtins" and name not in _SAFE_BUILTINS:
-            return _placeholder_class(module, name)
-        if root in {p.split(".")[0] for p in _SAFE_MODULE_PREFIXES}:
-            try:
-                return super().find_class(module, name)
-            except (ImportError, AttributeError):
-                return _placeholder_class(module, name)
-        return _placeholder_class(module, name)
-
-
-def _placeholder_class(module: str, name: str) -> type:
-    return type(name, (_Placeholder,), {"__module__": f"biomedgpt.placeholder.{module}"})
-
-
-class _TolerantPickleModule:
-    Unpickler = _TolerantUnpickler
-    __name__ = "biomedgpt_tolerant_pickle"
-
-    @staticmethod
-    def load(f: io.IOBase, **kwargs: Any) -> Any:
-        return _TolerantUnpickler(f, **kwargs).load()
-
-
 def load_fairseq_checkpoint(path: str) -> dict[str, Any]:
     """Load a fairseq `.pt` checkpoint as a dict (`model`, `cfg`/`args`, `extra_state`), without fairseq.
 
-    Tries torch's weights-only loader first; checkpoints that pickle fairseq objects (meters,
-    Namespaces) are read with an unpickler that replaces unknown classes by inert placeholders.
+    The pickle is read by an unpickler that resolves exact (module, name) pairs only
+    (`safe_pickle.fairseq_allowed`: tensors, argparse Namespaces, ordered dicts, numpy scalars); classes
+    of fairseq's own namespaces become inert placeholders, and any other global is refused with a
+    ForbiddenGlobalError naming it and the file. No code the checkpoint names ever runs.
     """
     with open(path, "rb") as fh:
         data = fh.read()
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace, collections.OrderedDict]):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_TolerantPickleModule)
+    module = safe_pickle.restricted(safe_pickle.fairseq_allowed(), safe_pickle.FAIRSEQ_PLACEHOLDER_ROOTS)
+    return safe_pickle.naming_source(path, lambda: torch.load(io.BytesIO(data), map_location="cpu",
+                                                              weights_only=False, pickle_module=module))
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
