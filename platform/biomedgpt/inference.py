@@ -77,8 +77,10 @@ class Decoded:
 
 def load_model_dir(model_dir: str | Path, *, tokenizer_dir: str | Path | None = None
                    ) -> tuple[BiomedGPTForConditionalGeneration, BiomedGPTTokenizer, ModelMeta]:
-    """(model in eval mode, on the CPU in float32; tokenizer; metadata) of an exported model directory."""
-    model = BiomedGPTForConditionalGeneration.from_pretrained(model_dir).eval()
+    """(model in eval mode, on the CPU in float32; tokenizer; metadata) of an exported model directory. The
+    weights are read from model.safetensors only: a model directory's pickles (pytorch_model.bin) are never
+    loaded."""
+    model = BiomedGPTForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True).eval()
     tok = BiomedGPTTokenizer.from_pretrained(tokenizer_dir or model_dir)
     return model, tok, read_model_meta(model_dir)
 

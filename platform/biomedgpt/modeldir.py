@@ -176,21 +176,39 @@ def checkpoint_model_state(checkpoint_dir: Path, ema: bool = False) -> dict[str,
     return model
 
 
+def check_checkpoint_pickles(checkpoint_dir: Path) -> Path:
+    """The Lightning checkpoint of a run checkpoint directory, after refusing a distributed checkpoint
+    whose `.metadata` names a global that is not distributed-checkpoint metadata (torch reads that file
+    with plain `pickle.load`: on resume, and when a sharded checkpoint is consolidated). Its other
+    files are read with `torch.load(weights_only=True)` by whoever loads them."""
+    from .model.safe_pickle import check_dcp_metadata  # torch: only when a checkpoint is read
+
+    path = lightning_checkpoint_path(checkpoint_dir)
+    if path.is_dir():
+        check_dcp_metadata(path)
+    return path
+
+
 def _lightning_state_dict(checkpoint_dir: Path) -> dict[str, Any]:
-    """The LightningModule's state dict of a checkpoint (sharded or full), in this process."""
+    """The LightningModule's state dict of a checkpoint (sharded or full), in this process. Nothing in it
+    runs code: the distributed checkpoint's metadata is checked first, every pickle is weights-only."""
     # torch: only when a checkpoint is read (metadata readers such as the serving ingress stay light)
     import torch
 
-    path = lightning_checkpoint_path(checkpoint_dir)
+    from .model.safe_pickle import torch_load_weights_only
+
+    path = check_checkpoint_pickles(checkpoint_dir)
     if path.is_dir():
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "full.pt"
             dcp_to_torch_save(str(path), str(out))
-            state = torch.load(out, map_location="cpu", weights_only=False)
+            state = torch_load_weights_only(out, map_location="cpu")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch_load_weights_only(path, map_location="cpu")
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise ValueError(f"{path}: no state_dict in the Lightning checkpoint")
     return {k: v for k, v in state["state_dict"].items() if isinstance(v, torch.Tensor)}
 
 

@@ -5,13 +5,14 @@ A checkpoint directory holds:
     lightning.ckpt      ... or, with DDP, Lightning's single-file checkpoint
     biomedgpt.json      step, model config, run name, metrics
     assets/             files the run carries into every checkpoint (tokenizer, answer candidates)
-Reading one back (resuming, consolidating its state, exporting it to a model directory) is
-`biomedgpt.modeldir`'s, below training, evaluation and serving.
+Reading one back (consolidating its state, exporting it to a model directory) is `biomedgpt.modeldir`'s,
+below training, evaluation and serving; resuming (`fit_from_checkpoint`) is Lightning's, weights-only.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any, Callable
 
 import lightning as L
 
-from ..modeldir import ASSETS_DIR, CHECKPOINT_META
+from ..model.safe_pickle import refusal
+from ..modeldir import ASSETS_DIR, CHECKPOINT_META, check_checkpoint_pickles
 from .faults import maybe_crash
 
 
@@ -28,6 +30,19 @@ def write_assets(directory: Path, assets: dict[str, bytes]) -> None:
         target = directory / ASSETS_DIR / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
+
+
+def fit_from_checkpoint(trainer: L.Trainer, module: L.LightningModule, batches: Any, checkpoint_dir: Path) -> None:
+    """Resume training from a run checkpoint without running code it names: a distributed checkpoint's
+    `.metadata` (which torch unpickles with plain `pickle.load`) is checked against its exact classes
+    first, and Lightning loads the rest with `torch.load(weights_only=True)`. A refused global raises
+    ForbiddenGlobalError naming the file and the global."""
+    path = check_checkpoint_pickles(checkpoint_dir)
+    try:
+        trainer.fit(module, train_dataloaders=batches, ckpt_path=str(path), weights_only=True)
+    except pickle.UnpicklingError as err:
+        # what Lightning unpickles: the full checkpoint, or a sharded one's meta.pt (loops, callbacks, hparams)
+        raise refusal(str(path if path.is_file() else path / "meta.pt"), err) from None
 
 
 class StepCheckpointer(L.Callback):

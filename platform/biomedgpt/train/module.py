@@ -223,9 +223,11 @@ class BiomedGPTModule(L.LightningModule):
         cfg.pop("model_type", None)
         cfg.pop("transformers_version", None)
         if hp.init_dir:
-            # the initial weights with the run's config (the checkpoint's architecture + the spec's dropout)
+            # the initial weights with the run's config (the checkpoint's architecture + the spec's dropout),
+            # from model.safetensors only: a pickle (pytorch_model.bin) beside it is never loaded
             model = BiomedGPTForConditionalGeneration.from_pretrained(local_dir(hp.init_dir),
-                                                                      config=BiomedGPTConfig(**cfg))
+                                                                      config=BiomedGPTConfig(**cfg),
+                                                                      use_safetensors=True)
         else:
             model = BiomedGPTForConditionalGeneration(BiomedGPTConfig(**cfg))
         if hp.freeze_token_embeddings:

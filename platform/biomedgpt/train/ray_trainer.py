@@ -31,9 +31,9 @@ from ..console import libraries_to_file
 from ..data import storage
 from ..data.pipeline import TRAIN_COLUMNS
 from ..data.stream import ElasticStream, merge_data_errors, merge_positions
-from ..modeldir import lightning_checkpoint_path, read_checkpoint_meta
+from ..modeldir import read_checkpoint_meta
 from ..spec import TrainerSpec
-from .checkpoints import StepCheckpointer
+from .checkpoints import StepCheckpointer, fit_from_checkpoint
 from .eval_callback import EvalDuringTraining
 from .module import BiomedGPTModule
 from .plan import TrainPlan
@@ -244,12 +244,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if ckpt_dir is None:
             trainer.fit(module, train_dataloaders=batches)
             return
-        path = lightning_checkpoint_path(Path(ckpt_dir))
         if rank == 0:
             send({"kind": "resume", "path": checkpoint.path})
         # Lightning restores the callbacks' state (DataPosition seeks the stream) before it iterates the stream;
         # FSDP2's sharded checkpoints are resharded by torch's distributed checkpoint for any world size
-        trainer.fit(module, train_dataloaders=batches, ckpt_path=str(path))
+        fit_from_checkpoint(trainer, module, batches, Path(ckpt_dir))
 
 
 class LogSync(L.Callback):
