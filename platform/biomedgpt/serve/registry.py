@@ -8,19 +8,31 @@ Layout under the registry URL (a local path, ``file://`` or ``s3://``; `--regist
         training.json   what the run recorded (task, image size, training data, step)
         model_card.json the model card as data: id, training data, metrics, licences, files
         README.md       the same card for people
-        .claim          who claimed this version (written first, exclusively)
+        .claim          who claimed this version (local registries: written first, exclusively)
+        .claims/<nonce> who claimed this version (object stores: one object per claimant)
         manifest.json   every file with its size and sha256, written LAST: the version exists from then on
 
 A model id is ``<department>/<name>@<version>`` (``stanford-like-radiology/vqa-rad@3``); ``@latest``
 (or no ``@``) resolves to the highest published version. The department is the team name of
 cluster/tenants.yaml, whose API keys may use the models.
 
-Publishing never overwrites: an export first claims the next free version number by creating
-``<version>/.claim`` exclusively (``open(..., "x")`` locally, a conditional ``If-None-Match: *`` PUT on
-S3), so concurrent exports get distinct versions; it then writes the files and finally
-``manifest.json`` (to a temporary name, then linked into place without replacing; on S3 again a
-conditional PUT). Readers see a version only once its manifest exists, so a half-written or crashed
-export is never served (its number stays burned).
+Publishing never overwrites: an export first claims the next free version number, so concurrent
+exports get distinct versions; it then writes the files and finally ``manifest.json``. Readers see a
+version only once its manifest exists, so a half-written or crashed export is never served (its number
+stays burned). Locally the claim is ``<version>/.claim`` created exclusively (a temporary file linked
+into place, which never replaces), and so is the manifest. On object stores, which need not honour
+conditional writes (``If-None-Match``), the claim needs only read-after-write consistency (AWS S3,
+MinIO and Ceph give it): the exporter writes ``<version>/.claims/<nonce>``, a name no one else writes,
+then lists the version's folder; the claim holds when that listing shows nothing but its own object.
+Two claimants cannot both hold a version: each would have listed before the other wrote, yet each
+wrote before it listed (a holder never withdraws its claim). A claimant that sees another claim
+withdraws its own, waits a random while and tries the same number again, or the next one if the
+version is still held.
+
+Nothing the registry writes lands outside its folders: a manifest's file names must be relative paths
+without ``..`` or empty parts (checked before any byte is written, and every destination must resolve
+inside the version folder), symbolic links are refused in a source and in a local version, and a
+registry version given as a source must be published (its manifest present and matching every file).
 """
 
 from __future__ import annotations
@@ -30,10 +42,12 @@ import getpass
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +62,7 @@ CACHE_ENV = "BIOMEDGPT_MODEL_CACHE"
 DEFAULT_REGISTRY = "registry"
 MANIFEST = "manifest.json"
 CLAIM = ".claim"
+CLAIMS = ".claims"
 CARD_JSON = CARD
 CARD_MD = "README.md"
 DEFAULT_LICENCE = "Apache-2.0"
@@ -136,6 +151,70 @@ def _sha256(path: Path) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+_BAD_PART = re.compile(r"^$|^\.\.?$")
+
+
+def safe_relpath(rel: Any, where: str) -> str:
+    """`rel` if it is a relative POSIX path inside its folder (no leading '/', drive or backslash, no '..', '.' or
+    empty parts, no NUL); else RegistryError naming `where` and the path."""
+    if (not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel
+            or re.match(r"^[A-Za-z]:", rel) or any(_BAD_PART.match(p) for p in rel.split("/"))):
+        raise RegistryError(f"{where}: file {rel!r} is not a relative path inside the version folder (absolute, "
+                            "'..', '.' or empty parts); refused before writing anything")
+    return rel
+
+
+def manifest_files(manifest: Any, where: str) -> dict[str, dict[str, Any]]:
+    """The `files` of a manifest ({relative path: {"size", "sha256"}}), every path checked (`safe_relpath`)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise RegistryError(f"{where}: files: missing or not a mapping")
+    for rel, info in files.items():
+        safe_relpath(rel, f"{where}: files")
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+            raise RegistryError(f"{where}: files.{rel}: no sha256")
+    return files
+
+
+def _inside(root: Path, path: Path, what: str) -> None:
+    """Refuse `path` if it, or a folder between `root` and it, is a symbolic link, or if it resolves outside `root`."""
+    current = path
+    while current != root and root in current.parents:
+        if current.is_symlink():
+            raise RegistryError(f"{what}: {current} is a symbolic link; refused")
+        current = current.parent
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise RegistryError(f"{what}: {path} resolves outside {root}; refused")
+
+
+def check_no_symlinks(folder: Path, source: str) -> None:
+    """Refuse a source folder holding a symbolic link (its target, anywhere on the machine, would be published)."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for entry in (*dirnames, *filenames):
+            if os.path.islink(os.path.join(dirpath, entry)):
+                rel = Path(dirpath, entry).relative_to(folder).as_posix()
+                raise RegistryError(f"{source}: {rel} is a symbolic link; a registry export copies regular files only")
+
+
+def check_published_version(folder: Path, source: str) -> None:
+    """A registry version given as an export source must be complete: its manifest present and every file it
+    lists there with the size and sha256 it records (a crashed or running export is never re-published)."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise RegistryError(f"{source}: a registry version without {MANIFEST} (an unpublished, possibly partial "
+                            "export); refused")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as err:
+        raise RegistryError(f"{source}/{MANIFEST}: unreadable: {err}") from None
+    files = manifest_files(manifest, f"{source}/{MANIFEST}")
+    for rel, info in files.items():
+        path = folder / rel
+        if not path.is_file() or _sha256(path) != info["sha256"]:
+            raise RegistryError(f"{source}/{rel}: missing or differs from {MANIFEST}; refused (a partial or altered "
+                                "registry version)")
 
 
 def create_exclusive(url: str, data: bytes) -> bool:
@@ -288,6 +367,8 @@ class Registry:
             if len(parts) != 4 or not parts[2].isdigit():
                 continue
             dept, name, ver, fname = parts
+            if not (re.fullmatch(NAME, dept) and re.fullmatch(NAME, name)):
+                continue  # not written by an export (which checks both): never a path component of ours
             out.setdefault((dept, name), {}).setdefault(int(ver), set()).add(fname)
         return out
 
@@ -296,7 +377,7 @@ class Registry:
         found: dict[int, set[str]] = {}
         for rel in storage.list_files(prefix):
             ver, _, fname = rel.partition("/")
-            if ver.isdigit() and "/" not in fname:
+            if ver.isdigit() and fname:  # any object claims the number; only a top-level manifest publishes it
                 found.setdefault(int(ver), set()).add(fname)
         return sorted(v for v, names in found.items() if MANIFEST in names or not published_only)
 
@@ -332,22 +413,38 @@ class Registry:
         return out
 
     def local_dir(self, entry: ModelEntry, cache_dir: str | Path | None = None) -> Path:
-        """A local directory with the version's files: the registry path itself when the registry is local,
-        else a verified copy in the cache (versions are immutable, so a cached copy never goes stale)."""
+        """A local directory with the version's files: the registry path itself when the registry is local
+        (refused if a file of its manifest is a symbolic link or lies outside the version folder), else a
+        verified copy in the cache (versions are immutable, so a cached copy never goes stale). The
+        manifest's file names are checked before any byte is written, and every destination must resolve
+        inside the version's folder of the cache."""
+        where = storage.join(entry.url, MANIFEST)
+        files = manifest_files(entry.manifest, where)
         if storage.is_local(entry.url):
-            return storage.local_path(entry.url)
+            root = storage.local_path(entry.url)
+            for rel in files:
+                _inside(root, root / rel, f"{where}: {rel!r}")
+            return root
+        for what, value in (("department", entry.department), ("name", entry.name)):
+            if not re.fullmatch(NAME, value or ""):
+                raise RegistryError(f"{where}: {what} {value!r} is not a registry name; refused")
         cache = Path(cache_dir or os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "biomedgpt-models")
         key = hashlib.sha256(self.url.encode()).hexdigest()[:12]
-        target = cache / key / entry.department / entry.name / str(entry.version)
-        if (target / MANIFEST).is_file():
-            return target
+        target = cache / key / entry.department / entry.name / str(int(entry.version))
+        if target.exists() or target.is_symlink():
+            _inside(cache, target, f"{CACHE_ENV} {cache}: cached copy {target}")
+            if (target / MANIFEST).is_file():
+                return target
         partial = target.with_name(f".{entry.version}.{uuid.uuid4().hex[:8]}.partial")
         partial.mkdir(parents=True)
         try:
-            for rel, info in entry.manifest["files"].items():
+            _inside(cache, partial, f"{CACHE_ENV} {cache}")
+            for rel, info in files.items():
                 dest = partial / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(storage.read_bytes(storage.join(entry.url, rel)))
+                _inside(partial, dest, f"{where}: {rel!r}")
+                with open(dest, "xb") as fh:  # never follows or replaces what is there
+                    fh.write(storage.read_bytes(storage.join(entry.url, rel)))
                 if _sha256(dest) != info["sha256"]:
                     raise RegistryError(f"{entry.url}/{rel}: sha256 differs from the manifest (corrupt copy)")
             (partial / MANIFEST).write_text(json.dumps(entry.manifest, indent=2, sort_keys=True))
@@ -396,19 +493,27 @@ class Registry:
             fs, path = storage.filesystem(source)
             if not fs.isdir(path):
                 raise RegistryError(f"{source}: no such directory (expected a run checkpoint or a model directory)")
-            local = tmp / "source" / storage.basename(source)
-            fs.get(path.rstrip("/") + "/", str(local), recursive=True)
+            local = tmp / "source" / (storage.basename(source) or "model")
+            local.mkdir(parents=True)
+            for rel in storage.list_files(source):
+                dest = local / safe_relpath(rel, source)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _inside(local, dest, f"{source}: {rel!r}")
+                dest.write_bytes(storage.read_bytes(storage.join(source, rel)))
             parent = path.rstrip("/").rsplit("/", 1)[0]
             if fs.exists(parent + "/eval/metrics.json"):
                 (local.parent / "eval").mkdir(parents=True, exist_ok=True)
                 fs.get(parent + "/eval/metrics.json", str(local.parent / "eval" / "metrics.json"))
+        check_no_symlinks(local, source)
+        if any((local / marker).exists() for marker in (MANIFEST, CLAIM, CLAIMS)):
+            check_published_version(local, source)
         if (local / CHECKPOINT_META).is_file():
             model_dir = tmp / "model"
             export_checkpoint(local, model_dir)
             is_checkpoint = True
         elif (local / CONFIG).is_file():
             model_dir = tmp / "model"
-            shutil.copytree(local, model_dir, ignore=shutil.ignore_patterns(MANIFEST, CLAIM, CARD_JSON, ".*"))
+            shutil.copytree(local, model_dir, ignore=shutil.ignore_patterns(MANIFEST, CLAIM, CLAIMS, CARD_JSON, ".*"))
             is_checkpoint = False
         else:
             raise RegistryError(f"{source}: neither a run checkpoint ({CHECKPOINT_META}) nor a model directory "
@@ -422,14 +527,7 @@ class Registry:
     def _publish(self, staged: Path, department: str, name: str, card: dict[str, Any]) -> ModelEntry:
         claim = json.dumps({"by": card["exported_by"], "pid": os.getpid(), "at": _now(),
                             "nonce": uuid.uuid4().hex}).encode()
-        existing = self.versions(department, name, published_only=False)
-        version = (existing[-1] if existing else 0) + 1
-        for _ in range(1000):
-            if create_exclusive(self._url(department, name, str(version), CLAIM), claim):
-                break
-            version += 1  # taken by a concurrent export: the next one
-        else:
-            raise RegistryError(f"{self.url}: could not claim a version of {department}/{name}")
+        version = self._claim(department, name, claim)
         url = self._url(department, name, str(version))
         card = dict(card, id=f"{department}/{name}@{version}", department=department, name=name, version=version,
                     created=_now())
@@ -442,10 +540,58 @@ class Registry:
             storage.write_bytes(storage.join(url, rel), path.read_bytes())
         manifest = {"format": 1, "id": card["id"], "department": department, "name": name, "version": version,
                     "created": card["created"], "files": files}
-        if not create_exclusive(storage.join(url, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode()):
+        if not self._write_manifest(url, json.dumps(manifest, indent=2, sort_keys=True).encode()):
             raise RegistryError(f"{url}: {MANIFEST} appeared while this export held the claim; the registry is being "
                                 "written by something that does not follow the protocol")
         return ModelEntry(department, name, version, url, manifest, card)
+
+    def _claim(self, department: str, name: str, claim: bytes) -> int:
+        """Claim the next free version of `department/name` (see the module docstring); returns its number."""
+        existing = self.versions(department, name, published_only=False)
+        version = (existing[-1] if existing else 0) + 1
+        local = storage.is_local(self.url)
+        mine = f"{CLAIMS}/{uuid.uuid4().hex}"
+        for _ in range(1000):
+            folder = self._url(department, name, str(version))
+            if local:
+                if create_exclusive(storage.join(folder, CLAIM), claim):
+                    return version
+                version += 1  # taken by a concurrent export: the next one
+                continue
+            storage.write_bytes(storage.join(folder, mine), claim)
+            present = self._fresh_list(folder)
+            if mine not in present:
+                raise RegistryError(f"{folder}/{mine}: the claim just written is not listed; the store must list what "
+                                    "it has written (read-after-write consistency) for versions to be claimed")
+            if present == {mine}:
+                return version
+            # another claim is there: withdraw ours, wait a random while, and take the next number only if the
+            # version is still held (its holder never withdraws; claimants that saw each other all withdraw)
+            storage.remove(storage.join(folder, mine))
+            time.sleep(random.uniform(0.01, 0.1))
+            if self._fresh_list(folder):
+                version += 1
+        raise RegistryError(f"{self.url}: could not claim a version of {department}/{name}")
+
+    @staticmethod
+    def _fresh_list(folder: str) -> set[str]:
+        """The objects under `folder` as the store lists them now (fsspec's listing cache bypassed)."""
+        fs, path = storage.filesystem(folder)
+        fs.invalidate_cache(path)
+        return set(storage.list_files(folder))
+
+    def _write_manifest(self, url: str, data: bytes) -> bool:
+        """Publish: the manifest, never over one that is there (locally an exclusive create; on object stores the
+        claim makes this export the version's only writer, and an existing manifest is refused)."""
+        target = storage.join(url, MANIFEST)
+        if storage.is_local(url):
+            return create_exclusive(target, data)
+        fs, path = storage.filesystem(target)
+        fs.invalidate_cache(path.rsplit("/", 1)[0])
+        if fs.exists(path):
+            return False
+        storage.write_bytes(target, data)
+        return True
 
 
 def format_table(entries: Iterable[ModelEntry]) -> str:

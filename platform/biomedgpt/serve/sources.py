@@ -15,8 +15,8 @@ from .registry import ModelEntry, ModelRef, Registry, UnknownModel, registry_url
 
 
 class RegistrySource:
-    """Models of a registry; `@latest` resolutions are cached for `ttl` seconds, exact versions for good
-    (versions are immutable)."""
+    """Models of a registry; `@latest` resolutions are cached for `ttl` seconds, exact versions found for good
+    (versions are immutable), and a version not found (yet: an export may be publishing it) for `ttl` seconds."""
 
     def __init__(self, url: str, ttl: float = 5.0) -> None:
         self.registry = Registry(url)
@@ -27,6 +27,7 @@ class RegistrySource:
         return f"registry {self.registry.url}"
 
     def _cached(self, key: tuple, ttl: float, compute):
+        """`compute()` cached for `ttl` seconds; an UnknownModel it raises, for at most `self.ttl` seconds."""
         now = time.monotonic()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
@@ -35,7 +36,7 @@ class RegistrySource:
             try:
                 value = compute()
             except UnknownModel as err:
-                value = err
+                value, ttl = err, min(ttl, self.ttl)
             self._cache[key] = (now + ttl, value)
             while len(self._cache) > 1024:
                 self._cache.popitem(last=False)
