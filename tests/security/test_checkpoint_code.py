@@ -204,6 +204,10 @@ class Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def batches() -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(torch.ones(4, 2), batch_size=1)
+
+
 def tiny_trainer(max_steps: int = 2) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False)
@@ -220,7 +224,7 @@ def test_resume_refuses_a_run_checkpoint_naming_a_forbidden_global(kind, form, t
     else:
         bad = sharded_checkpoint(ckpt, call, proto)
     with pytest.raises(ForbiddenGlobalError) as err:
-        fit_from_checkpoint(tiny_trainer(), Tiny(), [torch.ones(1, 2)] * 4, ckpt)
+        fit_from_checkpoint(tiny_trainer(), Tiny(), batches(), ckpt)
     refused(err, name, bad)
     assert not marker.exists()
 
@@ -229,11 +233,11 @@ def test_resume_still_restores_a_genuine_checkpoint(tmp_path):
     """The weights-only resume takes a checkpoint Lightning wrote (optimizer, loops and callback state)."""
     trainer = tiny_trainer()
     module = Tiny()
-    trainer.fit(module, train_dataloaders=[torch.ones(1, 2)] * 4)
+    trainer.fit(module, train_dataloaders=batches())
     ckpt = run_checkpoint(tmp_path / "run")
     trainer.save_checkpoint(ckpt / "lightning.ckpt", weights_only=False)
     resumed = tiny_trainer(max_steps=3)
-    fit_from_checkpoint(resumed, Tiny(), [torch.ones(1, 2)] * 4, ckpt)
+    fit_from_checkpoint(resumed, Tiny(), batches(), ckpt)
     assert resumed.global_step == 3
 
 
