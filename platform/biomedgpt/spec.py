@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .data import storage
 from .data.transforms import Augment
 from .tasks import task_names
 from .yamlspec import Dialect, SchemaError, build
@@ -398,6 +399,17 @@ class EvaluateSpec:
                             "leave decoding out")
 
 
+@dataclass(frozen=True)
+class Location:
+    """A storage location a job reads or writes (`JobSpec.locations`): the spec field that names it, the URL
+    or path, `read` or `write`, and what it is, for admission's messages."""
+
+    field: str
+    url: str
+    mode: Literal["read", "write"]
+    what: str
+
+
 @dataclass
 class OutputSpec:
     """Run storage: checkpoints and reports go to `<storage>/<team>/<name>/`."""
@@ -453,6 +465,36 @@ class JobSpec:
     def run_dir(self) -> str:
         """`<storage>/<team>/<name>`: where this job's checkpoints, logs and reports live."""
         return f"{self.output.storage.rstrip('/')}/{self.team}/{self.name}"
+
+    def locations(self) -> list[Location]:
+        """Every storage location the job opens, with the field that names it: what admission
+        (tenancy.admit) judges. The run directory; the initial model and the tokenizer's files; the shard
+        root (written when `data.build` builds into it); each training and evaluation split's folder
+        `<shards>/<dataset>/<split>` (joined as the stream joins it, so a split that is a path is judged
+        where it leads); each `data.build` source and the folder `<shards>/<dataset>` it is built into."""
+        out = [Location("output.storage", self.run_dir, "write", "output (run directory)")]
+        if self.model.init:
+            out.append(Location("model.init", self.model.init, "read", "initial model"))
+        tok = self.model.tokenizer
+        for name in ("path", "vocab", "merges"):
+            if getattr(tok, name):
+                out.append(Location(f"model.tokenizer.{name}", getattr(tok, name), "read", "tokenizer"))
+        d = self.data
+        if d is None:
+            return out
+        if d.build:
+            out.append(Location("data.shards", d.shards, "write", "shards it builds"))
+        else:
+            out.append(Location("data.shards", d.shards, "read", "shards"))
+        for side in ("train", "eval"):
+            for i, ref in enumerate(getattr(d, side)):
+                out.append(Location(f"data.{side}[{i}].split", storage.join(d.shards, ref.dataset, ref.split), "read",
+                                    f"split {ref.dataset}/{ref.split}"))
+        for dataset, source in d.build.items():
+            out.append(Location(f"data.build.{dataset}", source, "read", f"native source of {dataset}"))
+            out.append(Location(f"data.build.{dataset}", storage.join(d.shards, dataset), "write",
+                                f"shards of {dataset} it builds"))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

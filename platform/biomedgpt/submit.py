@@ -12,16 +12,35 @@ import sys
 import time
 from pathlib import Path
 
-from .spec import load_spec
-from .tenancy import admit, load_tenants
+from .spec import OUTPUT_ROOT_ENV, load_spec
+from .tenancy import ADMISSION_ENV, admit, load_tenants
 
-# Variables forwarded to the job: where object storage is (credentials come from the cluster's own
-# identity, not from the submitting laptop) and the local-Ray switch of single-machine clusters.
 # A head that just started may have no job agent yet: retry that many times, that many seconds apart.
 AGENT_RETRIES, AGENT_RETRY_S = 5, 5.0
 
+# Variables forwarded to the job: where object storage is (credentials come from the cluster's own
+# identity, not from the submitting laptop) and the local-Ray switch of single-machine clusters.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
                  "BIOMEDGPT_VERBOSE")
+# Variables that change what admission decides where the job runs: the policy file, whether local paths are
+# judged as the cluster's, and where a submitted job's relative paths land. The cluster's own values rule
+# there; a submission made while one of them is set is refused rather than admitted here under another policy.
+NEVER_FORWARDED_ENV = (*ADMISSION_ENV, OUTPUT_ROOT_ENV)
+
+
+class ForwardingRefused(ValueError):
+    """`biomedgpt submit` was run with a variable set that would change the job's admission."""
+
+
+def refuse_admission_env(env: dict[str, str] | None = None) -> None:
+    """ForwardingRefused naming each variable of NEVER_FORWARDED_ENV that is set (non-empty)."""
+    env = os.environ if env is None else env
+    found = [k for k in NEVER_FORWARDED_ENV if env.get(k, "").strip()]
+    if found:
+        raise ForwardingRefused(
+            f"{', '.join(found)} set: submit does not forward variables that change admission "
+            f"({', '.join(NEVER_FORWARDED_ENV)}); the job is admitted where it runs by the cluster's own policy and "
+            f"settings, so admitting it here under others would say nothing. Unset {' and '.join(found)} and submit again")
 
 
 def _git_ignored(path: Path, repo: Path) -> bool:
@@ -62,6 +81,7 @@ def job_id_for(team: str, name: str) -> str:
 
 def submit(spec_path: str, address: str, working_dir: str = ".", follow: bool = True) -> int:
     """Submit the job; with `follow`, print its log until it ends and return 0 if it succeeded."""
+    refuse_admission_env()  # before anything else: the admission below must be the one the cluster makes
     spec = load_spec(spec_path)  # refused here, before anything touches the cluster
     if spec.kind == "serve":
         raise ValueError(f"{spec_path}: a serving spec is deployed with `biomedgpt serve-config` + `serve deploy` "

@@ -166,8 +166,9 @@ def test_refusal_names_spec_file_team_dataset_and_rule(tenants):
     e = err.value
     assert isinstance(e, ValueError)
     assert (e.spec_file, e.team) == ("jobs/test.yaml", "charite-like-dermatology") and "pathvqa" in e.subject
-    assert str(e).startswith("jobs/test.yaml: team 'charite-like-dermatology' may not read dataset 'pathvqa': "
-                             "open dataset not granted")
+    assert e.field == "data.train[0].dataset"
+    assert str(e).startswith("jobs/test.yaml: data.train[0].dataset: team 'charite-like-dermatology' may not read "
+                             "dataset 'pathvqa': open dataset not granted")
     assert "institutions.charite-like.departments.dermatology.datasets.open" in str(e)
 
 
@@ -209,7 +210,7 @@ def test_output_prefix_rules(tenants):
     assert "may not write s3://biomedgpt-mayo-like/radiology/stanford-like-radiology/vqa-rad-ft (output (run " \
            "directory)): a team may write only under its storage prefixes: s3://biomedgpt-stanford-like/radiology/" \
            in str(err.value)
-    # `..` cannot climb out of the prefix
+    # `..` cannot climb out of the prefix (it is refused outright: object storage keeps it in the key)
     with pytest.raises(AdmissionError, match="may not write s3://biomedgpt-stanford-like/radiology/../pathology"):
         admit(spec(storage="s3://biomedgpt-stanford-like/radiology/../pathology"), tenants, on_cluster=True)
     # a prefix matches whole path segments only

@@ -53,9 +53,27 @@ def shard_name(dataset: str, split: str, index: int) -> str:
     return f"{dataset}-{split}-{index:06d}.tar"
 
 
+#: A dataset or split name: one path segment, never ``.`` or ``..`` (it becomes a folder of the shard root).
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 def split_url(out: str, dataset: str, split: str) -> str:
-    """The directory holding one split's shards and manifest: ``<out>/<dataset>/<split>``."""
+    """The directory holding one split's shards and manifest: ``<out>/<dataset>/<split>``. The dataset and
+    the split must be plain names (one path segment): a path there would lead out of ``out``."""
+    for what, name in (("dataset", dataset), ("split", split)):
+        if not isinstance(name, str) or not _PLAIN_NAME.match(name):
+            raise ShardError(f"{out}: {what} {name!r} is not a name (one path segment of letters, digits, '_', '.', "
+                             f"'-'): shards live at <root>/<dataset>/<split>/, so a path there would lead elsewhere")
     return storage.join(out, dataset, split)
+
+
+def shard_name_problem(name: str) -> str | None:
+    """Why a manifest's shard name does not name a file beside the manifest, or None. A manifest lists the
+    files of its own folder only: no ``/`` or ``\\``, no URL, not ``.``, ``..`` or empty."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return ("a shard is named by a file name in the manifest's own folder (no '/', '\\', URL, '.' or '..'): "
+                "a manifest cannot point the stream at files elsewhere")
+    return None
 
 
 def make_key(dataset: str, record_id: str) -> str:
@@ -421,8 +439,12 @@ class Manifest:
         shards = []
         for i, entry in enumerate(need(data, "shards", list, "shards")):
             path = f"shards[{i}]"
+            name = need(entry, "name", str, f"{path}.name")
+            problem = shard_name_problem(name)
+            if problem:
+                raise ShardError(f"{where}: field '{path}.name': {name!r}: {problem}")
             shards.append(ShardEntry(
-                name=need(entry, "name", str, f"{path}.name"),
+                name=name,
                 samples=need(entry, "samples", int, f"{path}.samples"),
                 bytes=need(entry, "bytes", int, f"{path}.bytes"),
                 sha256=need(entry, "sha256", str, f"{path}.sha256"),

@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ import torch
 from . import storage
 from .error_budget import ErrorBudget
 from .pipeline import preprocess_batch
-from .shards import iter_tar_samples, read_manifest, read_shard, split_url
+from .shards import ShardError, iter_tar_samples, manifest_url, read_manifest, read_shard, split_url
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,24 @@ class ShardInfo:
 
 
 def list_shards(shards_root: str, dataset: str, split: str) -> list[ShardInfo]:
-    """The shards of one split, from its manifest (an incomplete build is refused)."""
+    """The shards of one split, from its manifest (an incomplete build is refused). Every shard is a file of
+    the manifest's own folder: the manifest's names are file names (read_manifest refuses others), and a
+    local shard that is a symlink leading out of that folder is refused, naming the manifest and the entry."""
     url = split_url(shards_root, dataset, split)
     manifest = read_manifest(url)
     if not manifest.complete:
         raise ValueError(f"{url}: the shard build of {dataset}/{split} is incomplete; rerun `biomedgpt shards build`")
-    return [ShardInfo(storage.join(url, e.name), dataset, split, e.samples, e.bytes)
-            for e in manifest.shards if e.samples]
+    folder = os.path.realpath(storage.local_path(url)) if storage.is_local(url) else None
+    out = []
+    for i, e in enumerate(manifest.shards):
+        shard = storage.join(url, e.name)
+        if folder is not None and os.path.dirname(real := os.path.realpath(storage.local_path(shard))) != folder:
+            raise ShardError(f"{manifest_url(url)}: field 'shards[{i}].name': {e.name!r} resolves to {real}, outside "
+                             f"the manifest's folder {folder}: a shard must be a file of that folder (a symlink may "
+                             "not lead elsewhere)")
+        if e.samples:
+            out.append(ShardInfo(shard, dataset, split, e.samples, e.bytes))
+    return out
 
 
 def records(shards_root: str, dataset: str, split: str) -> Iterator[dict[str, Any]]:

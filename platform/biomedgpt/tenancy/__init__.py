@@ -51,13 +51,15 @@ class TenancyError(ValueError):
 
 
 class AdmissionError(ValueError):
-    """A job spec asks for something its team may not use. The message names the spec file, the team,
-    the dataset or storage location, and the rule."""
+    """A job spec asks for something its team may not use. The message names the spec file, the spec's
+    field, the team, the dataset or storage location, and the rule."""
 
-    def __init__(self, spec_file: str, team: str, subject: str, rule: str, tenants_file: str = "") -> None:
-        self.spec_file, self.team, self.subject, self.rule = spec_file, team, subject, rule
+    def __init__(self, spec_file: str, team: str, subject: str, rule: str, tenants_file: str = "",
+                 field: str = "") -> None:
+        self.spec_file, self.team, self.subject, self.rule, self.field = spec_file, team, subject, rule, field
         where = f" (policy: {tenants_file})" if tenants_file else ""
-        super().__init__(f"{spec_file}: team {team!r} may not {subject}: {rule}{where}")
+        at = f"{field}: " if field else ""
+        super().__init__(f"{spec_file}: {at}team {team!r} may not {subject}: {rule}{where}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,6 +406,17 @@ def tenants_from_dict(data: Any, path: str | Path = "<tenants>") -> Tenants:
         local_teams[tname] = Team(tname, None, tname, (), (), open_, cred, description=t.get("description", ""),
                                   where=where)
 
+    # Prefixes are written plainly: admission refuses `..`, `.` and empty segments in locations, so a
+    # prefix spelled with them would match nothing, or not what it says.
+    declared = [("cluster.sharedReadPrefixes", pre) for pre in c.get("sharedReadPrefixes", ())]
+    declared += [(f"credentials.{cr.name}.readPrefixes", pre) for cr in credentials.values() for pre in cr.read_prefixes]
+    declared += [(f"{t.where}.storage", pre) for inst in institutions.values() for t in inst.departments.values()
+                 for pre in t.storage]
+    for where, pre in declared:
+        problem = location_problem(pre)
+        if problem:
+            raise fail(where, f"{pre}: {problem}")
+
     # Prefixes of different teams must not nest, or one team could write into another's area.
     owners = [(pre, t.name) for inst in institutions.values() for t in inst.departments.values() for pre in t.storage]
     for i, (a, ta) in enumerate(owners):
@@ -449,10 +462,52 @@ def _dataset_access(directory: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.I)
+#: A dataset or split name: one path segment (it becomes `<shards>/<dataset>/<split>`), never `.` or `..`.
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def location_problem(location: str) -> str | None:
+    """Why `location` cannot be admitted wherever it points, or None.
+
+    Path segments `..` and `.` and empty segments (`a//b`) are refused outright, not normalised: an
+    object store keeps them as literal parts of a key while a local filesystem resolves them, so no
+    normal form means the same place to both (`s3://bucket/pathology/../radiology` is a key under
+    `pathology/` to s3fs, and `radiology/` to a path resolver). One trailing `/` is fine. A `file://` URL
+    names an absolute path of this machine (`file:///abs/path`): a host part is refused, because the
+    storage layer would drop it."""
+    if not location:
+        return "the location is empty"
+    m = _SCHEME.match(location)
+    if m:
+        scheme, rest = m.group(1).lower(), m.group(2)
+        if scheme == "file":
+            if not rest.startswith("/"):
+                return ("a file:// URL names an absolute path on this machine and has no host: write "
+                        f"file:///{rest.lstrip('/')} or the plain path")
+            path = rest[1:]
+        else:
+            bucket, _, path = rest.partition("/")
+            if not bucket:
+                return f"a {scheme}:// URL names its bucket first ({scheme}://BUCKET/key); this one names none"
+    else:
+        path = location[1:] if location.startswith("/") else location
+    if not path:
+        return None
+    segments = path.split("/")
+    if segments[-1] == "":
+        segments = segments[:-1]  # one trailing slash
+    for seg in segments:
+        if seg in ("", ".", ".."):
+            shown = "an empty segment ('//')" if seg == "" else f"the segment {seg!r}"
+            return (f"{shown} is refused in storage locations: object storage keeps '..', '.' and empty segments "
+                    "as part of the key while local paths resolve them, so the location names no single place; "
+                    "write the path without them")
+    return None
 
 
 def _norm(location: str) -> str:
-    """A comparable form of a location, ending with "/": `s3://bucket/a/b/`, `/abs/path/`; `..` resolved."""
+    """A comparable form of a location, ending with "/": `s3://bucket/a/b/`, `/abs/path/`. A local path is
+    made absolute and resolved with realpath (symlinks followed), so where it really leads is compared."""
     m = _SCHEME.match(location)
     if m and m.group(1).lower() != "file":
         scheme, rest = m.group(1).lower(), m.group(2)
@@ -460,7 +515,7 @@ def _norm(location: str) -> str:
         key = posixpath.normpath("/" + key).lstrip("/")
         return f"{scheme}://{bucket}/{key + '/' if key else ''}"
     path = m.group(2) if m else location
-    path = os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+    path = os.path.realpath(os.path.expanduser(path))
     return path.rstrip("/") + "/"
 
 
@@ -487,9 +542,22 @@ def on_cluster_from_env() -> bool:
     return os.environ.get(ON_CLUSTER_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+#: Variables that change what admission decides: the policy file, and whether local paths are judged as
+#: the cluster's. The cluster sets its own; `biomedgpt submit` refuses to forward them (biomedgpt.submit),
+#: so a job is admitted where it runs by the cluster's policy only.
+ADMISSION_ENV = (TENANTS_ENV, ON_CLUSTER_ENV)
+
+
 def admit(spec: Any, tenants: Tenants, *, on_cluster: bool | None = None) -> None:
-    """Refuse (AdmissionError) a job spec whose team may not read one of its datasets, read its shards
-    or initial model, or write its run directory (`<storage>/<team>/<name>`) or the shards it builds.
+    """Refuse (AdmissionError) a job spec whose team may not read one of its datasets, or may not read or
+    write one of the locations the job opens (`spec.locations()`: the run directory under
+    `output.storage`, `model.init`, the tokenizer's files, `data.shards`, every split's folder, every
+    `data.build` source and the shards it writes). Datasets the spec builds (`data.build`) are admitted
+    like the ones it trains on: a team cannot copy a dataset it may not read into its own prefix.
+
+    Every location is refused outright when it has `..`, `.` or empty path segments (location_problem);
+    a local one is compared after realpath, so a symlink cannot lead out of a prefix. Split names are
+    single path segments.
 
     `on_cluster` (default: $BIOMEDGPT_ON_CLUSTER, which the cluster's Ray pods set): on the cluster,
     local paths are allowed only under a team's declared prefixes; outside it, any local path is
@@ -498,32 +566,37 @@ def admit(spec: Any, tenants: Tenants, *, on_cluster: bool | None = None) -> Non
     on_cluster = on_cluster_from_env() if on_cluster is None else on_cluster
     src, policy = getattr(spec, "source", "<spec>"), str(tenants.path)
 
-    def refuse(subject: str, rule: str) -> AdmissionError:
-        return AdmissionError(src, spec.team, subject, rule, policy)
+    def refuse(field: str, subject: str, rule: str) -> AdmissionError:
+        return AdmissionError(src, spec.team, subject, rule, policy, field)
 
     team = tenants.teams.get(spec.team)
     if team is None:
-        raise refuse("run jobs", "the team is not a department in tenants.yaml (teams are named "
-                                 f"<institution>-<department>: {', '.join(sorted(tenants.teams))})")
+        raise refuse("team", "run jobs", "the team is not a department in tenants.yaml (teams are named "
+                                         f"<institution>-<department>: {', '.join(sorted(tenants.teams))})")
     if team.local_only and on_cluster:
-        raise refuse("run on the cluster", f"{team.name!r} is a local-only team ({team.where}); name a department")
+        raise refuse("team", "run on the cluster", f"{team.name!r} is a local-only team ({team.where}); name a "
+                                                   "department")
 
     data = getattr(spec, "data", None)
     if data is not None:
         seen = set()
-        for ref in list(data.train) + list(data.eval):
-            if ref.dataset not in seen:
-                seen.add(ref.dataset)
-                _admit_dataset(team, ref.dataset, tenants, refuse)
-    _admit_location(team, spec.run_dir, "write", "output (run directory)", tenants, on_cluster, refuse)
-    if data is not None:
-        if data.build:
-            _admit_location(team, data.shards, "write", "shards it builds", tenants, on_cluster, refuse)
-        else:
-            _admit_location(team, data.shards, "read", "shards", tenants, on_cluster, refuse)
-    init = getattr(getattr(spec, "model", None), "init", None)
-    if init:
-        _admit_location(team, init, "read", "initial model", tenants, on_cluster, refuse)
+        refs = [(f"data.{side}[{i}]", ref) for side in ("train", "eval") for i, ref in enumerate(getattr(data, side))]
+        named = [(f"{where}.dataset", ref.dataset) for where, ref in refs]
+        named += [(f"data.build.{name}", name) for name in data.build]
+        for field_, dataset in named:
+            if not PLAIN_NAME.match(dataset):
+                raise refuse(field_, f"read dataset {dataset!r}", "a dataset is named by one path segment "
+                                                                  "(letters, digits, '_', '.', '-'), not a path")
+            if dataset not in seen:
+                seen.add(dataset)
+                _admit_dataset(team, dataset, tenants, lambda subject, rule, f=field_: refuse(f, subject, rule))
+        for where, ref in refs:
+            if not PLAIN_NAME.match(ref.split):
+                raise refuse(f"{where}.split", f"read split {ref.split!r} of {ref.dataset}",
+                             "a split is named by one path segment (letters, digits, '_', '.', '-'; e.g. train, "
+                             "val, test), not a path: its shards are <data.shards>/<dataset>/<split>/")
+    for loc in spec.locations():
+        _admit_location(team, loc, tenants, on_cluster, refuse)
 
 
 def _admit_dataset(team: Team, dataset: str, tenants: Tenants, refuse) -> None:
@@ -548,8 +621,13 @@ def _admit_dataset(team: Team, dataset: str, tenants: Tenants, refuse) -> None:
                               f"{list(team.open_datasets)})")
 
 
-def _admit_location(team: Team, location: str, mode: str, what: str, tenants: Tenants, on_cluster: bool,
-                    refuse) -> None:
+def _admit_location(team: Team, loc: Any, tenants: Tenants, on_cluster: bool, refuse) -> None:
+    """`loc`: a spec's Location (`field`, `url`, `mode` read | write, `what`)."""
+    location, mode = loc.url, loc.mode
+    subject = f"{mode} {location} ({loc.what})"
+    problem = location_problem(location)
+    if problem:
+        raise refuse(loc.field, subject, problem)
     prefixes = list(team.storage)
     if mode == "read":
         prefixes += list(tenants.shared_read_prefixes)
@@ -557,18 +635,23 @@ def _admit_location(team: Team, location: str, mode: str, what: str, tenants: Te
             prefixes += list(tenants.credentials[cname].read_prefixes)
     if under(location, prefixes):
         return
-    subject = f"{mode} {location} ({what})"
-    if is_local_location(location):
+    local = is_local_location(location)
+    if local:
+        real = _norm(location).rstrip("/") or "/"
+        plain = os.path.normpath(os.path.abspath(os.path.expanduser(_SCHEME.sub(r"\2", location))))
+        if real != plain:
+            subject = f"{mode} {location} ({loc.what}; it resolves to {real})"
         if on_cluster:
-            raise refuse(subject, "on the cluster a local path is allowed only under one of the team's storage "
-                                  f"prefixes ({', '.join(prefixes) or 'none'})")
+            raise refuse(loc.field, subject, "on the cluster a local path is allowed only under one of the team's "
+                                             f"storage prefixes ({', '.join(prefixes) or 'none'}), compared after "
+                                             "symlinks are resolved")
         if tenants.local_any_path:
             return
-        raise refuse(subject, "tenants.yaml does not allow local paths (local.anyLocalPath is false) and the path is "
-                              f"under none of the team's prefixes ({', '.join(prefixes) or 'none'})")
+        raise refuse(loc.field, subject, "tenants.yaml does not allow local paths (local.anyLocalPath is false) and "
+                                         f"the path is under none of the team's prefixes ({', '.join(prefixes) or 'none'})")
     rule = (f"a team may {mode} only under its storage prefixes" + (", the shared read prefixes and its "
             "credentials' prefixes" if mode == "read" else "") + f": {', '.join(prefixes) or 'none'}")
-    raise refuse(subject, rule)
+    raise refuse(loc.field, subject, rule)
 
 
 # ----------------------------------------------------------------------------------------------
