@@ -154,7 +154,7 @@ def test_every_rayservice_accepts_its_departments_keys_only(tmp_path, tenants, t
                 if owner == team.name:
                     assert gate.department(headers, "10.1.2.3") == team.name
                 else:  # valid for its own department, refused here
-                    with pytest.raises(ApiError, match=f"not one of team '{team.name}'s keys") as err:
+                    with pytest.raises(ApiError, match=f"not one of team '{team.name}''s keys") as err:
                         gate.department(headers, "10.1.2.4")
                     assert err.value.status == 401
 
