@@ -83,7 +83,8 @@ def test_cpu_spec_gets_cpu_training_pods(tenants, validator):
     cm, rj = rayjob_manifests(spec, JOBS[0], tenants)
     g = groups(rj)["cpu-train"]
     assert g["replicas"] == 3
-    assert g["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    assert g["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "8Gi",
+                                                                              "ephemeral-storage": "80Gi"}
     assert not any(n.startswith("gpu-") for n in groups(rj))
     assert validator.validate([cm, rj], "cpu.yaml") == []
 
