@@ -84,7 +84,7 @@ def make_tenants(root: Path) -> tuple[Path, str]:
 
     from biomedgpt.tenancy import hash_api_key, new_api_key
 
-    key = new_api_key()
+    key = new_api_key("serve-load")
     data = yaml.safe_load((REPO / "cluster" / "tenants.yaml").read_text())
     data["institutions"]["stanford-like"]["departments"]["radiology"]["apiKeys"].append(
         {"id": "serve-load", "hash": hash_api_key(key)})

@@ -573,12 +573,17 @@ class Limits:
     max_text_chars: int = 20_000
     max_labels: int = 100
     max_label_chars: int = 200
+    #: failed API-key checks a client address may make per minute (per ingress replica) before it gets 429
+    auth_failures_per_minute: int = 10
 
 
 @dataclass
 class ServeAppSpec:
     """A serving application over the model registry. With `model_dir` instead of a registry it serves that one
-    model directory (as `biomedgpt serve MODEL_DIR`), under the department `team` (or `local`)."""
+    model directory (as `biomedgpt serve MODEL_DIR`), under the department `team` (or `local`). With `team` a
+    registry app serves that department only: its models, for its API keys. `api_keys` is a key file (the
+    department's mounted Secret, `biomedgpt.tenancy.keys`) read instead of the tenants file's `apiKeys` and
+    reloaded when it changes."""
 
     kind: Literal["serve"]
     name: str
@@ -586,6 +591,7 @@ class ServeAppSpec:
     model_dir: str | None = None
     team: str | None = None
     tenants: str | None = None
+    api_keys: str | None = None
     auth: bool = True
     route_prefix: str = "/"
     latest_ttl_s: float = 5.0
@@ -609,6 +615,10 @@ class ServeAppSpec:
             raise SpecError(f"{f}: registry, model_dir: give one of them (a registry, or one model directory)")
         if self.model_dir is None and not self.auth:
             raise SpecError(f"{f}: auth: a registry app serves several departments and needs API keys (auth: true)")
+        if self.api_keys and not self.auth:
+            raise SpecError(f"{f}: api_keys: a key file needs auth: true")
+        if self.api_keys and self.model_dir is not None and not self.team:
+            raise SpecError(f"{f}: api_keys: a model directory served with a key file needs `team` (whose keys)")
         if self.models.device == "cuda" and not self.models.num_gpus:
             raise SpecError(f"{f}: models.device: cuda needs models.num_gpus > 0 (Ray gives a replica a GPU only "
                             "then); or device: auto")

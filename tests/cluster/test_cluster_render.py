@@ -75,7 +75,7 @@ def test_per_institution_namespace_quota_limits_rbac_and_queues(tenants, cluster
         assert {q["spec"]["clusterQueue"] for q in queues.values()} == {inst.name}
         binding = next(o for o in by_kind(mine, "RoleBinding") if o["roleRef"]["name"] == "biomedgpt-submitter")
         assert [s["name"] for s in binding["subjects"]] == list(inst.groups)
-        assert by_kind(mine, "Namespace")[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "baseline"
+        assert by_kind(mine, "Namespace")[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
 def test_cluster_queues_share_one_cohort_with_quotas_per_flavor(tenants, cluster_objects):

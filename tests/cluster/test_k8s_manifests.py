@@ -40,8 +40,8 @@ def test_kustomize_builds_and_the_result_validates(directory, builds, validator)
 
 def test_the_top_level_build_is_the_whole_tenancy(builds, tenants):
     kinds = sorted({o["kind"] for o in builds[K8S]})
-    assert kinds == ["ClusterQueue", "LimitRange", "LocalQueue", "Namespace", "ResourceFlavor", "ResourceQuota",
-                     "Role", "RoleBinding", "ServiceAccount", "WorkloadPriorityClass"]
+    assert kinds == ["ClusterQueue", "LimitRange", "LocalQueue", "Namespace", "NetworkPolicy", "ResourceFlavor",
+                     "ResourceQuota", "Role", "RoleBinding", "Secret", "ServiceAccount", "WorkloadPriorityClass"]
     assert len([o for o in builds[K8S] if o["kind"] == "Namespace"]) == len(tenants.institutions)
 
 

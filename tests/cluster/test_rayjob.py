@@ -83,7 +83,8 @@ def test_cpu_spec_gets_cpu_training_pods(tenants, validator):
     cm, rj = rayjob_manifests(spec, JOBS[0], tenants)
     g = groups(rj)["cpu-train"]
     assert g["replicas"] == 3
-    assert g["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    assert g["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "8Gi",
+                                                                              "ephemeral-storage": "80Gi"}
     assert not any(n.startswith("gpu-") for n in groups(rj))
     assert validator.validate([cm, rj], "cpu.yaml") == []
 
@@ -136,7 +137,8 @@ def test_k8s_rayjob_command_prints_a_stream_for_kubectl_apply(capsys, validator)
 
 
 @pytest.mark.parametrize("argv", [["cluster", "--help"], ["cluster", "render", "--help"],
-                                  ["cluster", "validate", "--help"], ["cluster", "api-key", "--help"],
+                                  ["cluster", "validate", "--help"], ["tenants", "add-key", "--help"],
+                                  ["tenants", "revoke-key", "--help"],
                                   ["k8s", "--help"], ["k8s", "rayjob", "--help"]])
 def test_every_command_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -166,10 +168,12 @@ def test_api_key_command_prints_a_key_and_a_hash_that_verifies(capsys, tenants_f
     from biomedgpt.tenancy import load_tenants, verify_api_key
 
     path = tenants_file()
-    assert run_cli(["cluster", "api-key", "charite-like-dermatology", "--tenants", str(path), "--id", "t1"]) == 0
+    assert run_cli(["tenants", "add-key", "charite-like-dermatology", "--tenants", str(path), "--id", "t1"]) == 0
     out = capsys.readouterr().out
     key = out.splitlines()[1].strip()
-    snippet = yaml.safe_load(out.split("apiKeys:\n", 1)[1])
+    assert key.startswith("t1.")
+    entry = out.split("apiKeys:\n", 1)[1].splitlines()
+    snippet = yaml.safe_load("\n".join(line for line in entry[:3] if line.startswith("  ")))
     data = yaml.safe_load(path.read_text())
     data["institutions"]["charite-like"]["departments"]["dermatology"]["apiKeys"] = snippet
     path.write_text(yaml.safe_dump(data, sort_keys=False))

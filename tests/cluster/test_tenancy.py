@@ -256,7 +256,7 @@ def test_unknown_and_local_only_teams(tenants):
 
 
 def test_api_keys_are_salted_scrypt_hashes_that_verify_per_team(tenants_file):
-    key, other = new_api_key(), new_api_key()
+    key, other = new_api_key("test"), new_api_key("test")
     h1, h2 = hash_api_key(key), hash_api_key(key)
     assert h1 != h2 and h1.startswith("scrypt$n=16384,r=8,p=1$")  # a fresh salt each time
     assert key not in h1
@@ -272,7 +272,7 @@ def test_api_keys_are_salted_scrypt_hashes_that_verify_per_team(tenants_file):
     assert not verify_api_key("nobody", key, t)
     assert not verify_api_key("charite-like-dermatology", "", t)
     with pytest.raises(ValueError, match="at least 20 characters"):
-        hash_api_key("short")
+        hash_api_key("test.short")
 
 
 def test_repository_key_hashes_are_well_formed_and_reject_guesses(tenants):
@@ -281,6 +281,7 @@ def test_repository_key_hashes_are_well_formed_and_reject_guesses(tenants):
     for team, k in keys:
         assert k.hash.count("$") == 3
         assert not verify_api_key(team, "x" * 43, tenants)
+        assert not verify_api_key(team, f"{k.id}." + "x" * 43, tenants)
 
 
 def test_fraction_quantities():

@@ -25,9 +25,9 @@ def api_keys(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     data = yaml.safe_load((REPO / "cluster" / "tenants.yaml").read_text())
     keys = {}
     for inst, dept in (("stanford-like", "radiology"), ("mayo-like", "radiology"), ("charite-like", "dermatology")):
-        key = new_api_key()
+        key = new_api_key(f"test-{inst}-{dept}")  # key ids are unique in the whole file
         d = data["institutions"][inst]["departments"][dept]
-        d.setdefault("apiKeys", []).append({"id": "test-client", "hash": hash_api_key(key)})
+        d.setdefault("apiKeys", []).append({"id": f"test-{inst}-{dept}", "hash": hash_api_key(key)})
         keys[f"{inst}-{dept}"] = key
     path = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -109,7 +109,7 @@ def team_served(served, model_dir, tmp_path_factory):
     from biomedgpt.tenancy import hash_api_key, new_api_key
     from tests_paths import REPO
 
-    key = new_api_key()
+    key = new_api_key("test-client")
     data = yaml.safe_load((REPO / "cluster" / "tenants.yaml").read_text())
     radiology = data["institutions"]["stanford-like"]["departments"]["radiology"]
     radiology["apiKeys"].append({"id": "test-client", "hash": hash_api_key(key)})

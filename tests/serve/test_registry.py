@@ -155,10 +155,12 @@ def test_registry_cli(tmp_path, vqa_model_dir, demo_tokenizer_dir, monkeypatch, 
 
     monkeypatch.setenv("BIOMEDGPT_REGISTRY", str(tmp_path / "reg"))
     ckpt = make_checkpoint(tmp_path / "runs" / "vqa-rad-ft", demo_tokenizer_dir)
-    assert main(["registry", "export", str(ckpt), "--department", "stanford-like-radiology", "--name", "vqa-rad"]) == 0
+    assert main(["registry", "export", str(ckpt), "--department", "stanford-like-radiology", "--name", "vqa-rad",
+                 "--team", "stanford-like-radiology"]) == 0
     assert "published stanford-like-radiology/vqa-rad@1" in capsys.readouterr().out
     other = make_model_dir(tmp_path / "caption-model", demo_tokenizer_dir, task="caption", answers=None,
                            train_data=("iu_xray/train",))
+    monkeypatch.setenv("BIOMEDGPT_TEAM", "charite-like-dermatology")  # what a RayJob's environment says
     assert main(["registry", "export", str(other), "--department", "charite-like-dermatology", "--name", "captioner",
                  "--licence", "CC-BY-NC-4.0"]) == 0
     capsys.readouterr()

@@ -14,7 +14,8 @@
     biomedgpt convert SRC DST [--config C]     official checkpoint -> our model directory
     biomedgpt score --task T --predictions P --references R    metrics as JSON
     biomedgpt evaluate MODEL --shards URL --dataset D:SPLIT    model x datasets -> results + HTML report
-    biomedgpt cluster render|validate|api-key  the shared cluster from cluster/tenants.yaml
+    biomedgpt cluster render|validate          the shared cluster from cluster/tenants.yaml
+    biomedgpt tenants add-key|revoke-key       serving API keys of a department (<key-id>.<secret>)
     biomedgpt k8s rayjob SPEC                  a KubeRay RayJob (Kueue-queued) for a job spec
 
 Every subcommand has `--help`. Errors are printed as one line naming the file or field, exit code 2.
@@ -24,7 +25,7 @@ shows them on the terminal instead.
 
 The package holds the whole command line: this module (the front door and the commands of its own),
 `shards.py` (`shards ...`), `serve.py` (`serve`, `serve-config`, `registry ...`), `evaluate.py`
-(`evaluate`) and `cluster.py` (`cluster ...`, `k8s ...`). Each command imports what it runs inside its
+(`evaluate`) and `cluster.py` (`cluster ...`, `tenants ...`, `k8s ...`). Each command imports what it runs inside its
 function: building the parser loads no command's dependencies (Ray, Ray Serve, the evaluation stack), and
 Ray must not be imported before its environment is set.
 """

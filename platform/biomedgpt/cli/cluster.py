@@ -2,7 +2,8 @@
 
     biomedgpt cluster render [--tenants FILE] [--out DIR]     tenants.yaml -> k8s/ (kustomize)
     biomedgpt cluster validate [--tenants FILE] [--crds DIR]  tenants, manifests, kustomize, launcher configs
-    biomedgpt cluster api-key TEAM [--tenants FILE]           a new serving key and the hash to store
+    biomedgpt tenants add-key TEAM --id ID [--tenants FILE]   a new serving key, its hash and the manifest change
+    biomedgpt tenants revoke-key TEAM ID [--tenants FILE]     the entry to remove and the manifest change
     biomedgpt k8s rayjob SPEC [--tenants FILE] [--image IMAGE] [...]    a RayJob for a job spec, on stdout
 
 `biomedgpt.cli` wires them into the main parser with `add_cluster_commands(subparsers)`; each sets `func` to a
@@ -64,17 +65,80 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_api_key(args: argparse.Namespace) -> int:
+def _department(tenants, name: str):
+    team = tenants.team(name)
+    if team.local_only:
+        raise ValueError(f"{tenants.path}: {name!r} is a local-only team ({team.where}); serving keys belong to "
+                         "departments")
+    return team
+
+
+def _key_manifest_change(tenants, team, keys: list[dict]) -> str:
+    """What changes in k8s/ when the department's apiKeys become `keys`: a unified diff of its rendered key Secret,
+    and how to apply it (the RayService reloads the mounted file; no image rebuild, no redeploy)."""
+    import copy
+    import difflib
+
+    from ..cluster.render import api_keys_secret, dump_yaml
+    from ..tenancy import tenants_from_dict
+
+    if team.serving is None:
+        return (f"{team.name} has no RayService (no `serving` in {team.where}): nothing in k8s/ changes; local "
+                f"serving (`biomedgpt serve ... --team {team.name}` or a serving spec) reads {tenants.path}.")
+    data = copy.deepcopy(tenants.raw)
+    data["institutions"][team.institution]["departments"][team.department]["apiKeys"] = keys
+    for key in ("datasetSpecs", "servingSpec"):  # relative to the tenants file, wherever the copy is made
+        if key in data:
+            data[key] = str((tenants.path.parent / data[key]).resolve())
+    after = tenants_from_dict(data, tenants.path)  # the changed file must still load
+    rel = f"k8s/tenants/{team.institution}/api-keys.yaml"
+    old = dump_yaml(api_keys_secret(tenants, team)).splitlines(keepends=True)
+    new = dump_yaml(api_keys_secret(after, after.team(team.name))).splitlines(keepends=True)
+    diff = "".join(difflib.unified_diff(old, new, f"a/{rel}", f"b/{rel}"))
+    return (f"The manifest change (Secret {team.namespace}/{team.api_keys_secret}, mounted into the RayService "
+            f"{team.namespace}/{team.department}-biomedgpt-serve):\n{diff}"
+            f"Render and apply it: biomedgpt cluster render && kubectl apply -f {rel}\n"
+            "The serving replicas read the mounted file again when it changes (the kubelet updates it within about a "
+            "minute): no image rebuild, no redeploy.")
+
+
+def _cmd_add_key(args: argparse.Namespace) -> int:
     from ..tenancy import hash_api_key, load_tenants, new_api_key
 
     tenants = load_tenants(args.tenants)
-    team = tenants.team(args.team)
-    if team.local_only:
-        raise ValueError(f"{args.team!r} is a local-only team; serving keys belong to departments")
-    key = new_api_key()
+    team = _department(tenants, args.team)
+    taken = {k.id: t.name for t in tenants.teams.values() for k in t.api_keys}
+    if args.id in taken:
+        raise ValueError(f"{tenants.path}: key id {args.id!r} is taken (by {taken[args.id]}); key ids are unique in "
+                         "the whole file")
+    key = new_api_key(args.id)
+    digest = hash_api_key(key)
+    entry = {"id": args.id, "hash": digest, **({"description": args.description} if args.description else {})}
+    keys = [{"id": k.id, "hash": k.hash, **({"description": k.description} if k.description else {})}
+            for k in team.api_keys] + [entry]
+    lines = [f"  - id: {args.id}"] + ([f"    description: {args.description}"] if args.description else []) + \
+        [f"    hash: {digest}"]
     print(f"API key for {team.name} (give it to the client once; only its hash is stored):\n  {key}\n"
-          f"Add to {tenants.path} under {team.where}.apiKeys:\n"
-          f"  - id: {args.id or team.department + '-key'}\n    hash: {hash_api_key(key)}")
+          f"hash: {digest}\n"
+          f"Add to {tenants.path} under {team.where}.apiKeys:\n" + "\n".join(lines) + "\n"
+          + _key_manifest_change(tenants, team, keys))
+    return 0
+
+
+def _cmd_revoke_key(args: argparse.Namespace) -> int:
+    from ..tenancy import load_tenants
+
+    tenants = load_tenants(args.tenants)
+    team = _department(tenants, args.team)
+    gone = next((k for k in team.api_keys if k.id == args.key_id), None)
+    if gone is None:
+        raise ValueError(f"{tenants.path}: {team.where}.apiKeys: no key {args.key_id!r} "
+                         f"(its keys: {', '.join(k.id for k in team.api_keys) or 'none'})")
+    keys = [{"id": k.id, "hash": k.hash, **({"description": k.description} if k.description else {})}
+            for k in team.api_keys if k.id != args.key_id]
+    print(f"Revoking {team.name}'s key {gone.id!r} (hash: {gone.hash}).\n"
+          f"Remove from {tenants.path} under {team.where}.apiKeys the entry with id: {gone.id}\n"
+          + _key_manifest_change(tenants, team, keys))
     return 0
 
 
@@ -109,7 +173,8 @@ def _positive(text: str) -> int:
 
 
 def add_cluster_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `cluster` (render, validate, api-key) and `k8s` (rayjob) to a `biomedgpt` subparsers object."""
+    """Add `cluster` (render, validate), `tenants` (add-key, revoke-key) and `k8s` (rayjob) to a `biomedgpt`
+    subparsers object."""
     cluster = subparsers.add_parser(
         "cluster", help="the shared cluster as data: render k8s/ from cluster/tenants.yaml, validate it",
         description="cluster/tenants.yaml describes who shares the Kubernetes GPU cluster; these commands turn it "
@@ -142,14 +207,32 @@ def add_cluster_commands(subparsers: argparse._SubParsersAction) -> None:
                                "else the repository's tests/fixtures/crds)")
     validate.set_defaults(func=_cmd_validate)
 
-    api_key = csub.add_parser(
-        "api-key", help="make a serving API key for a team and print the hash to store in tenants.yaml",
-        description="Print a fresh random API key and its salted scrypt hash; only the hash goes into "
-                    "tenants.yaml (apiKeys of the department), the key goes to the client.")
-    api_key.add_argument("team", help="the team (<institution>-<department>)")
-    api_key.add_argument("--id", default=None, help="the key's id in tenants.yaml (default: <department>-key)")
-    _tenants_arg(api_key)
-    api_key.set_defaults(func=_cmd_api_key)
+    tenants = subparsers.add_parser(
+        "tenants", help="serving API keys of the departments: add and revoke (tenants.yaml and the key Secrets)",
+        description="A serving API key is <key-id>.<secret>; tenants.yaml stores the id and a salted scrypt hash of "
+                    "the secret under the department's apiKeys, and `cluster render` writes them into the "
+                    "department's Secret <department>-biomedgpt-api-keys, which its RayService mounts and reloads.")
+    tsub = tenants.add_subparsers(dest="tenants_command", metavar="SUBCOMMAND")
+    tsub.required = True
+    add_key = tsub.add_parser(
+        "add-key", help="make a serving API key: print it, its hash, the tenants.yaml entry and the manifest change",
+        description="Print a fresh key <ID>.<secret> (give it to the client once), its hash, the entry to add to the "
+                    "department's apiKeys in tenants.yaml and the change of its rendered key Secret. Nothing is "
+                    "written: edit tenants.yaml, `biomedgpt cluster render`, `kubectl apply`.")
+    add_key.add_argument("team", help="the department (<institution>-<department>)")
+    add_key.add_argument("--id", required=True, help="the key's id: lower-case letters, digits, '-', '_' (unique in "
+                                                     "the tenants file; it is the key's first part)")
+    add_key.add_argument("--description", default=None, help="one line: who holds the key")
+    _tenants_arg(add_key)
+    add_key.set_defaults(func=_cmd_add_key)
+    revoke = tsub.add_parser(
+        "revoke-key", help="revoke a serving API key: print the entry to remove and the manifest change",
+        description="Print which entry to remove from the department's apiKeys in tenants.yaml and the change of its "
+                    "rendered key Secret; once applied, the RayService refuses the key without a rebuild.")
+    revoke.add_argument("team", help="the department (<institution>-<department>)")
+    revoke.add_argument("key_id", help="the id of the key to revoke")
+    _tenants_arg(revoke)
+    revoke.set_defaults(func=_cmd_revoke_key)
 
     k8s = subparsers.add_parser("k8s", help="Kubernetes manifests for job specs (KubeRay + Kueue)",
                                 description="Print Kubernetes manifests for job specs; pipe them to kubectl.")

@@ -2,7 +2,7 @@
 
     biomedgpt serve MODEL_DIR|SPEC.yaml          serve one model directory, or a serving spec, on local Ray
     biomedgpt serve-config SPEC.yaml [-o FILE]   the Ray Serve config (`serve deploy`/`serve run`) of a spec
-    biomedgpt registry export SRC --department D --name N   publish a new immutable version
+    biomedgpt registry export SRC --department D --name N --team T   publish a new immutable version (T owns D)
     biomedgpt registry list [--department D] [--json]       the registry's models
     biomedgpt registry show MODEL_ID                        one version's model card
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,10 +77,16 @@ def _cmd_serve_config(args: argparse.Namespace) -> int:
 def _cmd_registry_export(args: argparse.Namespace) -> int:
     from ..serve.registry import Registry
 
+    from ..tenancy import load_tenants
+
+    team = args.team or os.environ.get("BIOMEDGPT_TEAM")
+    if not team:
+        raise ValueError("registry export: --team (or $BIOMEDGPT_TEAM) is required: the exporter's team, which must "
+                         f"own --department {args.department!r}")
     metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
     entry = Registry(args.registry).export(args.source, args.department, args.name, licence=args.licence,
                                            metrics=metrics, description=args.description or "",
-                                           tasks=args.task or None)
+                                           tasks=args.task or None, team=team, tenants=load_tenants(args.tenants))
     print(f"published {entry.id} at {entry.url} ({len(entry.manifest['files'])} files)")
     return 0
 
@@ -145,6 +152,10 @@ def add_serve_commands(sub) -> None:
     exp.add_argument("--department", required=True, help="owning department: the team name of cluster/tenants.yaml "
                                                           "(e.g. stanford-like-radiology)")
     exp.add_argument("--name", required=True, help="model name within the department (e.g. vqa-rad)")
+    exp.add_argument("--team", default=None, help="the exporter's team (default $BIOMEDGPT_TEAM, which a RayJob sets): "
+                                                  "it must be the department exported into")
+    exp.add_argument("--tenants", default=None, help="the tenants file (default: $BIOMEDGPT_TENANTS, else "
+                                                     "./cluster/tenants.yaml, else the checkout's)")
     exp.add_argument("--registry", default=None, help=REGISTRY_HELP)
     exp.add_argument("--licence", default=None, help="licence of the model weights (default Apache-2.0)")
     exp.add_argument("--metrics", default=None, help="metrics.json to record instead of the run's eval/metrics.json")

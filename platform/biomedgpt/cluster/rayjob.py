@@ -28,7 +28,7 @@ import yaml
 
 from ..tenancy import ON_CLUSTER_ENV, Tenants, admit
 from ..tenancy.quantity import format_quantity, parse_quantity
-from .render import INSTITUTION_LABEL, PRIORITY_LABEL, QUEUE_LABEL, TEAM_LABEL, WORKDIR, dump_one
+from .render import INSTITUTION_LABEL, PRIORITY_LABEL, QUEUE_LABEL, TEAM_LABEL, WORKDIR, department_pod, dump_one
 
 SPEC_VOLUME = "job-spec"
 GPU = "nvidia.com/gpu"
@@ -91,6 +91,34 @@ def _fixed(group: dict[str, Any], name: str, replicas: int) -> dict[str, Any]:
     labels = group["template"].setdefault("metadata", {}).setdefault("labels", {})
     labels["biomedgpt.io/ray-node"] = name
     return group
+
+
+def submitter_pod(cluster: dict[str, Any], image: str, team: str) -> dict[str, Any]:
+    """The pod KubeRay runs `ray job submit` in (K8sJobMode): the head's pod security settings and Ray token (the
+    namespace enforces the restricted Pod Security level, which KubeRay's default submitter pod would fail), no
+    API token, the department's ServiceAccount; KubeRay fills in the command."""
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    ray = head["containers"][0]
+    env = [e for e in ray.get("env", []) if e["name"] in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")]
+    mounts = [m for m in ray.get("volumeMounts", []) if m["name"] == "tmp"]
+    return {
+        "metadata": {"labels": {TEAM_LABEL: team, "biomedgpt.io/ray-node": "submitter"}},
+        "spec": {
+            "serviceAccountName": head["serviceAccountName"],
+            "automountServiceAccountToken": False,
+            "restartPolicy": "Never",
+            "securityContext": copy.deepcopy(head.get("securityContext", {})),
+            "containers": [{
+                "name": "ray-job-submitter", "image": image, "imagePullPolicy": ray.get("imagePullPolicy", "IfNotPresent"),
+                "env": copy.deepcopy(env),
+                "securityContext": copy.deepcopy(ray.get("securityContext", {})),
+                "resources": {side: {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"}
+                              for side in ("requests", "limits")},
+                "volumeMounts": copy.deepcopy(mounts),
+            }],
+            "volumes": [copy.deepcopy(v) for v in head.get("volumes", []) if v["name"] == "tmp"],
+        },
+    }
 
 
 def choose_gpu_type(spec: Any, tenants: Tenants, requested: str | None) -> str:
@@ -161,6 +189,10 @@ def rayjob_manifests(spec: Any, spec_path: str | Path, tenants: Tenants, options
         {"name": SPEC_VOLUME, "mountPath": spec_file, "subPath": "spec.yaml", "readOnly": True})
     for pod in [head] + [grp["template"]["spec"] for grp in groups]:
         _set_image(pod, image)
+        department_pod(pod, team)  # the department's own ServiceAccount and storage settings
+        pod["automountServiceAccountToken"] = False  # no autoscaler: no pod of a RayJob talks to the API server
+    for template in [cluster["headGroupSpec"]["template"]] + [grp["template"] for grp in groups]:
+        template.setdefault("metadata", {}).setdefault("labels", {})[TEAM_LABEL] = team.name
 
     text = Path(spec_path).read_text()
     labels = {TEAM_LABEL: team.name, INSTITUTION_LABEL: team.institution, "biomedgpt.io/job-kind": spec.kind,
@@ -184,6 +216,7 @@ def rayjob_manifests(spec: Any, spec_path: str | Path, tenants: Tenants, options
     }
     if options.deadline_seconds:
         job_spec["activeDeadlineSeconds"] = options.deadline_seconds
+    job_spec["submitterPodTemplate"] = submitter_pod(cluster, image, team.name)
     job_spec["rayClusterSpec"] = cluster
     rayjob = {
         "apiVersion": "ray.io/v1", "kind": "RayJob",

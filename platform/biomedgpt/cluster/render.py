@@ -4,15 +4,20 @@
     k8s/kueue/                             cluster-scoped: ResourceFlavors (one per GPU type + CPU),
                                            ClusterQueues (one per institution, one cohort),
                                            WorkloadPriorityClasses
-    k8s/tenants/<institution>/             Namespace, ResourceQuota, LimitRange, ServiceAccount, RBAC,
-                                           LocalQueues (one per department)
+    k8s/tenants/<institution>/             Namespace (Pod Security `restricted` enforced), ResourceQuota (with
+                                           ephemeral storage), LimitRange, one ServiceAccount per department
+                                           (its own principal: its cloud identity), RBAC, NetworkPolicies
+                                           (default deny), LocalQueues (one per department), the API-key
+                                           Secret of every serving department
     k8s/overlays/<team>/                   the base RayCluster (and RayService when the department
-                                           has `serving`) in the team's namespace and queue
+                                           has `serving`) in the team's namespace and queue, every pod
+                                           running as the department's ServiceAccount
     k8s/base/                              static, written by hand: the RayCluster and RayService templates
 
 A department's RayService runs the serving application (`biomedgpt.serve.app:app_builder`): its
 serveConfigV2 is `deploy_config` of the tenants file's `servingSpec` (jobs/serve/cluster.yaml) with the
-department's registry and replica bounds (`rayservice_serve_spec`).
+department's registry and replica bounds (`rayservice_serve_spec`), for the department only (`team`), with
+its keys from its mounted Secret (`api_keys`).
 
 Rendering is deterministic: the same tenants.yaml gives byte-identical files, so `cluster validate`
 and the tests can tell when k8s/ is stale.
@@ -20,6 +25,7 @@ and the tests can tell when k8s/ is stale.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from fractions import Fraction
@@ -30,7 +36,8 @@ import yaml
 
 from ..serve.spec import deploy_config
 from ..spec import ServeAppSpec, load_serve_spec, serve_spec_from_dict
-from ..tenancy import Institution, Limit, Tenants
+from ..tenancy import Institution, Limit, Team, Tenants
+from ..tenancy.keys import KEY_FILE_NAME, key_file_text
 from ..tenancy.quantity import format_quantity, parse_quantity
 from ..tenancy.schema import SCHEMA
 
@@ -41,8 +48,17 @@ PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 ELASTIC_ANNOTATION = "kueue.x-k8s.io/elastic-job"
 TEAM_LABEL = "biomedgpt.io/team"
 INSTITUTION_LABEL = "biomedgpt.io/institution"
-RAY_SERVICE_ACCOUNT = "biomedgpt-ray"
 SUBMITTER_ROLE = "biomedgpt-submitter"
+AUTOSCALER_ROLE = "biomedgpt-ray-autoscaler"
+#: The namespace's Ray token Secret (key `auth_token`), created by the cluster admin (never rendered: it is random).
+RAY_TOKEN_SECRET = "biomedgpt-ray-token"
+STORAGE_CONFIG = "biomedgpt-storage"    # the base templates' placeholder; overlays name `<department>-biomedgpt-storage`
+API_KEYS_VOLUME = "api-keys"
+API_KEYS_DIR = "/etc/biomedgpt/api-keys"
+SERVING_LABEL = "biomedgpt.io/serving"
+RAY_NODE_LABEL = "biomedgpt.io/ray-node"
+#: Ray's ports on a head: GCS, dashboard and job API, Ray client.
+GCS_PORT, DASHBOARD_PORT, CLIENT_PORT = 6379, 8265, 10001
 GPU_TAINT_KEY = "nvidia.com/gpu"
 HEADER = ("# Rendered by `biomedgpt cluster render` from {tenants}; do not edit by hand:\n"
           "# change the tenants file and render again (`biomedgpt cluster validate` checks they agree).\n")
@@ -196,14 +212,19 @@ def tenant_objects(tenants: Tenants, inst: Institution) -> dict[str, list[dict[s
         "requests.cpu": format_quantity(max_usable(tenants, inst, "cpu")),
         "requests.memory": format_quantity(max_usable(tenants, inst, "memory"), binary=True),
         f"requests.{GPU_RESOURCE}": format_quantity(gpus),
+        "requests.ephemeral-storage": inst.ephemeral_storage,
+        "limits.ephemeral-storage": inst.ephemeral_storage,
         "services.loadbalancers": "0",
         "services.nodeports": "0",
     }
+    ephemeral = tenants.container_defaults.get("ephemeralStorage", "2Gi")
     max_gpus_per_pod = max(tenants.gpu_types[g].gpus_per_node for g in inst.gpus) if inst.gpus else 0
     files: dict[str, list[dict[str, Any]]] = {}
     files["namespace.yaml"] = [{
         "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": ns, "labels": {**labels, "pod-security.kubernetes.io/enforce": "baseline",
+        "metadata": {"name": ns, "labels": {**labels, "pod-security.kubernetes.io/enforce": "restricted",
+                                            "pod-security.kubernetes.io/enforce-version": "latest",
+                                            "pod-security.kubernetes.io/audit": "restricted",
                                             "pod-security.kubernetes.io/warn": "restricted"},
                      "annotations": {"biomedgpt.io/display-name": inst.display_name}}}]
     files["resource-quota.yaml"] = [{
@@ -214,14 +235,21 @@ def tenant_objects(tenants: Tenants, inst: Institution) -> dict[str, list[dict[s
         "apiVersion": "v1", "kind": "LimitRange", "metadata": meta("biomedgpt-defaults"),
         "spec": {"limits": [{
             "type": "Container",
-            "defaultRequest": {"cpu": tenants.container_defaults["cpu"], "memory": tenants.container_defaults["memory"]},
-            "default": {"memory": tenants.container_defaults["memory"]},
+            "defaultRequest": {"cpu": tenants.container_defaults["cpu"], "memory": tenants.container_defaults["memory"],
+                               "ephemeral-storage": ephemeral},
+            "default": {"memory": tenants.container_defaults["memory"], "ephemeral-storage": ephemeral},
             "max": {GPU_RESOURCE: str(max_gpus_per_pod)},
         }]}}]
-    sa_meta = meta(RAY_SERVICE_ACCOUNT)
-    if inst.service_account_annotations:
-        sa_meta["annotations"] = dict(inst.service_account_annotations)
-    files["service-account.yaml"] = [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": sa_meta}]
+    # Each department is its own principal: its own ServiceAccount with its own cloud identity. No pod gets its
+    # API token unless the pod template asks (only autoscaling heads do: the autoscaler patches the RayCluster).
+    accounts = []
+    for team in inst.departments.values():
+        sa_meta = {**meta(team.service_account), "labels": {**labels, TEAM_LABEL: team.name}}
+        if team.service_account_annotations:
+            sa_meta["annotations"] = dict(team.service_account_annotations)
+        accounts.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": sa_meta,
+                         "automountServiceAccountToken": False})
+    files["service-account.yaml"] = accounts
     files["rbac.yaml"] = [
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta(SUBMITTER_ROLE),
          "rules": [
@@ -240,20 +268,83 @@ def tenant_objects(tenants: Tenants, inst: Institution) -> dict[str, list[dict[s
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(SUBMITTER_ROLE),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SUBMITTER_ROLE},
          "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": g} for g in inst.groups]},
-        # The Ray autoscaler sidecar runs as the Ray pods' ServiceAccount and scales the RayCluster.
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta("biomedgpt-ray-autoscaler"),
+        # The Ray autoscaler sidecar runs as the department's ServiceAccount and scales the RayCluster.
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta(AUTOSCALER_ROLE),
          "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
                    {"apiGroups": ["ray.io"], "resources": ["rayclusters"], "verbs": ["get", "list", "watch", "patch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta("biomedgpt-ray-autoscaler"),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "biomedgpt-ray-autoscaler"},
-         "subjects": [{"kind": "ServiceAccount", "name": RAY_SERVICE_ACCOUNT, "namespace": ns}]},
     ]
+    for team in inst.departments.values():
+        name = f"{team.department}-{AUTOSCALER_ROLE}"
+        files["rbac.yaml"].append(
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {**meta(name), "labels": {**labels, TEAM_LABEL: team.name}},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": AUTOSCALER_ROLE},
+             "subjects": [{"kind": "ServiceAccount", "name": team.service_account, "namespace": ns}]})
+    files["network-policies.yaml"] = network_policies(tenants, inst)
+    keys = [api_keys_secret(tenants, team) for team in inst.departments.values() if team.serving]
+    if keys:
+        files["api-keys.yaml"] = keys
     files["local-queues.yaml"] = [
         {"apiVersion": KUEUE, "kind": "LocalQueue",
          "metadata": {**meta(team.queue), "labels": {**labels, TEAM_LABEL: team.name}},
          "spec": {"clusterQueue": inst.name}}
         for team in inst.departments.values()]
     return files
+
+
+def network_policies(tenants: Tenants, inst: Institution) -> list[dict[str, Any]]:
+    """Default deny in and out; then: pods talk to pods of their own namespace, DNS, object storage; heads reach
+    the API server (the autoscaler); the KubeRay operator reaches a head's dashboard/job API only (the GCS and Ray
+    client ports are reachable from no other namespace); the ingress namespace reaches the serve port of
+    serving pods only. Enforced by the cluster's CNI (the manifests alone prove nothing about enforcement)."""
+    net, ns = tenants.network, inst.namespace
+    labels = _managed({INSTITUTION_LABEL: inst.name})
+
+    def policy(name: str, selector: dict[str, Any], types: list[str], **rules: Any) -> dict[str, Any]:
+        return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": name, "namespace": ns, "labels": dict(labels)},
+                "spec": {"podSelector": selector, "policyTypes": types, **rules}}
+
+    def namespace(name: str) -> dict[str, Any]:
+        return {"matchLabels": {"kubernetes.io/metadata.name": name}}
+
+    def tcp(*ports: int) -> list[dict[str, Any]]:
+        return [{"protocol": "TCP", "port": p} for p in ports]
+
+    def blocks(e) -> list[dict[str, Any]]:
+        return [{"ipBlock": {"cidr": c, **({"except": list(e.except_)} if e.except_ else {})}} for c in e.cidrs]
+
+    head = {"matchLabels": {RAY_NODE_LABEL: "head"}}
+    return [
+        policy("biomedgpt-default-deny", {}, ["Ingress", "Egress"]),
+        policy("biomedgpt-same-namespace", {}, ["Ingress", "Egress"],
+               ingress=[{"from": [{"podSelector": {}}]}], egress=[{"to": [{"podSelector": {}}]}]),
+        policy("biomedgpt-dns", {}, ["Egress"],
+               egress=[{"to": [{"namespaceSelector": namespace(net.dns_namespace),
+                                "podSelector": {"matchLabels": dict(net.dns_pod_labels)}}],
+                        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]),
+        policy("biomedgpt-object-storage", {}, ["Egress"],
+               egress=[{"to": blocks(net.object_storage), "ports": tcp(*net.object_storage.ports)}]),
+        policy("biomedgpt-api-server", head, ["Egress"],
+               egress=[{"to": blocks(net.api_server), "ports": tcp(*net.api_server.ports)}]),
+        policy("biomedgpt-kuberay-operator", head, ["Ingress"],
+               ingress=[{"from": [{"namespaceSelector": namespace(net.operator_namespace),
+                                   "podSelector": {"matchLabels": dict(net.operator_pod_labels)}}],
+                         "ports": tcp(DASHBOARD_PORT)}]),
+        policy("biomedgpt-serve-ingress", {"matchLabels": {SERVING_LABEL: "true"}}, ["Ingress"],
+               ingress=[{"from": [{"namespaceSelector": namespace(net.ingress_namespace)}], "ports": tcp(SERVE_PORT)}]),
+    ]
+
+
+def api_keys_secret(tenants: Tenants, team: Team) -> dict[str, Any]:
+    """The Secret of a serving department's key hashes (the key file `biomedgpt.tenancy.keys` reads), mounted into
+    its RayService at API_KEYS_DIR: applying a changed Secret rotates or revokes keys without a rebuild."""
+    header = (f"# {team.name}'s serving API keys from {_in_checkout(tenants, tenants.path)} "
+              f"({team.where}.apiKeys): only scrypt hashes\n")
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": team.api_keys_secret, "namespace": team.namespace,
+                         "labels": _managed({INSTITUTION_LABEL: team.institution, TEAM_LABEL: team.name})},
+            "stringData": {KEY_FILE_NAME: key_file_text(team.name, team.api_keys, header)}}
 
 
 def _kustomization(resources: list[str], **extra: Any) -> dict[str, Any]:
@@ -285,7 +376,8 @@ def rayservice_serve_spec(tenants: Tenants, team_name: str) -> ServeAppSpec:
         raise ValueError(f"{tenants.path}: {team.where}: no `serving` entry (or no servingSpec) to serve with")
     spec_file = _in_checkout(tenants, tenants.serving_spec)
     data = load_serve_spec(tenants.serving_spec).to_dict()
-    data.update(registry=team.serving.registry, model_dir=None,
+    data.update(registry=team.serving.registry, model_dir=None, team=team.name, auth=True,
+                api_keys=f"{API_KEYS_DIR}/{KEY_FILE_NAME}",
                 tenants=f"{WORKDIR}/{_in_checkout(tenants, tenants.path)}",
                 http={"host": "0.0.0.0", "port": SERVE_PORT},
                 description=f"the registered models of {team.name}, on {team.serving.gpu_type} GPUs")
@@ -309,16 +401,52 @@ def _check_serve_fits(spec: ServeAppSpec, container: dict[str, Any], where: str)
                          f"worker ({where})")
 
 
+def storage_config(team: Team) -> str:
+    """The department's optional ConfigMap and Secret of storage settings (S3 endpoint, keys), read by its pods."""
+    return f"{team.department}-{STORAGE_CONFIG}"
+
+
+def department_pod(pod: dict[str, Any], team: Team) -> None:
+    """Make a pod template (its `spec`) run as the department: its ServiceAccount, its storage settings."""
+    pod["serviceAccountName"] = team.service_account
+    for c in pod.get("containers", []):
+        c["envFrom"] = [{"configMapRef": {"name": storage_config(team), "optional": True}},
+                        {"secretRef": {"name": storage_config(team), "optional": True}}]
+
+
+def _department_ops(cluster: dict[str, Any], path: str, team: Team) -> list[dict[str, Any]]:
+    """JSON-patch ops that make every pod template of a base Ray cluster spec (at `path`) the department's: its
+    ServiceAccount, its storage settings, its team label, its API-key Secret where a volume mounts one."""
+    ops: list[dict[str, Any]] = []
+    templates = [(f"{path}/headGroupSpec/template", cluster["headGroupSpec"]["template"])]
+    templates += [(f"{path}/workerGroupSpecs/{i}/template", g["template"])
+                  for i, g in enumerate(cluster["workerGroupSpecs"])]
+    for where, template in templates:
+        pod = copy.deepcopy(template["spec"])
+        department_pod(pod, team)
+        ops.append({"op": "add", "path": f"{where}/metadata/labels/{TEAM_LABEL.replace('/', '~1')}", "value": team.name})
+        ops.append({"op": "replace", "path": f"{where}/spec/serviceAccountName", "value": pod["serviceAccountName"]})
+        for j, c in enumerate(pod["containers"]):
+            ops.append({"op": "replace", "path": f"{where}/spec/containers/{j}/envFrom", "value": c["envFrom"]})
+        for j, v in enumerate(pod.get("volumes", [])):
+            if v["name"] == API_KEYS_VOLUME:
+                ops.append({"op": "replace", "path": f"{where}/spec/volumes/{j}/secret/secretName",
+                            "value": team.api_keys_secret})
+    return ops
+
+
 def overlay(tenants: Tenants, team_name: str, base_dir: Path) -> dict[str, Any]:
     """kustomization.yaml of one team's overlay: the base RayCluster (elastic, autoscaling) in the team's
     namespace and queue, plus the base RayService running the department's serving spec when it has `serving`."""
     team = tenants.team(team_name)
     image, tag = _image_parts(tenants.image)
     resources = ["../../base/raycluster"] + (["../../base/rayservice"] if team.serving else [])
+    base_cluster = yaml.safe_load((base_dir / "raycluster" / "raycluster.yaml").read_text())
     patches: list[dict[str, Any]] = [{
         "target": {"group": "ray.io", "version": "v1", "kind": "RayCluster"},
         "patch": dump_one([{"op": "add", "path": "/metadata/labels/kueue.x-k8s.io~1priority-class",
-                               "value": tenants.priority_for("finetune").name}]),
+                               "value": tenants.priority_for("finetune").name}]
+                          + _department_ops(base_cluster["spec"], "/spec", team)),
     }]
     if team.serving:
         base_file = base_dir / "rayservice" / "rayservice.yaml"
@@ -341,7 +469,7 @@ def overlay(tenants: Tenants, team_name: str, base_dir: Path) -> dict[str, Any]:
              "value": team.serving.min_replicas},
             {"op": "replace", "path": f"/spec/rayClusterConfig/workerGroupSpecs/{index}/maxReplicas",
              "value": team.serving.max_replicas},
-        ]
+        ] + _department_ops(service["spec"]["rayClusterConfig"], "/spec/rayClusterConfig", team)
         patches.append({"target": {"group": "ray.io", "version": "v1", "kind": "RayService"},
                         "patch": dump_one(ops)})
     return _kustomization(

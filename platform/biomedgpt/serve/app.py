@@ -20,9 +20,13 @@ it is a generalist or the body says `"zero_shot": true`; else 422 naming its tas
 The rooms: `sources.py` (where models come from: the registry or one model directory), `schemas.py`
 (the API's bodies and answers), `requests.py` (limits, reading and checking a request, the model query
 it becomes), `engine.py` (a model answering a batch of queries) and, here, the two deployments:
-- `BiomedGPTIngress` (FastAPI): API key -> department (cluster/tenants.yaml: scrypt hashes, checked
-  with `biomedgpt.tenancy`), 401 without a valid key; 403 for another department's model; 404 for an
-  unknown one (checked here, so the model deployment never sees an unknown id); the request read and
+- `BiomedGPTIngress` (FastAPI): API key `<key-id>.<secret>` -> department (`biomedgpt.tenancy.keys`: the
+  scrypt hash stored under the key's id in cluster/tenants.yaml or in the key file `api_keys`, the
+  department's mounted Secret, reloaded when it changes; with `team` only that department's keys), 401
+  without a valid key, 429 after too many failures from one client address; 403 for another department's
+  model or for a model trained on credentialed data the caller's department is not granted
+  (`tenancy.model_data_refusal`); 404 for an unknown one (checked here, so the model deployment never sees
+  an unknown id); the request read and
   checked (`requests.py`), preprocessing exactly as training does; then one call to
 - `BiomedGPTModels`: `@serve.multiplexed` loader (LRU, `max_models_per_replica`) over the source, each
   model on the spec's `models.device` in `models.dtype`, and `@serve.batch`: concurrent requests for
@@ -37,7 +41,6 @@ it becomes), `engine.py` (a model answering a batch of queries) and, here, the t
 import asyncio
 import collections
 import concurrent.futures
-import hashlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -47,6 +50,8 @@ from ray import serve
 
 from ..spec import ServeAppSpec, serve_spec_from_dict
 from ..tasks import Task, get_task, task_names
+from ..tenancy import load_tenants
+from .auth import Gate, check_model, client_address
 from .engine import load_model, run_batch
 from .registry import BadModelId, ModelEntry, ModelRef, UnknownModel
 from .requests import ApiError, AskedModel, bad, prepare, read_fields
@@ -62,7 +67,7 @@ api = FastAPI(title="BiomedGPT", version="0.2",
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
 
 
 def served_tasks() -> List[Task]:
@@ -76,54 +81,40 @@ class BiomedGPTIngress:
         self.models = models
         self.source = make_source(self.spec)
         self.limits = self.spec.limits
-        self.tenants = None
         self.single = isinstance(self.source, DirectorySource)
-        needs_keys = self.spec.auth and (not self.single or bool(self.spec.team))
-        if needs_keys:
-            from ..tenancy import load_tenants
-
-            self.tenants = load_tenants(self.spec.tenants)
-            if self.single and self.spec.team not in self.tenants.teams:
-                raise ValueError(f"{self.tenants.path}: no team {self.spec.team!r} to serve for")
-        self._key_teams: "collections.OrderedDict[bytes, Optional[str]]" = collections.OrderedDict()
+        self.team = self.spec.team  # set: this app answers that department only (every RayService sets it)
+        # the policy (dataset grants) every answer is checked against, API keys or not
+        self.tenants = load_tenants(self.spec.tenants)
+        if self.team and self.team not in self.tenants.teams:
+            raise ValueError(f"{self.tenants.path}: no team {self.team!r} to serve for ({source}: team)")
+        self.gate = Gate(self.spec, self.tenants, needs_keys=self.spec.auth and (not self.single or bool(self.team)))
 
     # -- who is asking ---------------------------------------------------------------------------
 
-    def _team_of_key(self, key: str) -> Optional[str]:
-        from ..tenancy import verify_api_key
+    async def department(self, request: Request) -> Optional[str]:
+        """The caller's department from its API key (`auth.Gate`): 401 without a valid one, 429 once the client's
+        address has failed too often; None when this app serves without keys."""
+        if self.gate.keys is None:
+            return self.source.entry.department if self.single and self.team else None
+        return await asyncio.to_thread(self.gate.department, request.headers, client_address(request))
 
-        if self.single:
-            return self.spec.team if verify_api_key(self.spec.team, key, self.tenants) else None
-        for name, team in self.tenants.teams.items():
-            if team.api_keys and verify_api_key(name, key, self.tenants):
-                return name
-        return None
-
-    async def department(self, request: Request) -> str:
-        """The caller's department from its API key (401 without a valid one)."""
-        if self.tenants is None:
-            return self.source.entry.department if self.single else "local"
-        key = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization")
-        if not key and auth and auth.lower().startswith("bearer "):
-            key = auth[7:].strip()
-        if not key:
-            raise ApiError(401, "Authorization: an API key is required (Authorization: Bearer <key> or X-API-Key)",
-                           "Authorization")
-        fp = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
-        if fp not in self._key_teams:  # scrypt costs ~50 ms per stored key: remember verdicts
-            self._key_teams[fp] = await asyncio.to_thread(self._team_of_key, key)
-            while len(self._key_teams) > 4096:
-                self._key_teams.popitem(last=False)
-        team = self._key_teams[fp]
-        if team is None:
-            what = f"one of team {self.spec.team!r}'s keys" if self.single else "a valid API key of any department"
-            raise ApiError(401, f"Authorization: the API key is not {what}", "Authorization")
-        return team
+    def _who(self, department: Optional[str]) -> str:
+        """The department whose models a caller sees (`local` for a keyless app over a model directory)."""
+        if department is not None:
+            return department
+        return self.source.entry.department if self.single else "local"
 
     # -- which model -----------------------------------------------------------------------------
 
-    async def resolve(self, requested: Optional[str], department: str) -> ModelEntry:
+    async def resolve(self, requested: Optional[str], caller: Optional[str]) -> ModelEntry:
+        """The model a request names, if the caller's department may be served it: its own department's model
+        (403 otherwise), and one trained on credentialed data only for a department granted that data (403)."""
+        department = self._who(caller)
+        entry = await self._find(requested, department)
+        check_model(entry, caller, self.tenants)
+        return entry
+
+    async def _find(self, requested: Optional[str], department: str) -> ModelEntry:
         if requested is None or (isinstance(requested, str) and not requested.strip()):
             models = await asyncio.to_thread(self.source.list, department)
             names = sorted({m.name for m in models})
@@ -170,7 +161,7 @@ class BiomedGPTIngress:
 
     @api.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]})
     async def list_models(self, request: Request) -> JSONResponse:
-        department = await self.department(request)
+        department = self._who(await self.department(request))
         entries = await asyncio.to_thread(self.source.list, department)
         latest: Dict[str, int] = {}
         for e in entries:

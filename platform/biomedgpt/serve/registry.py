@@ -345,6 +345,19 @@ def _find_metrics(source: Path, is_checkpoint: bool) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
+def check_export_owner(team: str, department: str, tenants: Any) -> None:
+    """An export into `department` is the exporter's team's only if the team is that department of the tenants
+    file: a team cannot publish into another department's models (whose callers it would then answer)."""
+    owner = tenants.teams.get(team)
+    if owner is None:
+        raise RegistryError(f"--team {team!r}: not a team of {tenants.path} ({', '.join(sorted(tenants.teams))})")
+    if owner.local_only or owner.name != department:
+        raise RegistryError(f"--department {department!r}: team {team!r} does not own it (a team exports only into "
+                            f"its own department; {team!r} is "
+                            f"{'a local-only team with no department' if owner.local_only else owner.where}; "
+                            f"policy: {tenants.path})")
+
+
 class Registry:
     """Model directories under one URL (see the module docstring for the layout and the protocol)."""
 
@@ -460,10 +473,14 @@ class Registry:
     # -- writing ---------------------------------------------------------------------------------
 
     def export(self, source: str | Path, department: str, name: str, *, licence: str | None = None,
-               metrics: dict[str, Any] | None = None, description: str = "", tasks: list[str] | None = None
-               ) -> ModelEntry:
+               metrics: dict[str, Any] | None = None, description: str = "", tasks: list[str] | None = None,
+               team: str | None = None, tenants: Any = None) -> ModelEntry:
         """Publish a new version of `department/name` from a run checkpoint (`<run>/checkpoint-N`) or a model
-        directory (with config.json, from `biomedgpt convert`/`export`); returns the published entry."""
+        directory (with config.json, from `biomedgpt convert`/`export`); returns the published entry. With `team`
+        (the exporter's team; `biomedgpt registry export` always gives it) the team must own the department
+        (`check_export_owner`, against `tenants`)."""
+        if team is not None:
+            check_export_owner(team, department, tenants)
         for what, value in (("department", department), ("name", name)):
             if not re.fullmatch(NAME, value or ""):
                 raise RegistryError(f"{what} {value!r}: must be lower-case letters, digits, '.', '_' or '-' "

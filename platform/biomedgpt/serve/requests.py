@@ -40,11 +40,13 @@ IMAGE_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF", "MPO")
 class ApiError(Exception):
     """A client error: HTTP `status` and a message naming the field (`"image: ..."`)."""
 
-    def __init__(self, status: int, detail: str, field: str | None = None) -> None:
+    def __init__(self, status: int, detail: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.field = field
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"detail": self.detail}

@@ -70,13 +70,15 @@ class ModelList(BaseModel):
 
 ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
     (400, "bad input (undecodable or truncated image, empty or overlong text, ...)"),
-    (401, "no API key, or not a valid one"),
-    (403, "the model belongs to another department"),
+    (401, "no API key, or not a valid one (keys are <key-id>.<secret>)"),
+    (403, "the model belongs to another department, or was trained on credentialed data the caller's department "
+          "is not granted"),
     (404, "no such model"),
     (413, "upload or image too large (bytes or pixels)"),
     (415, "unsupported Content-Type"),
     (422, "body does not match the schema (missing or unknown field, wrong type, bad JSON), or the model was not "
-          "trained for the task (send zero_shot: true to ask it anyway)"))}
+          "trained for the task (send zero_shot: true to ask it anyway)"),
+    (429, "too many failed API keys from this client address (Retry-After says when to try again)"))}
 
 _REQUEST_MODELS: Dict[str, type] = {}
 

@@ -27,7 +27,6 @@ import posixpath
 import re
 import secrets
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -137,6 +136,7 @@ class Team:
     api_keys: tuple[ApiKey, ...] = ()
     description: str = ""
     where: str = ""
+    service_account_annotations: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def local_only(self) -> bool:
@@ -152,6 +152,17 @@ class Team:
         """The team's Kueue LocalQueue (in the institution's namespace)."""
         return self.department
 
+    @property
+    def service_account(self) -> str:
+        """The department's own ServiceAccount (in the institution's namespace): the principal its Ray pods,
+        RayJobs and RayService run as, with the department's cloud identity."""
+        return f"{self.department}-biomedgpt-ray"
+
+    @property
+    def api_keys_secret(self) -> str:
+        """The Secret holding the department's serving key hashes, mounted into its RayService."""
+        return f"{self.department}-biomedgpt-api-keys"
+
 
 @dataclass(frozen=True)
 class Institution:
@@ -163,11 +174,38 @@ class Institution:
     gpus: Mapping[str, Limit]
     departments: Mapping[str, Team]
     fair_share_weight: float = 1.0
-    service_account_annotations: Mapping[str, str] = field(default_factory=dict)
+    ephemeral_storage: str = "4Ti"
 
     @property
     def namespace(self) -> str:
         return self.name
+
+
+@dataclass(frozen=True)
+class Egress:
+    """Destinations outside the cluster's pods a NetworkPolicy lets Ray pods reach: CIDRs (minus `except`) on ports."""
+
+    cidrs: tuple[str, ...]
+    ports: tuple[int, ...]
+    except_: tuple[str, ...] = ()
+
+
+PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10")
+
+
+@dataclass(frozen=True)
+class Network:
+    """What the tenant namespaces' NetworkPolicies allow besides a namespace's own Ray pods (`cluster.network`)."""
+
+    dns_namespace: str = "kube-system"
+    dns_pod_labels: Mapping[str, str] = field(default_factory=lambda: {"k8s-app": "kube-dns"})
+    ingress_namespace: str = "ingress-nginx"
+    operator_namespace: str = "kuberay-system"
+    operator_pod_labels: Mapping[str, str] = field(
+        default_factory=lambda: {"app.kubernetes.io/name": "kuberay-operator"})
+    # S3-compatible storage outside the cluster: any public address on 443 (in-cluster ranges excluded)
+    object_storage: Egress = Egress(("0.0.0.0/0",), (443,), PRIVATE_RANGES)
+    api_server: Egress = Egress(("10.0.0.0/8",), (443, 6443))
 
 
 @dataclass
@@ -191,6 +229,7 @@ class Tenants:
     dataset_access: dict[str, str]
     datasets_dir: Path | None
     serving_spec: Path | None = None    # the serving spec every department's RayService runs (servingSpec)
+    network: Network = field(default_factory=Network)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -337,6 +376,8 @@ def tenants_from_dict(data: Any, path: str | Path = "<tenants>") -> Tenants:
 
     institutions: dict[str, Institution] = {}
     team_names: dict[str, str] = {}
+    key_ids: dict[str, str] = {}
+    identities: dict[tuple[str, str], str] = {}
     for iname, inst in data["institutions"].items():
         iwhere = f"institutions.{iname}"
         q = inst["quota"]
@@ -370,10 +411,20 @@ def tenants_from_dict(data: Any, path: str | Path = "<tenants>") -> Tenants:
                     raise fail(f"{dwhere}.serving.registry", f"{serving.registry} is under none of the department's "
                                                             f"storage prefixes nor the shared read prefixes")
             keys = tuple(ApiKey(k["id"], k["hash"], k.get("description", "")) for k in dep.get("apiKeys", ()))
-            if len({k.id for k in keys}) != len(keys):
-                raise fail(f"{dwhere}.apiKeys", "key ids must be unique")
+            for i, k in enumerate(keys):
+                # a key names its id (`<key-id>.<secret>`): one id, one hash, whichever department it belongs to
+                if k.id in key_ids:
+                    raise fail(f"{dwhere}.apiKeys[{i}].id", f"{k.id!r} is also {key_ids[k.id]}: key ids must be "
+                                                            "unique in the whole file")
+                key_ids[k.id] = f"{dwhere}.apiKeys[{i}]"
+            annotations = dict(dep.get("serviceAccountAnnotations", {}))
+            for name, value in annotations.items():
+                if (name, value) in identities:
+                    raise fail(f"{dwhere}.serviceAccountAnnotations.{name}", f"{value!r} is also the identity of "
+                               f"{identities[(name, value)]}: each department is its own principal")
+                identities[(name, value)] = dwhere
             departments[dname] = Team(team, iname, dname, tuple(dep["storage"]), held, open_, cred, serving, keys,
-                                      dep.get("description", ""), dwhere)
+                                      dep.get("description", ""), dwhere, annotations)
             if team in team_names:
                 raise fail(dwhere, f"team name {team!r} is also {team_names[team]}")
             team_names[team] = dwhere
@@ -381,7 +432,7 @@ def tenants_from_dict(data: Any, path: str | Path = "<tenants>") -> Tenants:
                                           limit(q["cpu"], f"{iwhere}.quota.cpu"),
                                           limit(q["memory"], f"{iwhere}.quota.memory"), gpus, departments,
                                           float(inst.get("fairShareWeight", 1)),
-                                          dict(inst.get("serviceAccountAnnotations", {})))
+                                          str(q.get("ephemeralStorage", "4Ti")))
 
     # The quota arithmetic: the nominal quotas share out exactly the cluster's inventory.
     cpus, memory = parse_quantity(c["cpu"]["cpus"]), parse_quantity(c["cpu"]["memory"])
@@ -430,6 +481,26 @@ def tenants_from_dict(data: Any, path: str | Path = "<tenants>") -> Tenants:
         raise fail("servingSpec", f"required when departments serve ({', '.join(serving_teams)}): the serving spec "
                                   "(jobs/serve/*.yaml) their RayServices run, relative to this file")
 
+    net = c.get("network", {})
+    default = Network()
+
+    def egress(d: Mapping[str, Any] | None, fallback: Egress) -> Egress:
+        if d is None:
+            return fallback
+        return Egress(tuple(d["cidrs"]), tuple(d["ports"]), tuple(d.get("except", ())))
+
+    network = Network(net.get("dnsNamespace", default.dns_namespace),
+                      dict(net.get("dnsPodLabels", default.dns_pod_labels)),
+                      net.get("ingressNamespace", default.ingress_namespace),
+                      net.get("operatorNamespace", default.operator_namespace),
+                      dict(net.get("operatorPodLabels", default.operator_pod_labels)),
+                      egress(net.get("objectStorage"), default.object_storage),
+                      egress(net.get("apiServer"), default.api_server))
+    for iname in institutions:
+        if iname in (network.ingress_namespace, network.operator_namespace, network.dns_namespace):
+            raise fail(f"institutions.{iname}", "an institution's namespace may not be the ingress, operator or DNS "
+                                                "namespace of cluster.network")
+
     return Tenants(
         path=p, cluster_name=c["name"], cohort=c["cohort"], image=c["image"], ray_version=c["rayVersion"],
         cpu_flavor=c["cpu"]["flavor"], cpus=cpus, memory=memory,
@@ -437,7 +508,7 @@ def tenants_from_dict(data: Any, path: str | Path = "<tenants>") -> Tenants:
         gpu_types=gpu_types, shared_read_prefixes=tuple(c.get("sharedReadPrefixes", ())), priorities=priorities,
         credentials=credentials, institutions=institutions, local_any_path=bool(local["anyLocalPath"]),
         local_teams=local_teams, dataset_access=access, datasets_dir=datasets_dir,
-        serving_spec=serving_spec, raw=data)
+        serving_spec=serving_spec, network=network, raw=data)
 
 
 def _num(x: Fraction) -> str:
@@ -659,52 +730,105 @@ def _admit_location(team: Team, loc: Any, tenants: Tenants, on_cluster: bool, re
 # ----------------------------------------------------------------------------------------------
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
-MIN_KEY_CHARS = 20
+MIN_SECRET_CHARS = 20
+KEY_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _HASH = re.compile(r"^scrypt\$n=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
-_cache: OrderedDict[tuple[str, bytes], bool] = OrderedDict()
-_cache_lock = threading.Lock()
+#: Keys whose secret matched: (stored hash, sha256 of the presented secret). Only successes are kept, so the
+#: cache holds at most one entry per stored key and wrong guesses can never push a valid key out of it.
+_valid: set[tuple[str, bytes]] = set()
+_valid_lock = threading.Lock()
 
 
-def new_api_key() -> str:
-    """A fresh random API key (43 URL-safe characters, 256 bits)."""
-    return secrets.token_urlsafe(32)
+def new_api_key(key_id: str) -> str:
+    """A fresh API key `<key-id>.<secret>` (the secret: 43 URL-safe characters, 256 bits, never a dot)."""
+    if not KEY_ID_PATTERN.match(key_id or ""):
+        raise ValueError(f"key id {key_id!r}: lower-case letters, digits, '-' or '_' (at most 63, no dot)")
+    return f"{key_id}.{secrets.token_urlsafe(32)}"
+
+
+def parse_api_key(key: Any) -> tuple[str, str] | None:
+    """(key id, secret) of `<key-id>.<secret>`, or None when the key does not have that form."""
+    if not isinstance(key, str):
+        return None
+    key_id, dot, secret = key.partition(".")
+    if not dot or not KEY_ID_PATTERN.match(key_id) or len(secret) < MIN_SECRET_CHARS or len(secret) > 256:
+        return None
+    return key_id, secret
 
 
 def hash_api_key(key: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P, salt: bytes | None = None) -> str:
-    """`scrypt$n=..,r=..,p=..$<salt>$<digest>` (base64) of an API key, with a fresh 16-byte salt: the form
-    tenants.yaml stores. Keys shorter than 20 characters are refused."""
-    if len(key) < MIN_KEY_CHARS:
-        raise ValueError(f"API keys must have at least {MIN_KEY_CHARS} characters (use new_api_key())")
+    """`scrypt$n=..,r=..,p=..$<salt>$<digest>` (base64) of an API key's secret, with a fresh 16-byte salt: the
+    form tenants.yaml stores under the key's id. `key` is `<key-id>.<secret>` (or the secret alone); secrets
+    shorter than 20 characters are refused."""
+    parsed = parse_api_key(key)
+    secret = parsed[1] if parsed else key
+    if len(secret) < MIN_SECRET_CHARS or "." in secret:
+        raise ValueError(f"API keys are <key-id>.<secret> with a secret of at least {MIN_SECRET_CHARS} characters "
+                         "(use new_api_key(key_id))")
     salt = os.urandom(16) if salt is None else salt
-    digest = hashlib.scrypt(key.encode(), salt=salt, n=n, r=r, p=p, dklen=32, maxmem=128 * r * (n + p + 2))
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=n, r=r, p=p, dklen=32, maxmem=128 * r * (n + p + 2))
     b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
     return f"scrypt$n={n},r={r},p={p}${b64(salt)}${b64(digest)}"
 
 
-def _key_matches(stored: str, key: str) -> bool:
+def secret_matches(stored: str, secret: str) -> bool:
+    """One scrypt of `secret` against a stored hash (none when this very secret matched it before)."""
     m = _HASH.match(stored)
     if not m:
         return False
+    fingerprint = hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+    with _valid_lock:
+        if (stored, fingerprint) in _valid:
+            return True
     n, r, p = (int(m.group(i)) for i in (1, 2, 3))
-    fingerprint = hashlib.sha256(key.encode()).digest()
-    with _cache_lock:
-        if (stored, fingerprint) in _cache:
-            _cache.move_to_end((stored, fingerprint))
-            return _cache[(stored, fingerprint)]
     salt, digest = base64.b64decode(m.group(4)), base64.b64decode(m.group(5))
-    got = hashlib.scrypt(key.encode(), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=128 * r * (n + p + 2))
+    got = hashlib.scrypt(secret.encode("utf-8", "surrogatepass"), salt=salt, n=n, r=r, p=p, dklen=len(digest),
+                         maxmem=128 * r * (n + p + 2))
     ok = hmac.compare_digest(got, digest)
-    with _cache_lock:  # scrypt costs ~50 ms; a serving replica sees the same keys again and again
-        _cache[(stored, fingerprint)] = ok
-        while len(_cache) > 4096:
-            _cache.popitem(last=False)
+    if ok:
+        with _valid_lock:
+            _valid.add((stored, fingerprint))
     return ok
 
 
 def verify_api_key(department: str, key: str, tenants: Tenants) -> bool:
-    """True when `key` is one of the team's serving API keys (team named as in job specs,
-    `<institution>-<department>`). Unknown teams and malformed keys are simply False."""
+    """True when `key` (`<key-id>.<secret>`) is one of the team's serving API keys (team named as in job specs,
+    `<institution>-<department>`): the key's id picks the one stored hash to check, so this costs one scrypt
+    at most. Unknown teams, unknown ids and malformed keys are simply False, without any scrypt."""
     team = tenants.teams.get(department)
-    if team is None or not isinstance(key, str) or not key:
+    parsed = parse_api_key(key)
+    if team is None or parsed is None:
         return False
-    return any(_key_matches(k.hash, key) for k in team.api_keys)
+    key_id, secret = parsed
+    stored = next((k.hash for k in team.api_keys if k.id == key_id), None)
+    return stored is not None and secret_matches(stored, secret)
+
+
+# ----------------------------------------------------------------------------------------------
+# Who may be served a model: its training data
+# ----------------------------------------------------------------------------------------------
+
+
+def model_data_refusal(department: str | None, train_data: Iterable[str], tenants: Tenants) -> str | None:
+    """Why `department` may not be served a model trained on `train_data` (`training.json`'s `train_data`,
+    `<dataset>/<split>` entries), or None when it may. A model trained on a credentialed dataset carries
+    that data's agreement: it is served only to a department granted the dataset and holding a credential
+    that unlocks it (the rule admission applies to reading the data). A dataset whose access class
+    tenants.yaml and datasets_spec/ do not know is refused too; `department` None is a caller without a
+    department (serving without API keys), who may be served models of open data only."""
+    team = tenants.teams.get(department) if department else None
+    for item in dict.fromkeys(str(d).partition("/")[0] for d in train_data):
+        unlocking = tenants.credentials_unlocking(item)
+        access = tenants.dataset_access.get(item)
+        if access is None and not unlocking:
+            return (f"it was trained on {item!r}, whose access class neither datasets_spec/ nor the credentials of "
+                    f"{tenants.path} know")
+        if access == "credentialed" or unlocking:
+            if team is None:
+                return (f"it was trained on the credentialed dataset {item!r} ({' or '.join(unlocking) or 'no'} "
+                        "credential), served only to departments granted it; this caller has no department")
+            if item not in team.credentialed_datasets or not set(unlocking) & set(team.credentials):
+                return (f"it was trained on the credentialed dataset {item!r}, and department {team.name!r} is not "
+                        f"granted it ({team.where}.datasets.credentialed: {list(team.credentialed_datasets)}, "
+                        f"credentials: {list(team.credentials)})")
+    return None

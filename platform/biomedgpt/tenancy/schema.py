@@ -12,6 +12,7 @@ from typing import Any
 #: Kubernetes-style names: they become namespaces, queue and flavor names (RFC 1123 labels).
 NAME = {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 30}
 #: A Kubernetes quantity (`12`, `500m`, `1536Gi`).
+QUANTITY_REF = {"$ref": "#/$defs/quantity"}
 QUANTITY = {
     "oneOf": [
         {"type": "integer", "minimum": 0},
@@ -21,6 +22,9 @@ QUANTITY = {
 #: A storage location: a URL (s3://, gs://, file://, ...) or an absolute path; prefixes end with "/".
 PREFIX = {"type": "string", "pattern": r"^([a-z][a-z0-9+.-]*://[^\s]+|/[^\s]*)/$"}
 LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+CIDR = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$"
+#: A serving API key's id: the part of `<key-id>.<secret>` before the dot.
+KEY_ID = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]*$", "maxLength": 63}
 
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -95,8 +99,37 @@ SCHEMA: dict[str, Any] = {
                     "type": "object",
                     "additionalProperties": False,
                     "required": ["cpu", "memory"],
-                    "properties": {"cpu": {"$ref": "#/$defs/quantity"}, "memory": {"$ref": "#/$defs/quantity"}},
+                    "properties": {"cpu": {"$ref": "#/$defs/quantity"}, "memory": {"$ref": "#/$defs/quantity"},
+                                   "ephemeralStorage": {"$ref": "#/$defs/quantity"}},
                 },
+                "network": {"$ref": "#/$defs/network"},
+            },
+        },
+        "network": {
+            "description": "what the tenant namespaces' NetworkPolicies let through besides a department's own Ray "
+                           "pods: DNS, object storage, the API server (autoscaler), the KubeRay operator "
+                           "(dashboard/job API of the heads) and the ingress namespace (serve port only)",
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "dnsNamespace": NAME,
+                "dnsPodLabels": {**LABELS, "minProperties": 1},
+                "ingressNamespace": NAME,
+                "operatorNamespace": NAME,
+                "operatorPodLabels": {**LABELS, "minProperties": 1},
+                "objectStorage": {"$ref": "#/$defs/egress"},
+                "apiServer": {"$ref": "#/$defs/egress"},
+            },
+        },
+        "egress": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["cidrs", "ports"],
+            "properties": {
+                "cidrs": {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": CIDR}},
+                "except": {"type": "array", "items": {"type": "string", "pattern": CIDR}},
+                "ports": {"type": "array", "minItems": 1, "uniqueItems": True,
+                          "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
             },
         },
         "gpuType": {
@@ -188,7 +221,6 @@ SCHEMA: dict[str, Any] = {
                 "groups": {"description": "identity-provider groups bound to the namespace's submitter Role",
                            "type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
                 "fairShareWeight": {"type": "number", "minimum": 0},
-                "serviceAccountAnnotations": LABELS,
                 "quota": {
                     "type": "object",
                     "additionalProperties": False,
@@ -198,6 +230,8 @@ SCHEMA: dict[str, Any] = {
                         "memory": {"$ref": "#/$defs/limit"},
                         "gpus": {"type": "object", "propertyNames": NAME,
                                  "additionalProperties": {"$ref": "#/$defs/limit"}},
+                        "ephemeralStorage": {**QUANTITY_REF, "description": "ResourceQuota of the namespace's "
+                                             "ephemeral storage (requests and limits; default 4Ti)"},
                     },
                 },
                 "departments": {
@@ -218,6 +252,10 @@ SCHEMA: dict[str, Any] = {
                             "type": "array", "minItems": 1, "uniqueItems": True, "items": {"$ref": "#/$defs/prefix"}},
                 "credentials": {"type": "array", "uniqueItems": True, "items": NAME},
                 "datasets": {"$ref": "#/$defs/grants"},
+                "serviceAccountAnnotations": {
+                    **LABELS, "description": "annotations of the department's own ServiceAccount "
+                                             "(<department>-biomedgpt-ray): its cloud identity, e.g. an IAM role "
+                                             "that reaches only the department's storage"},
                 "serving": {
                     "type": "object",
                     "additionalProperties": False,
@@ -241,7 +279,7 @@ SCHEMA: dict[str, Any] = {
                         "additionalProperties": False,
                         "required": ["id", "hash"],
                         "properties": {
-                            "id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]*$"},
+                            "id": KEY_ID,
                             "hash": {"type": "string",
                                      "pattern": r"^scrypt\$n=[0-9]+,r=[0-9]+,p=[0-9]+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$"},
                             "description": {"type": "string"},
