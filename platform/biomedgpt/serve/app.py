@@ -45,6 +45,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from ..console import reroute
 from ..spec import ServeAppSpec, serve_spec_from_dict
 from ..tasks import Task, get_task, task_names
 from .engine import load_model, run_batch
@@ -324,6 +325,7 @@ def build_app(model_dir: str, team: Optional[str] = None, tenants_path: Optional
 def start(model_dir: str, host: str = "127.0.0.1", port: int = 8000, name: str = "biomedgpt",
           team: Optional[str] = None, tenants_path: Optional[str] = None) -> str:
     """Deploy one model directory on the connected Ray cluster; returns the base URL once the app is ready."""
+    reroute()  # Serve's import gave `ray.serve` its own terminal handler
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(model_dir, team, tenants_path), name=name, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
@@ -334,6 +336,7 @@ def start_spec(spec: ServeAppSpec, host: Optional[str] = None, port: Optional[in
     given); returns the base URL once the app is ready."""
     host = host or spec.http.host
     port = port or spec.http.port
+    reroute()  # Serve's import gave `ray.serve` its own terminal handler
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app_from_spec(spec), name=spec.name, route_prefix=spec.route_prefix, blocking=False)
     return f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
