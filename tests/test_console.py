@@ -86,7 +86,7 @@ def test_the_platforms_own_warnings_are_silenced(clean_loggers):
 
 def test_progress_without_a_terminal_prints_a_line_per_tenth():
     out = io.StringIO()
-    with Progress(50, "evaluate", unit="sample", stream=out) as bar:
+    with Progress(50, "evaluate", unit="sample", stream=out, after_s=0) as bar:
         for _ in range(25):
             bar.update(2)
     lines = out.getvalue().splitlines()
@@ -105,7 +105,7 @@ def test_training_progress_lines():
     # the driver's view without a terminal: a step line per tenth of the steps and the last, with the ETA
     view = ProgressView(100)
     out = io.StringIO()
-    view._bar = Progress(100, "train", unit="step", stream=out, every=10 ** 12)
+    view._bar = Progress(100, "train", unit="step", stream=out, every=10 ** 12, after_s=0)
     for s in range(1, 101):
         view.show({"kind": "step", "step": s, "max_steps": 100, "loss": 1.0})
     view.show({"kind": "warning", "text": "skipped bad data: shard-0003"})
@@ -128,6 +128,10 @@ def test_progress_of_unknown_size_prints_by_time_not_by_count(monkeypatch):
             clock[0] += 0.001  # 1000 records/s: 100 s in all
     lines = out.getvalue().splitlines()
     assert len(lines) == 3, lines
+    quick = io.StringIO()
+    with Progress(69, "write vqa_rad/test", unit="sample", stream=quick) as bar:  # done in well under 2 s
+        bar.update(69)
+    assert quick.getvalue() == ""
     counts = [int(line.split("plan pubmed/train: ")[1].split()[0]) for line in lines]
     assert [round(c, -3) for c in counts] == [30000, 60000, 90000], lines
     assert "records/s" in lines[0] and "ETA" not in lines[0]
@@ -135,7 +139,7 @@ def test_progress_of_unknown_size_prints_by_time_not_by_count(monkeypatch):
 
 def test_progress_postfix_goes_beside_the_bar_or_on_each_line():
     out = io.StringIO()
-    bar = Progress(10, "train", unit="step", stream=out)
+    bar = Progress(10, "train", unit="step", stream=out, after_s=0)
     assert not bar.interactive  # a StringIO is no terminal
     bar.postfix("loss 2.3456")
     bar.moveto(10)

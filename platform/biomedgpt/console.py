@@ -140,10 +140,12 @@ class Progress:
     """A progress bar for long work: tqdm on a terminal, else (a log file, CI) one line per tenth of
     the total with the rate and the time left. `total` may be unknown (None): then a line per
     `every` items if given, else one every `interval_s` seconds (a count of records from a source
-    of unknown size must not print a line per hundred of 183M sentences)."""
+    of unknown size must not print a line per hundred of 183M sentences). Work done within `after_s`
+    seconds prints no lines (its summary line is enough)."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", *, enabled: bool = True,
-                 stream: TextIO | None = None, every: int | None = None, interval_s: float = 30.0) -> None:
+                 stream: TextIO | None = None, every: int | None = None, interval_s: float = 30.0,
+                 after_s: float = 2.0) -> None:
         self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
         self.stream = stream or sys.stdout
         self.n = 0
@@ -152,6 +154,7 @@ class Progress:
         self._shown = 0  # the count of the last line printed
         self._every = every or (max(1, total // 10) if total else None)
         self._interval_s = interval_s
+        self._after_s = after_s  # no lines for work done within this many seconds: its summary says it all
         self._last_t = self.t0
         self._postfix = ""
         if enabled and self.stream.isatty():
@@ -203,7 +206,7 @@ class Progress:
             due = now - self._last_t >= self._interval_s
         else:
             due = n // self._every != self._shown // self._every or bool(self.total and n >= self.total)
-        if n != self._shown and due:
+        if n != self._shown and due and time.monotonic() - self.t0 >= self._after_s:
             self._shown = n
             self._last_t = time.monotonic()
             self.write(self.line())
