@@ -86,7 +86,7 @@ def test_the_platforms_own_warnings_are_silenced(clean_loggers):
 
 def test_progress_without_a_terminal_prints_a_line_per_tenth():
     out = io.StringIO()
-    with Progress(50, "evaluate", unit="sample", stream=out) as bar:
+    with Progress(50, "evaluate", unit="sample", stream=out, after_s=0) as bar:
         for _ in range(25):
             bar.update(2)
     lines = out.getvalue().splitlines()
@@ -105,7 +105,7 @@ def test_training_progress_lines():
     # the driver's view without a terminal: a step line per tenth of the steps and the last, with the ETA
     view = ProgressView(100)
     out = io.StringIO()
-    view._bar = Progress(100, "train", unit="step", stream=out, every=10 ** 12)
+    view._bar = Progress(100, "train", unit="step", stream=out, every=10 ** 12, after_s=0)
     for s in range(1, 101):
         view.show({"kind": "step", "step": s, "max_steps": 100, "loss": 1.0})
     view.show({"kind": "warning", "text": "skipped bad data: shard-0003"})
@@ -114,3 +114,61 @@ def test_training_progress_lines():
     assert [int(line.split()[2].split("/")[0]) for line in steps] == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     assert "ETA" in steps[5]
     assert lines[-1] == "[train] warning: skipped bad data: shard-0003"
+
+
+def test_progress_of_unknown_size_prints_by_time_not_by_count(monkeypatch):
+    """Planning reads sources of unknown size (183M sentences for pretraining): a line every interval,
+    never one per hundred records."""
+    clock = [1000.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: clock[0])
+    out = io.StringIO()
+    with Progress(None, "plan pubmed/train", unit="record", stream=out, interval_s=30) as bar:
+        for _ in range(100_000):
+            bar.update(1)
+            clock[0] += 0.001  # 1000 records/s: 100 s in all
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3, lines
+    quick = io.StringIO()
+    with Progress(69, "write vqa_rad/test", unit="sample", stream=quick) as bar:  # done in well under 2 s
+        bar.update(69)
+    assert quick.getvalue() == ""
+    counts = [int(line.split("plan pubmed/train: ")[1].split()[0]) for line in lines]
+    assert [round(c, -3) for c in counts] == [30000, 60000, 90000], lines
+    assert "records/s" in lines[0] and "ETA" not in lines[0]
+
+
+def test_progress_postfix_goes_beside_the_bar_or_on_each_line():
+    out = io.StringIO()
+    bar = Progress(10, "train", unit="step", stream=out, after_s=0)
+    assert not bar.interactive  # a StringIO is no terminal
+    bar.postfix("loss 2.3456")
+    bar.moveto(10)
+    assert out.getvalue().rstrip().endswith("loss 2.3456")
+
+
+def test_serves_own_terminal_handler_is_rerouted(tmp_path, clean_loggers):
+    """Ray Serve gives `ray.serve` its own terminal handler when it is imported, after the run chose its
+    log file: `reroute` (called by serve.app before Serve starts) sends its records back to the file."""
+    log = libraries_to_file(tmp_path / "driver.log")
+    terminal = io.StringIO()
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.addHandler(logging.StreamHandler(terminal))  # what `import ray.serve` does
+    serve_logger.setLevel(logging.INFO)
+    assert console.reroute() == log
+    serve_logger.info("Started Serve in namespace 'serve'.")
+    for h in serve_logger.handlers:
+        h.flush()
+    assert terminal.getvalue() == ""
+    assert "Started Serve in namespace" in log.read_text()
+
+
+def test_transformers_export_bar_is_off(monkeypatch, clean_loggers):
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    import transformers.utils.logging as hf_logging
+
+    quiet_warnings()
+    assert not hf_logging.is_progress_bar_enabled()
+    import huggingface_hub
+
+    huggingface_hub.utils.enable_progress_bars()
+    hf_logging.enable_progress_bar()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 VERBOSE_ENV = "BIOMEDGPT_VERBOSE"
+_LOG_FILE: Path | None = None  # where libraries_to_file last sent the libraries' logs
 
 # The libraries whose log records go to the run's log file unless --verbose.
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "lightning", "lightning.pytorch",
@@ -80,15 +81,26 @@ def quiet_warnings() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # workers Ray starts from here
     for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # "GPU available: False", "Tip: ..."
+    # transformers' "Writing model shards" bar on every export: our own line says what was exported.
+    # The variable is read when huggingface_hub is imported; if it already was, switch the bars off there.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hub = sys.modules.get("huggingface_hub")
+    if hub is not None and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        hub.utils.disable_progress_bars()
+        hf_logging = sys.modules.get("transformers.utils.logging")
+        if hf_logging is not None:
+            hf_logging.disable_progress_bar()
 
 
 def libraries_to_file(log_file: str | os.PathLike[str]) -> Path | None:
     """Send the libraries' log records (and Python warnings) to `log_file` instead of the terminal;
     returns the file, or None when --verbose keeps them on the terminal. Their levels are left as
     they are: the file holds what the terminal would have shown."""
+    global _LOG_FILE
     if verbose():
         return None
     path = Path(log_file)
+    _LOG_FILE = path
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -107,6 +119,15 @@ def libraries_to_file(log_file: str | os.PathLike[str]) -> Path | None:
     return path
 
 
+def reroute() -> Path | None:
+    """Send the libraries' logs to the file `libraries_to_file` last chose, again: call it after importing
+    a library that installs its own terminal handler (Ray Serve adds one to `ray.serve` when it is
+    imported). Does nothing when no file was chosen or under --verbose."""
+    if _LOG_FILE is None or verbose():
+        return None
+    return libraries_to_file(_LOG_FILE)
+
+
 def clock(seconds: float) -> str:
     """m:ss, or h:mm:ss from an hour on."""
     seconds = max(0, int(seconds))
@@ -118,17 +139,24 @@ def clock(seconds: float) -> str:
 class Progress:
     """A progress bar for long work: tqdm on a terminal, else (a log file, CI) one line per tenth of
     the total with the rate and the time left. `total` may be unknown (None): then a line per
-    `every` items."""
+    `every` items if given, else one every `interval_s` seconds (a count of records from a source
+    of unknown size must not print a line per hundred of 183M sentences). Work done within `after_s`
+    seconds prints no lines (its summary line is enough)."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", *, enabled: bool = True,
-                 stream: TextIO | None = None, every: int | None = None) -> None:
+                 stream: TextIO | None = None, every: int | None = None, interval_s: float = 30.0,
+                 after_s: float = 2.0) -> None:
         self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
         self.stream = stream or sys.stdout
         self.n = 0
         self.t0 = time.monotonic()
         self._bar: Any = None
         self._shown = 0  # the count of the last line printed
-        self._every = every or (max(1, total // 10) if total else 100)
+        self._every = every or (max(1, total // 10) if total else None)
+        self._interval_s = interval_s
+        self._after_s = after_s  # no lines for work done within this many seconds: its summary says it all
+        self._last_t = self.t0
+        self._postfix = ""
         if enabled and self.stream.isatty():
             try:
                 from tqdm.auto import tqdm
@@ -145,7 +173,20 @@ class Progress:
         text = f"[biomedgpt] {self.desc}: {done} {self.unit}s  {rate:.1f} {self.unit}s/s"
         if self.total and rate > 0 and self.n < self.total:
             text += f"  ETA {clock((self.total - self.n) / rate)}"
+        if self._postfix:
+            text += f"  {self._postfix}"
         return text
+
+    @property
+    def interactive(self) -> bool:
+        """Whether a live bar is drawn (a terminal); otherwise progress is lines."""
+        return self._bar is not None
+
+    def postfix(self, text: str) -> None:
+        """Figures shown beside the bar (loss, samples/s), and at the end of each progress line."""
+        self._postfix = text
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=False)
 
     def update(self, n: int = 1) -> None:
         self.moveto(self.n + n)
@@ -160,9 +201,14 @@ class Progress:
             self.n = n
             return
         self.n = n
-        crossed = n // self._every != self._shown // self._every
-        if n != self._shown and (crossed or (self.total and n >= self.total)):
+        if self._every is None:  # unknown total: a line every interval_s
+            now = time.monotonic()
+            due = now - self._last_t >= self._interval_s
+        else:
+            due = n // self._every != self._shown // self._every or bool(self.total and n >= self.total)
+        if n != self._shown and due and time.monotonic() - self.t0 >= self._after_s:
             self._shown = n
+            self._last_t = time.monotonic()
             self.write(self.line())
 
     def write(self, text: str) -> None:

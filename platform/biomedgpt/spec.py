@@ -522,6 +522,11 @@ class IngressSpec:
     replicas: int = 1
     num_cpus: float = 0.25
     max_ongoing_requests: int = 256
+    #: a request the model has not answered within this many seconds gets 504 (JSON, retryable); Serve's own
+    #: HTTP timeout is set a little above it as a backstop
+    request_timeout_s: float = 60.0
+    #: requests waiting for an ingress replica beyond this many get Serve's 503 (-1: no limit)
+    max_queued_requests: int = 1024
 
 
 @dataclass
@@ -558,6 +563,8 @@ class ModelsSpec:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int = 1
     max_ongoing_requests: int = 64
+    #: requests waiting for a model replica beyond this many get 503 with Retry-After (-1: no limit)
+    max_queued_requests: int = 512
     batch: BatchSpec = field(default_factory=BatchSpec)
     autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
 
@@ -575,6 +582,13 @@ class Limits:
     max_label_chars: int = 200
     #: failed API-key checks a client address may make per minute (per ingress replica) before it gets 429
     auth_failures_per_minute: int = 10
+    #: token limits, counted with the asked model's tokenizer (characters are only a cheap first check): a
+    #: text longer than `max_text_tokens` or a label longer than `max_label_tokens` is 413
+    max_text_tokens: int = 1024
+    max_label_tokens: int = 32
+    #: the decoder logits one request may allocate when its labels are scored (rows scored at once x label
+    #: tokens x vocabulary): more is 413
+    max_logits: int = 100_000_000
 
 
 @dataclass
@@ -647,6 +661,12 @@ class ServeAppSpec:
             (a.target_ongoing_requests > 0, "models.autoscaling.target_ongoing_requests", "must be > 0",
              a.target_ongoing_requests),
             (self.latest_ttl_s >= 0, "latest_ttl_s", "must be >= 0", self.latest_ttl_s),
+            (self.ingress.request_timeout_s > 0, "ingress.request_timeout_s", "must be > 0",
+             self.ingress.request_timeout_s),
+            (self.ingress.max_queued_requests == -1 or self.ingress.max_queued_requests >= 1,
+             "ingress.max_queued_requests", "must be >= 1, or -1 for no limit", self.ingress.max_queued_requests),
+            (m.max_queued_requests == -1 or m.max_queued_requests >= 1, "models.max_queued_requests",
+             "must be >= 1, or -1 for no limit", m.max_queued_requests),
         ]
         for lf in dataclasses.fields(Limits):
             value = getattr(self.limits, lf.name)

@@ -13,12 +13,14 @@ left over from a previous, larger plan are deleted.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Mapping, Sequence
 
+from ..console import Progress
 from . import storage
 from .converters import Converter, open_converter
 from .error_budget import ErrorBudget
-from .plan import (BadRecordsError, BuildResult, PlannedSample, Progress, ShardPlan, SplitPlan, finish_split,
+from .plan import (BadRecordsError, BuildResult, PlannedSample, ShardPlan, SplitPlan, finish_split,
                    plan_split, report_defects, write_planned_shard)
 from .ray_build import SplitJob, write_splits_ray
 from .shards import (DEFAULT_SHARD_MAX_BYTES, DEFAULT_SHARD_MAX_SAMPLES, Manifest, ShardEntry, ShardError,
@@ -160,7 +162,8 @@ def _write_split(plan: SplitPlan, manifest: Manifest, old_entries: Mapping[str, 
     storage.makedirs(plan.url)
     written = kept = 0
     named = len(plan.defects)
-    with Progress(progress, total=plan.samples, desc=f"{plan.dataset}/{plan.split}", unit="sample") as bar:
+    with Progress(plan.samples, f"write {plan.dataset}/{plan.split}", unit="sample", enabled=progress,
+                  stream=sys.stderr) as bar:
         for shard in plan.shards:
             url = storage.join(plan.url, shard.name)
             old = old_entries.get(shard.name)

@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from ..console import Progress
 from . import storage
 from .converters import Converter
 from .converters.base import ImageRef, RecordDefect, UnusableImageError
@@ -183,7 +184,7 @@ def plan_split(
         current.clear()
         shard_budget.reset()
 
-    with Progress(progress, desc=f"plan {dataset}/{split}", unit="rec") as bar:
+    with Progress(None, f"plan {dataset}/{split}", unit="record", enabled=progress, stream=sys.stderr) as bar:
         for source_record in converter.records(split):
             record = source_record.record
             key = make_key(dataset, record["id"])
@@ -276,28 +277,3 @@ def finish_split(plan: SplitPlan, manifest: Manifest, result: BuildResult, writt
               f"({manifest.bytes / 2**20:.1f} MiB): {written} written, {kept} kept{skipped}{dropped}{bad} -> {plan.url}",
               file=sys.stderr)
     return manifest
-
-
-class Progress:
-    """tqdm when asked for and available, else a silent stand-in with the same ``update``."""
-
-    def __init__(self, enabled: bool, **kwargs: Any):
-        self._bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self._bar = tqdm(leave=False, **kwargs)
-            except ImportError:  # tqdm is optional: the summary line is printed anyway
-                self._bar = None
-
-    def update(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.close()

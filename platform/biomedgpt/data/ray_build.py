@@ -36,8 +36,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..console import Progress
 from . import storage
-from .plan import (BadRecordsError, BuildResult, Progress, ShardPlan, SplitPlan, finish_split, report_defects,
+from .plan import (BadRecordsError, BuildResult, ShardPlan, SplitPlan, finish_split, report_defects,
                    write_planned_shard)
 from .shards import Manifest, ShardEntry, ShardError, file_sha256, write_manifest
 
@@ -92,7 +93,7 @@ def write_splits_ray(jobs: list[SplitJob], result: BuildResult, *, workers: int 
         write_task = ray.remote(num_cpus=1, max_retries=2)(write_planned_shard).options(**options)
         sha_task = ray.remote(num_cpus=1, max_retries=2)(file_sha256).options(**options)
         total = sum(len(job.plan.shards) for job in jobs)
-        with Progress(progress, total=total, desc="shards", unit="shard") as bar:
+        with Progress(total, "write shards", unit="shard", enabled=progress, stream=sys.stderr) as bar:
             to_write = _keep_existing(jobs, sha_task, workers, result, bar)
             _write_all(jobs, to_write, write_task, workers, result, bar, manifest_interval_s, progress)
         for job in jobs:

@@ -102,6 +102,10 @@ class AnswerTrie(PrefixConstraint):
 
 
 
+#: (sample, candidate) rows the decoder scores in one call: bounds the logits one scoring call allocates
+SCORE_CHUNK_ROWS = 256
+
+
 @torch.no_grad()
 def score_candidates(
     model: BiomedGPTForConditionalGeneration,
@@ -111,7 +115,7 @@ def score_candidates(
     patch_masks: torch.Tensor | None = None,
     constrain: bool = True,
     normalize: bool = False,
-    chunk_size: int = 256,
+    chunk_size: int = SCORE_CHUNK_ROWS,
 ) -> torch.Tensor:
     """Log-probability of every candidate for every sample: (B, num_candidates), float32, on the
     inputs' device.

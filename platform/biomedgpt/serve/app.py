@@ -33,6 +33,13 @@ it becomes), `engine.py` (a model answering a batch of queries) and, here, the t
   the same model are answered by one batched model call (`engine.run_batch`); autoscaled on ongoing
   requests.
 
+What cannot be answered now is a retryable JSON error, never a bare 500: a model that cannot be loaded
+(checksum, missing file, bad config), storage that fails, memory that runs out, a full queue
+(`max_queued_requests`) -> 503; no answer within `ingress.request_timeout_s` -> 504; both with
+`"retryable": true` and `Retry-After`. The model replica counts the tokens of what the client sent with
+the model's own tokenizer (`engine.check_query`): over the limits -> 413. Scores that are not finite
+are sent as null.
+
 `build_app_from_spec` / `app_builder` (a `serve deploy` config's import path) build the application;
 `start(model_dir)` / `build_app(model_dir, team=...)` serve one exported model directory (what
 `biomedgpt serve MODEL_DIR` and the demo do): the same application over a one-model source.
@@ -41,23 +48,33 @@ it becomes), `engine.py` (a model answering a batch of queries) and, here, the t
 import asyncio
 import collections
 import concurrent.futures
+import logging
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 
+from ..console import reroute
 from ..spec import ServeAppSpec, serve_spec_from_dict
 from ..tasks import Task, get_task, task_names
 from ..tenancy import load_tenants
 from .auth import Gate, check_model, client_address
-from .engine import load_model, run_batch
-from .registry import BadModelId, ModelEntry, ModelRef, UnknownModel
-from .requests import ApiError, AskedModel, bad, prepare, read_fields
+from .engine import QueryRefused, check_query, load_model, out_of_memory, run_batch
+from .registry import BadModelId, ModelEntry, ModelRef, RegistryError, UnknownModel
+from .requests import ApiError, AskedModel, bad, prepare, read_fields, unavailable
 from .schemas import ERRORS, Answer, ModelList, body_doc
 from .sources import DirectorySource, make_source
-from .spec import INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, deployment_options
+from .spec import INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, deployment_options, http_options
+
+log = logging.getLogger("ray.serve")  # a replica's log file; details the answer leaves out go here
+#: the errors of reading a model source (local disk, S3 through s3fs: both raise OSError subclasses; a
+#: registry file that does not parse: RegistryError)
+STORAGE_ERRORS = (OSError, RegistryError)
 
 api = FastAPI(title="BiomedGPT", version="0.2",
               description="Biomedical vision-language model API: VQA, captioning, classification, NLI and "
@@ -68,6 +85,30 @@ api = FastAPI(title="BiomedGPT", version="0.2",
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+    """A defect of ours, not of the request: JSON all the same, the details in the replica's log."""
+    log.exception("%s %s failed", request.method, request.url.path)
+    return JSONResponse({"detail": f"internal error ({type(err).__name__}); the details are in the serving logs"},
+                        status_code=500)
+
+
+def finite(value: Any) -> Any:
+    """`value` with every non-finite float (a NaN or infinite score) replaced by None: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def error_answer(err: Dict[str, Any]) -> ApiError:
+    """The ApiError of an error the model deployment answered with (`BiomedGPTModels.infer`)."""
+    return ApiError(int(err["status"]), str(err["detail"]), err.get("field"), retry_after_s=err.get("retry_after_s"))
 
 
 def served_tasks() -> List[Task]:
@@ -135,6 +176,10 @@ class BiomedGPTIngress:
             return await asyncio.to_thread(self.source.resolve, ref)
         except UnknownModel:
             raise bad("model", f"no model {str(ref)!r} in {self.source.describe()}", 404) from None
+        except STORAGE_ERRORS as err:
+            log.warning("resolving %s failed: %s: %s", ref, type(err).__name__, err)
+            raise unavailable("model", f"{ref}: the model registry could not be read ({type(err).__name__}); "
+                                       "retry later") from None
 
     # -- the endpoints ---------------------------------------------------------------------------
 
@@ -148,9 +193,32 @@ class BiomedGPTIngress:
             request.headers.get("serve_multiplexed_model_id")
         entry = await self.resolve(requested, department)
         query = await prepare(task, fields, AskedModel(entry.id, entry.meta), self.limits)
-        result = await self.models.options(multiplexed_model_id=entry.id).infer.remote(query)
+        result = await self.ask(entry, query)
         out = Answer(model=entry.id, version=entry.version, task=task.name, **task.present(result))
-        return JSONResponse(out.model_dump(exclude_none=True))
+        return JSONResponse(finite(out.model_dump(exclude_none=True)))
+
+    async def ask(self, entry: ModelEntry, query) -> Dict[str, Any]:
+        """The model deployment's answer to `query`, within `ingress.request_timeout_s` (504 after it); a
+        full queue or a lost replica is 503, an error the model replica answered is raised as its ApiError."""
+        timeout = self.spec.ingress.request_timeout_s
+        response = self.models.options(multiplexed_model_id=entry.id).infer.remote(query)
+
+        async def answer():
+            return await response
+
+        try:
+            result = await asyncio.wait_for(answer(), timeout)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise unavailable("model", f"{entry.id} did not answer within {timeout:g} s", status=504) from None
+        except BackPressureError:
+            raise unavailable("model", f"{entry.id}: too many requests are waiting for it; retry later") from None
+        except RayActorError as err:
+            log.warning("the replica serving %s was lost: %s", entry.id, err)
+            raise unavailable("model", f"{entry.id}: the replica serving it was lost; retry") from None
+        if isinstance(result, dict) and "error" in result:
+            raise error_answer(result["error"])
+        return result
 
     @api.get("/healthz")
     async def healthz(self) -> Dict[str, Any]:
@@ -162,7 +230,12 @@ class BiomedGPTIngress:
     @api.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]})
     async def list_models(self, request: Request) -> JSONResponse:
         department = self._who(await self.department(request))
-        entries = await asyncio.to_thread(self.source.list, department)
+        try:
+            entries = await asyncio.to_thread(self.source.list, department)
+        except STORAGE_ERRORS as err:
+            log.warning("listing %s's models failed: %s: %s", department, type(err).__name__, err)
+            raise unavailable("models", f"the model registry could not be read ({type(err).__name__}); "
+                                        "retry later") from None
         latest: Dict[str, int] = {}
         for e in entries:
             latest[e.name] = max(latest.get(e.name, 0), e.version)
@@ -189,6 +262,8 @@ def _add_task_endpoints(cls) -> None:
 
 
 _add_task_endpoints(BiomedGPTIngress)
+#: the ingress class itself, before Serve wraps it: its methods run without Ray (tests drive them)
+PlainIngress = BiomedGPTIngress
 BiomedGPTIngress = serve.deployment(name=INGRESS_DEPLOYMENT)(serve.ingress(api)(BiomedGPTIngress))
 
 
@@ -251,17 +326,53 @@ class BiomedGPTModels:
         if model_id in self.resident:
             self.resident.remove(model_id)
 
+    async def resident_model(self, model_id: str) -> _Resident:
+        """The loaded model (from the LRU, or loaded now); a model that cannot be loaded (a checksum that
+        differs, a missing or unreadable file, a bad config, storage down, memory short) is a retryable
+        `unavailable` ApiError naming it, the details in the replica's log."""
+        try:
+            return await self.get_model(model_id)
+        except Exception as err:  # anything loading raises: the request is fine, the model is not servable now
+            log.warning("loading %s failed: %s: %s", model_id, type(err).__name__, err)
+            what = "ran out of memory" if out_of_memory(err) else f"could not be loaded ({type(err).__name__})"
+            raise unavailable("model", f"{model_id} {what}; retry later") from None
+
     async def infer(self, query) -> Dict[str, Any]:
+        """One request's answer, or `{"error": ...}` (status, detail, field, retry_after_s) for the ingress
+        to send: the model loaded and the query's token limits checked before it joins a batch, so one bad
+        request never fails the others."""
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            resident = await self.resident_model(model_id)
+            check_query(resident.loaded, query, self.spec.limits)
+        except ApiError as err:
+            return {"error": {"status": err.status, "detail": err.detail, "field": err.field,
+                              "retry_after_s": err.retry_after_s}}
+        except QueryRefused as err:
+            return {"error": {"status": err.status, "detail": str(err), "field": err.field}}
         return await self.infer_batch(query)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def infer_batch(self, queries: List[Any]) -> List[Dict[str, Any]]:
-        resident = await self.get_model(serve.get_multiplexed_model_id())
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            resident = await self.resident_model(model_id)
+        except ApiError as err:
+            return [{"error": {"status": err.status, "detail": err.detail, "field": err.field,
+                               "retry_after_s": err.retry_after_s}}] * len(queries)
         self.batch_sizes.append(len(queries))
         # On the event loop, not in a thread: the decoding loop is Python-heavy and would hold the GIL against
         # the loop anyway, starving request intake; blocking here lets the requests that arrive meanwhile queue
         # up and form the next batch whole.
-        return run_batch(resident.loaded, queries)
+        try:
+            return run_batch(resident.loaded, queries)
+        except Exception as err:
+            if not out_of_memory(err):
+                raise
+            log.warning("a batch of %d on %s ran out of memory: %s", len(queries), model_id, err)
+            return [{"error": {"status": 503, "detail": f"model: {model_id} ran out of memory on this replica; "
+                                                        "retry later", "field": "model", "retry_after_s": 5.0}}
+                    ] * len(queries)
 
     async def stats(self) -> Dict[str, Any]:
         """Loaded models (LRU order), loads per model and batch sizes seen: for tests and benchmarks."""
@@ -315,7 +426,8 @@ def build_app(model_dir: str, team: Optional[str] = None, tenants_path: Optional
 def start(model_dir: str, host: str = "127.0.0.1", port: int = 8000, name: str = "biomedgpt",
           team: Optional[str] = None, tenants_path: Optional[str] = None) -> str:
     """Deploy one model directory on the connected Ray cluster; returns the base URL once the app is ready."""
-    serve.start(http_options={"host": host, "port": port})
+    reroute()  # Serve's import gave `ray.serve` its own terminal handler
+    serve.start(http_options=http_options(model_dir_spec(model_dir, team, tenants_path), host, port))
     serve.run(build_app(model_dir, team, tenants_path), name=name, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
 
@@ -325,7 +437,8 @@ def start_spec(spec: ServeAppSpec, host: Optional[str] = None, port: Optional[in
     given); returns the base URL once the app is ready."""
     host = host or spec.http.host
     port = port or spec.http.port
-    serve.start(http_options={"host": host, "port": port})
+    reroute()  # Serve's import gave `ray.serve` its own terminal handler
+    serve.start(http_options=http_options(spec, host, port))
     serve.run(build_app_from_spec(spec), name=spec.name, route_prefix=spec.route_prefix, blocking=False)
     return f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
 

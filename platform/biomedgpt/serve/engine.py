@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..metrics.classify import join_labels
+from ..spec import Limits
 from ..tasks import DecodePlan, Task, get_task
 
 if TYPE_CHECKING:
@@ -43,6 +44,56 @@ class Query:
     candidates: tuple[str, ...] | None = None
     top_k: int = 5
     multi_label: bool = False
+    #: what the client sent, by field, for the token limits (`check_query`): its texts and its label list
+    texts: dict[str, str] = dataclasses.field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
+    labels_field: str = "labels"
+
+
+class QueryRefused(Exception):
+    """A query the model's tokenizer finds over the serving limits: the HTTP status and the field."""
+
+    def __init__(self, status: int, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.status, self.field, self.problem = status, field, problem
+
+
+def check_query(lm: "LoadedModel", query: Query, limits: Limits) -> None:
+    """Token limits of what the client sent, counted with the model's own tokenizer (characters were only
+    the ingress's first check): each text within `max_text_tokens`, each label within `max_label_tokens`,
+    and the logits scoring its labels allocates (rows scored at once x the longest label's tokens x the
+    vocabulary) within `max_logits`. Raises `QueryRefused` (413) naming the field."""
+    tok = lm.predictor.tok
+    for name, text in query.texts.items():
+        n = len(tok.encode_text(text))
+        if n > limits.max_text_tokens:
+            raise QueryRefused(413, name, f"{n} tokens, more than the limit of {limits.max_text_tokens}")
+    if not query.labels:
+        return
+    longest = 0
+    for i, label in enumerate(query.labels):
+        n = len(tok.encode_text(label))
+        if n > limits.max_label_tokens:
+            raise QueryRefused(413, f"{query.labels_field}[{i}]",
+                               f"{n} tokens, more than the limit of {limits.max_label_tokens}")
+        longest = max(longest, n)
+    # torch and the model code load where models are served (this runs there): the ingress stays without them
+    from ..model.constrained import SCORE_CHUNK_ROWS
+
+    vocab = int(lm.predictor.model.config.vocab_size)
+    logits = min(len(query.labels), SCORE_CHUNK_ROWS) * (longest + 1) * vocab  # +1: each label's EOS
+    if logits > limits.max_logits:
+        raise QueryRefused(413, query.labels_field,
+                           f"{len(query.labels)} labels of up to {longest} tokens need {logits:,} decoder logits "
+                           f"({vocab:,} per token), more than the limit of {limits.max_logits:,}")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the process or the device running out of memory (a retry may succeed elsewhere)."""
+    if isinstance(err, MemoryError):
+        return True
+    name = type(err).__name__
+    return name == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
 
 
 @dataclass

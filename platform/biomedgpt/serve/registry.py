@@ -141,6 +141,33 @@ class ModelEntry:
                 "metrics": c.get("metrics", {}), "licence": c.get("licence")}
 
 
+#: local version folders whose files matched their manifest: (folder, file stats) -> True. A file changed since
+#: (size or mtime) is hashed again; an unchanged one is not, so a model the LRU evicted reloads without rehashing.
+_VERIFIED: dict[tuple[str, tuple], bool] = {}
+
+
+def verify_local_files(folder: Path, entry: "ModelEntry") -> None:
+    """Every file of a local version folder has its manifest's size and sha256 (a file changed or removed
+    after export is a RegistryError naming it, before a byte of it is loaded)."""
+    stats = []
+    for rel, info in sorted(entry.manifest["files"].items()):
+        path = folder / rel
+        try:
+            st = path.stat()
+        except OSError:
+            raise RegistryError(f"{entry.url}/{rel}: missing (the manifest lists it)") from None
+        if st.st_size != info["size"]:
+            raise RegistryError(f"{entry.url}/{rel}: {st.st_size} bytes, the manifest says {info['size']}")
+        stats.append((rel, st.st_size, st.st_mtime_ns))
+    key = (str(folder), tuple(stats))
+    if key in _VERIFIED:
+        return
+    for rel, info in entry.manifest["files"].items():
+        if _sha256(folder / rel) != info["sha256"]:
+            raise RegistryError(f"{entry.url}/{rel}: sha256 differs from the manifest (changed after export)")
+    _VERIFIED[key] = True
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -437,6 +464,7 @@ class Registry:
             root = storage.local_path(entry.url)
             for rel in files:
                 _inside(root, root / rel, f"{where}: {rel!r}")
+            verify_local_files(root, entry)
             return root
         for what, value in (("department", entry.department), ("name", entry.name)):
             if not re.fullmatch(NAME, value or ""):

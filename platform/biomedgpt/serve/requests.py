@@ -38,21 +38,33 @@ IMAGE_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF", "MPO")
 
 
 class ApiError(Exception):
-    """A client error: HTTP `status` and a message naming the field (`"image: ..."`)."""
+    """An error answer: HTTP `status` and a message naming the field (`"image: ..."`). `retry_after_s`
+    marks it retryable (a 503 or 504: the model could not be loaded, storage failed, memory ran out,
+    the queue is full, time ran out): the body says `"retryable": true` and `Retry-After` is sent."""
 
     def __init__(self, status: int, detail: str, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, *, retry_after_s: float | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.field = field
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        self.retry_after_s = retry_after_s
+        if retry_after_s is not None:
+            self.headers.setdefault("Retry-After", str(max(1, int(-(-retry_after_s // 1)))))
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"detail": self.detail}
         if self.field:
             out["field"] = self.field
+        if self.retry_after_s is not None:
+            out["retryable"] = True
         return out
+
+
+def unavailable(field: str, problem: str, retry_after_s: float = 5.0, status: int = 503) -> ApiError:
+    """A retryable error: the request was fine, the service could not answer it now."""
+    return ApiError(status, f"{field}: {problem}", field, retry_after_s=retry_after_s)
 
 
 def bad(field: str, problem: str, status: int = 400) -> ApiError:
@@ -119,8 +131,9 @@ def open_image(data: bytes, limits: Limits, field: str = "image", draft_size: in
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-        except Image.DecompressionBombError as err:
-            raise bad(field, f"{err}", 413) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            # PIL warns from MAX_IMAGE_PIXELS and refuses from twice that: both are over the cap here
+            raise bad(field, f"over the pixel cap of {limits.max_image_pixels:,} pixels ({err})", 413) from None
         except Exception as err:  # PIL raises many types for bytes that are no image
             raise bad(field, f"cannot decode image ({len(data)} bytes): not a JPEG, PNG, TIFF, BMP, WebP, GIF "
                              f"or DICOM file ({type(err).__name__})") from None
@@ -377,5 +390,8 @@ async def prepare(task: Task, fields: Mapping[str, Any], model: AskedModel, limi
         if raw is None:
             raise bad("image", "field required", 422)
         image = await asyncio.to_thread(image_array, raw, model.meta.image_size, limits)
+    texts = {f.name: values[f.name] for f in task.request_fields if f.kind != "labels" and values.get(f.name)}
+    label_field = next((f.name for f in task.request_fields if f.kind == "labels" and values.get(f.name)), None)
     return Query(task=task.name, instruction=task.instruction(asked.record), image=image, candidates=asked.candidates,
-                 top_k=int(fields.get("top_k") or 5), multi_label=asked.multi_label)
+                 top_k=int(fields.get("top_k") or 5), multi_label=asked.multi_label, texts=texts,
+                 labels=tuple(values[label_field]) if label_field else None, labels_field=label_field or "labels")

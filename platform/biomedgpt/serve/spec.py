@@ -62,11 +62,24 @@ def deployment_options(spec: ServeAppSpec) -> dict[str, dict[str, Any]]:
     return {
         INGRESS_DEPLOYMENT: {"num_replicas": spec.ingress.replicas,
                              "max_ongoing_requests": spec.ingress.max_ongoing_requests,
+                             "max_queued_requests": spec.ingress.max_queued_requests,
                              "ray_actor_options": {"num_cpus": spec.ingress.num_cpus}},
         MODELS_DEPLOYMENT: {"autoscaling_config": autoscaling_config(spec),
                             "max_ongoing_requests": m.max_ongoing_requests,
+                            "max_queued_requests": m.max_queued_requests,
                             "ray_actor_options": models_actor},
     }
+
+
+#: Serve's own HTTP timeout is this much above the ingress's: the ingress answers 504 in JSON first, and
+#: Serve's plain 408 only catches a request stuck before the ingress saw it
+SERVE_TIMEOUT_MARGIN_S = 5.0
+
+
+def http_options(spec: ServeAppSpec, host: str | None = None, port: int | None = None) -> dict[str, Any]:
+    """Serve's HTTP proxy options of a spec (host and port may be overridden, as `biomedgpt serve` does)."""
+    return {"host": host or spec.http.host, "port": port or spec.http.port,
+            "request_timeout_s": spec.ingress.request_timeout_s + SERVE_TIMEOUT_MARGIN_S}
 
 
 def deploy_config(spec: ServeAppSpec) -> dict[str, Any]:
@@ -77,7 +90,7 @@ def deploy_config(spec: ServeAppSpec) -> dict[str, Any]:
     if spec.env:
         app["runtime_env"] = {"env_vars": dict(spec.env)}
     return {"proxy_location": "HeadOnly" if spec.http.host in ("127.0.0.1", "localhost") else "EveryNode",
-            "http_options": {"host": spec.http.host, "port": spec.http.port},
+            "http_options": http_options(spec),
             "applications": [app]}
 
 

@@ -160,8 +160,8 @@ class ProgressView:
         elif step > self._first[0] and now > self._first[1]:
             rate = (step - self._first[0]) / (now - self._first[1])
             item = dict(item, eta_s=(self.max_steps - step) / rate if rate > 0 else None)
-        if self._bar._bar is not None:  # a terminal: the bar, with the figures beside it
-            self._bar._bar.set_postfix_str(format_line(item).split("  ", 1)[-1], refresh=False)
+        if self._bar.interactive:  # a terminal: the bar, with the figures beside it
+            self._bar.postfix(format_line(item).split("  ", 1)[-1])
             self._bar.moveto(step)
             return
         if step >= self.max_steps or step // self._every > self._last_line // self._every or self._last_line < 0:
