@@ -245,7 +245,7 @@ def test_rayservice_serves_the_department_registry_with_its_replica_bounds(tenan
         assert spec.tenants == f"{WORKDIR}/cluster/tenants.yaml"
         assert f"BIOMEDGPT_TENANTS={spec.tenants}" in dockerfile
         assert (spec.http.host, spec.http.port) == ("0.0.0.0", 8000)
-        assert config_proxy(service) == {"host": "0.0.0.0", "port": 8000}
+        assert config_proxy(service) == {"host": "0.0.0.0", "port": 8000, "request_timeout_s": 65.0}  # ingress 60 s + margin
         a = spec.models.autoscaling
         assert (a.min_replicas, a.max_replicas) == (team.serving.min_replicas, team.serving.max_replicas)
         assert spec.models.num_gpus == 1

@@ -232,6 +232,7 @@ def tenants_with_a_key(tmp_path: Path) -> tuple[Path, str]:
     from tests_paths import REPO
 
     data = yaml.safe_load((REPO / "cluster" / "tenants.yaml").read_text())
+    data["datasetSpecs"] = str(REPO / "datasets_spec")  # the copy lives elsewhere: access classes from the repo
     key = new_api_key("bad-load-test")
     dept = data["institutions"]["stanford-like"]["departments"]["radiology"]
     dept.setdefault("apiKeys", []).append({"id": "bad-load-test", "hash": hash_api_key(key)})

@@ -23,6 +23,7 @@ def api_keys(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     from biomedgpt.tenancy import hash_api_key, new_api_key
 
     data = yaml.safe_load((REPO / "cluster" / "tenants.yaml").read_text())
+    data["datasetSpecs"] = str(REPO / "datasets_spec")  # the copy lives elsewhere: access classes from the repo
     keys = {}
     for inst, dept in (("stanford-like", "radiology"), ("mayo-like", "radiology"), ("charite-like", "dermatology")):
         key = new_api_key(f"test-{inst}-{dept}")  # key ids are unique in the whole file

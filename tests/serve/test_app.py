@@ -111,6 +111,7 @@ def team_served(served, model_dir, tmp_path_factory):
 
     key = new_api_key("test-client")
     data = yaml.safe_load((REPO / "cluster" / "tenants.yaml").read_text())
+    data["datasetSpecs"] = str(REPO / "datasets_spec")  # the copy lives elsewhere: access classes from the repo
     radiology = data["institutions"]["stanford-like"]["departments"]["radiology"]
     radiology["apiKeys"].append({"id": "test-client", "hash": hash_api_key(key)})
     tenants = tmp_path_factory.mktemp("tenants") / "tenants.yaml"

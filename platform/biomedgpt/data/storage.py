@@ -129,6 +129,14 @@ def read_bytes(url: str) -> bytes:
     return fs.cat_file(path)
 
 
+def invalidate(url: str) -> None:
+    """Forget what the filesystem's listing cache knows of ``url`` and below: s3fs answers "not found" from a
+    listing it cached before another writer (or thread) created the object."""
+    if not is_local(url):
+        fs, path = filesystem(url)
+        fs.invalidate_cache(path)
+
+
 def read_text(url: str, encoding: str = "utf-8") -> str:
     """The whole content of a URL decoded as text."""
     return read_bytes(url).decode(encoding)

@@ -423,11 +423,15 @@ class Registry:
 
     def entry(self, department: str, name: str, version: int) -> ModelEntry:
         url = self._url(department, name, str(version))
-        try:
-            manifest = json.loads(storage.read_text(storage.join(url, MANIFEST)))
-            card = json.loads(storage.read_text(storage.join(url, CARD_JSON)))
-        except FileNotFoundError:
-            raise UnknownModel(f"{self.url}: no model {department}/{name}@{version}") from None
+        for attempt in (1, 2):
+            try:
+                manifest = json.loads(storage.read_text(storage.join(url, MANIFEST)))
+                card = json.loads(storage.read_text(storage.join(url, CARD_JSON)))
+                break
+            except FileNotFoundError:
+                if attempt == 2 or storage.is_local(url):
+                    raise UnknownModel(f"{self.url}: no model {department}/{name}@{version}") from None
+                storage.invalidate(url)  # a listing cached before the version was published: ask the store
         return ModelEntry(department, name, version, url, manifest, card)
 
     def resolve(self, ref: str | ModelRef, default_department: str | None = None) -> ModelEntry:
