@@ -24,7 +24,7 @@ from biomedgpt.data.shards import ShardError, read_manifest, verify_shards
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:

@@ -172,7 +172,7 @@ def reference(plan: StreamOf, tokenizer_dir: str) -> dict[int, list[str]]:
     the stream the workers use, rank after rank."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         per_rank = [plan.batch_keys(r, tokenizer_dir, MAX) for r in range(plan.world)]

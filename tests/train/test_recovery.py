@@ -90,7 +90,7 @@ def test_stopped_job_resumes_when_started_again(tmp_path, shards, demo_tokenizer
     # the samples each rank reads before the stop and from the checkpoint's position on cover every epoch once
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         per_rank = [stream.sample_ids(rank, demo_tokenizer_dir, int(stopped_at))

@@ -84,7 +84,7 @@ def test_run_on_s3_storage_checkpoints_reports_and_resumes(s3_spec, s3_bucket, t
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         per_rank = [local_stream.sample_ids(rank, demo_tokenizer_dir, 10)
                     + local_stream.sample_ids(rank, demo_tokenizer_dir, 5, position10)

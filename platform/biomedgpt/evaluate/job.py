@@ -295,7 +295,7 @@ def predict_entries(entries: list[EvalEntry], bundle: dict[str, bytes], settings
     total = sum(e.count for e in entries)
     try:
         pool = ActorPool(actors)
-        with Progress(total, "evaluate", unit="sample") as bar:
+        with Progress(total, "evaluate", unit="sample", after_s=0) as bar:  # every evaluation says it ran
             for res in pool.map_unordered(lambda actor, unit: actor.run.remote(unit), units):
                 chunks[res["entry"]][res["order"]] = res["predictions"]
                 thumbs[res["entry"]].update(res["thumbnails"])
