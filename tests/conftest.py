@@ -12,6 +12,15 @@ from typing import Callable
 # Before anything imports Ray: local Ray registers and dials 127.0.0.1 only (FIELD_NOTES). Test modules
 # that import ray at collection time would otherwise make in-process Ray use the machine's address.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# The audit trail (biomedgpt.audit) of the runs, submissions and served requests tests make goes to a folder of
+# the session's, not to ./registry/_audit of the checkout; tests of the trail itself set their own.
+if "BIOMEDGPT_AUDIT" not in os.environ:
+    import tempfile  # noqa: E402
+
+    import atexit  # noqa: E402
+
+    os.environ["BIOMEDGPT_AUDIT"] = tempfile.mkdtemp(prefix="biomedgpt-test-audit-")
+    atexit.register(shutil.rmtree, os.environ["BIOMEDGPT_AUDIT"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .audit import audited_admit
 from .console import libraries_to_file
 from .data import storage as st
 from .data.build import build_shards
@@ -22,7 +23,7 @@ from .evaluate.job import run_evaluate_job, run_evaluation
 from .modeldir import export_checkpoint
 from .session import RunResult, ensure_ray, keep_ray_logs, localize, say, staging_dir
 from .spec import JobSpec
-from .tenancy import admit, load_tenants
+from .tenancy import load_tenants
 from .train.plan import plan_training
 from .train.report import write_report
 
@@ -34,7 +35,7 @@ def run(spec: Any) -> RunResult:
         raise ValueError(f"{spec.source}: a serving spec is run with `biomedgpt serve {spec.source}` "
                          "(or deployed with `biomedgpt serve-config`), not `biomedgpt run`")
     spec = localize(spec)  # relative paths -> absolute, once, here: every process of the job opens the same files
-    admit(spec, load_tenants())
+    audited_admit("run", spec, load_tenants())  # the decision goes to the audit trail either way
     if spec.kind in ("finetune", "pretrain"):
         return run_training(spec)
     if spec.kind == "evaluate":

@@ -530,6 +530,16 @@ class IngressSpec:
 
 
 @dataclass
+class AuditSpec:
+    """The audit trail of the app's `/v1` requests (`biomedgpt.audit`): one JSON line per request under `root`
+    (default `$BIOMEDGPT_AUDIT`, else `_audit/` under the registry), written every `flush_s` seconds."""
+
+    enabled: bool = True
+    root: str | None = None
+    flush_s: float = 2.0
+
+
+@dataclass
 class BatchSpec:
     """Dynamic batching (`@serve.batch`): requests for the same model within `wait_timeout_s` form one batch."""
 
@@ -614,6 +624,7 @@ class ServeAppSpec:
     ingress: IngressSpec = field(default_factory=IngressSpec)
     models: ModelsSpec = field(default_factory=ModelsSpec)
     limits: Limits = field(default_factory=Limits)
+    audit: AuditSpec = field(default_factory=AuditSpec)
     description: str = ""
     source: str = field(default="<dict>", metadata={"internal": True})
 
@@ -661,6 +672,7 @@ class ServeAppSpec:
             (a.target_ongoing_requests > 0, "models.autoscaling.target_ongoing_requests", "must be > 0",
              a.target_ongoing_requests),
             (self.latest_ttl_s >= 0, "latest_ttl_s", "must be >= 0", self.latest_ttl_s),
+            (0 < self.audit.flush_s <= 3600, "audit.flush_s", "must be in (0, 3600]", self.audit.flush_s),
             (self.ingress.request_timeout_s > 0, "ingress.request_timeout_s", "must be > 0",
              self.ingress.request_timeout_s),
             (self.ingress.max_queued_requests == -1 or self.ingress.max_queued_requests >= 1,

@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from .audit import audited_admit
 from .spec import OUTPUT_ROOT_ENV, load_spec
-from .tenancy import ADMISSION_ENV, admit, load_tenants
+from .tenancy import ADMISSION_ENV, load_tenants
 
 # A head that just started may have no job agent yet: retry that many times, that many seconds apart.
 AGENT_RETRIES, AGENT_RETRY_S = 5, 5.0
@@ -86,7 +87,7 @@ def submit(spec_path: str, address: str, working_dir: str = ".", follow: bool = 
     if spec.kind == "serve":
         raise ValueError(f"{spec_path}: a serving spec is deployed with `biomedgpt serve-config` + `serve deploy` "
                          "(or a RayService), not submitted as a job")
-    admit(spec, load_tenants())  # the job admits itself again where it runs (BIOMEDGPT_ON_CLUSTER)
+    audited_admit("submit", spec, load_tenants())  # the job admits itself again where it runs (BIOMEDGPT_ON_CLUSTER)
     wd = Path(working_dir).resolve()
     path = Path(spec_path).resolve()
     try:

@@ -147,3 +147,51 @@ def test_a_served_department_needs_one_of_its_api_keys(team_served, demo_shards)
     code, payload = ask({"Authorization": f"Bearer {key}"})
     assert code == 200 and payload["model"].startswith("stanford-like-radiology/")
     assert ask({"X-API-Key": key})[0] == 200
+
+
+def test_served_requests_leave_audit_lines(team_served, demo_shards):
+    """Through Ray Serve: each /v1 request is one line of the audit trail (biomedgpt.audit) with the department,
+    the key id, the model id@version, the body's sha256 (never the body), the status and the latency; a key
+    that failed is recorded by the id it claimed."""
+    import datetime as dt
+    import hashlib
+    import os
+    import time
+
+    from biomedgpt.audit import parse_time, read_audit
+    from biomedgpt.data.stream import records
+
+    url, key = team_served
+    since = parse_time("1s")
+    rec = next(records(demo_shards, "vqa_rad", "test"))
+    question = f"audit probe {time.time_ns()}: {rec['question']}"
+    body = json.dumps({"question": question, "image": base64.b64encode(rec["_image"]).decode()}).encode()
+
+    def ask(headers: dict) -> int:
+        req = urllib.request.Request(url + "/v1/vqa", data=body, headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert ask({"Authorization": f"Bearer {key}"}) == 200
+    assert ask({"Authorization": "Bearer stranger." + "x" * 43}) == 401
+    root = os.environ["BIOMEDGPT_AUDIT"]
+    deadline = time.monotonic() + 30  # the replica flushes every audit.flush_s (2 s)
+    while True:
+        lines = list(read_audit(root, "requests", since=since - dt.timedelta(seconds=5)))
+        ok = [r for r in lines if r.get("input_sha256") == hashlib.sha256(body).hexdigest()]
+        refused = [r for r in lines if r.get("claimed_key_id") == "stranger"]
+        if (ok and refused) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(ok) == 1 and len(refused) == 1, lines
+    ok, refused = ok[0], refused[0]
+    assert (ok["status"], ok["department"], ok["key_id"], ok["endpoint"]) == \
+        (200, "stanford-like-radiology", "test-client", "/v1/vqa")
+    assert ok["model"].startswith("stanford-like-radiology/") and ok["model"].endswith("@1")
+    assert ok["input_bytes"] == len(body) and ok["latency_ms"] > 0
+    # refused before its body was read: no hash of a body the app never took
+    assert (refused["status"], refused["department"], refused["input_sha256"]) == (401, None, None)
+    assert "audit probe" not in json.dumps(lines)

@@ -17,6 +17,7 @@
     biomedgpt cluster render|validate          the shared cluster from cluster/tenants.yaml
     biomedgpt tenants add-key|revoke-key       serving API keys of a department (<key-id>.<secret>)
     biomedgpt k8s rayjob SPEC                  a KubeRay RayJob (Kueue-queued) for a job spec
+    biomedgpt audit show [--department D] [--since T]    the audit trail: requests, admission decisions
 
 Every subcommand has `--help`. Errors are printed as one line naming the file or field, exit code 2.
 The console shows one line per phase and progress bars; Ray's, Serve's, Lightning's and torch's own
@@ -25,7 +26,7 @@ shows them on the terminal instead.
 
 The package holds the whole command line: this module (the front door and the commands of its own),
 `shards.py` (`shards ...`), `serve.py` (`serve`, `serve-config`, `registry ...`), `evaluate.py`
-(`evaluate`) and `cluster.py` (`cluster ...`, `tenants ...`, `k8s ...`). Each command imports what it runs inside its
+(`evaluate`), `audit.py` (`audit show`) and `cluster.py` (`cluster ...`, `tenants ...`, `k8s ...`). Each command imports what it runs inside its
 function: building the parser loads no command's dependencies (Ray, Ray Serve, the evaluation stack), and
 Ray must not be imported before its environment is set.
 """
@@ -42,6 +43,7 @@ from typing import Sequence
 from ..console import quiet_warnings, set_verbose
 from ..evaluate.score import add_score_parser
 from ..spec import SpecError
+from .audit import add_audit_commands
 from .cluster import add_cluster_commands
 from .evaluate import add_evaluate_parser
 from .serve import add_serve_commands
@@ -192,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_parser(sub)
     add_evaluate_parser(sub)
     add_cluster_commands(sub)
+    add_audit_commands(sub)
     return parser
 
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from ..tenancy import ON_CLUSTER_ENV, Tenants, admit
+from ..audit import audited_admit
+from ..tenancy import ON_CLUSTER_ENV, Tenants
 from ..tenancy.quantity import format_quantity, parse_quantity
 from .render import INSTITUTION_LABEL, PRIORITY_LABEL, QUEUE_LABEL, TEAM_LABEL, WORKDIR, department_pod, dump_one
 
@@ -147,7 +148,7 @@ def rayjob_manifests(spec: Any, spec_path: str | Path, tenants: Tenants, options
     if spec.kind == "serve":
         raise ValueError(f"{spec.source}: kind 'serve' runs as a RayService: declare `serving` for the department "
                          f"in {tenants.path}, render, and apply k8s/overlays/{spec.team}/")
-    admit(spec, tenants, on_cluster=True)
+    audited_admit("k8s rayjob", spec, tenants, on_cluster=True)
     team = tenants.team(spec.team)
     repo = tenants.path.resolve().parent.parent
     base = base or repo / "k8s" / "base" / "raycluster" / "raycluster.yaml"

@@ -33,6 +33,16 @@ import fsspec
 S3_SCHEMES = ("s3", "s3a")
 
 
+#: The model registry's location (`serve/registry.py`; the audit trail lives under it too)
+REGISTRY_ENV = "BIOMEDGPT_REGISTRY"
+DEFAULT_REGISTRY = "registry"
+
+
+def registry_url(url: str | None = None) -> str:
+    """The registry location: `url`, else $BIOMEDGPT_REGISTRY, else ./registry."""
+    return url or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
+
+
 def scheme(url: str) -> str:
     """The URL scheme: ``"file"`` for plain paths and ``file://`` URLs, else e.g. ``"s3"``."""
     url = os.fspath(url)
@@ -225,6 +235,19 @@ def list_files(url: str, *, recursive: bool = True) -> dict[str, int]:
         rel = name[len(prefix):] if name.startswith(prefix) else posixpath.basename(name)
         out[rel] = int(info.get("size") or 0)
     return dict(sorted(out.items()))
+
+
+def list_dirs(url: str) -> list[str]:
+    """Names of the folders (object stores: common prefixes) directly under ``url``, sorted; empty when
+    ``url`` does not exist."""
+    fs, root = filesystem(url)
+    try:
+        entries = fs.ls(root.rstrip("/") or root, detail=True)
+    except FileNotFoundError:
+        return []
+    names = {posixpath.basename(str(e["name"]).replace(os.sep, "/").rstrip("/"))
+             for e in entries if e.get("type") == "directory"}
+    return sorted(n for n in names if n)
 
 
 def upload_dir(directory: str | Path, url: str) -> int:

@@ -59,16 +59,18 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
+from ..audit import audit_root
 from ..console import reroute
 from ..spec import ServeAppSpec, serve_spec_from_dict
 from ..tasks import Task, get_task, task_names
-from ..tenancy import load_tenants
+from ..tenancy import load_tenants, parse_api_key
 from .auth import Gate, check_model, client_address
 from .engine import QueryRefused, check_query, load_model, out_of_memory, run_batch
 from .registry import BadModelId, ModelEntry, ModelRef, RegistryError, UnknownModel
 from .requests import ApiError, AskedModel, bad, prepare, read_fields, unavailable
 from .schemas import ERRORS, Answer, ModelList, body_doc
 from .sources import DirectorySource, make_source
+from . import trail
 from .spec import INGRESS_DEPLOYMENT, MODELS_DEPLOYMENT, deployment_options, http_options
 
 log = logging.getLogger("ray.serve")  # a replica's log file; details the answer leaves out go here
@@ -80,6 +82,9 @@ api = FastAPI(title="BiomedGPT", version="0.2",
               description="Biomedical vision-language model API: VQA, captioning, classification, NLI and "
                           "summarisation by registered BiomedGPT models. Send `Authorization: Bearer <key>` (or "
                           "`X-API-Key`); choose the model with `model` (`<department>/<name>@<version|latest>`).")
+
+
+api.add_middleware(trail.RequestTrail)
 
 
 @api.exception_handler(ApiError)
@@ -129,15 +134,27 @@ class BiomedGPTIngress:
         if self.team and self.team not in self.tenants.teams:
             raise ValueError(f"{self.tenants.path}: no team {self.team!r} to serve for ({source}: team)")
         self.gate = Gate(self.spec, self.tenants, needs_keys=self.spec.auth and (not self.single or bool(self.team)))
+        trail.use(trail.request_trail(self.spec))  # one line per /v1 request (`RequestTrail`)
 
     # -- who is asking ---------------------------------------------------------------------------
 
     async def department(self, request: Request) -> Optional[str]:
         """The caller's department from its API key (`auth.Gate`): 401 without a valid one, 429 once the client's
-        address has failed too often; None when this app serves without keys."""
+        address has failed too often; None when this app serves without keys. Noted for the audit trail with
+        the key's id (a key that failed: the id it claims)."""
         if self.gate.keys is None:
-            return self.source.entry.department if self.single and self.team else None
-        return await asyncio.to_thread(self.gate.department, request.headers, client_address(request))
+            department = self.source.entry.department if self.single and self.team else None
+            trail.note(request, department=self._who(department))
+            return department
+        try:
+            match = await asyncio.to_thread(self.gate.caller, request.headers, client_address(request))
+        except ApiError:
+            claimed = parse_api_key(self.gate.presented_key(request.headers))
+            if claimed:
+                trail.note(request, claimed_key_id=claimed[0])
+            raise
+        trail.note(request, department=match.team, key_id=match.key_id)
+        return match.team
 
     def _who(self, department: Optional[str]) -> str:
         """The department whose models a caller sees (`local` for a keyless app over a model directory)."""
@@ -191,7 +208,9 @@ class BiomedGPTIngress:
         fields = await read_fields(request, task, self.limits)
         requested = fields.get("model") or request.query_params.get("model") or \
             request.headers.get("serve_multiplexed_model_id")
+        trail.note(request, requested=str(requested)[:200] if requested else None)
         entry = await self.resolve(requested, department)
+        trail.note(request, model=entry.id)
         query = await prepare(task, fields, AskedModel(entry.id, entry.meta), self.limits)
         result = await self.ask(entry, query)
         out = Answer(model=entry.id, version=entry.version, task=task.name, **task.present(result))
@@ -394,6 +413,8 @@ def build_app_from_spec(spec: ServeAppSpec):
     """The application a serving spec describes (the same deployments and options as its deploy config)."""
     opts = deployment_options(spec)
     data = spec.to_dict()
+    if spec.audit.enabled and not spec.audit.root:  # fixed here, so every replica writes where the driver says
+        data["audit"]["root"] = audit_root(spec.registry)
     models = BiomedGPTModels.options(**opts[MODELS_DEPLOYMENT]).bind(data, spec.source)
     return BiomedGPTIngress.options(**opts[INGRESS_DEPLOYMENT]).bind(models, data, spec.source)
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 from ..spec import ServeAppSpec
 from ..tenancy import Tenants, model_data_refusal, parse_api_key
-from ..tenancy.keys import ApiKeyStore, FailureLimiter
+from ..tenancy.keys import ApiKeyStore, FailureLimiter, KeyMatch
 from .registry import ModelEntry
 from .requests import ApiError, bad
 
@@ -31,18 +31,24 @@ class Gate:
                          else ApiKeyStore.from_tenants(tenants, self.team))
         self.failures = FailureLimiter(spec.limits.auth_failures_per_minute, 60.0)
 
-    def department(self, headers: Mapping[str, str], client: str) -> Optional[str]:
-        """The caller's department (None without keys); ApiError 429, or 401 naming what is wrong."""
+    @staticmethod
+    def presented_key(headers: Mapping[str, str]) -> Optional[str]:
+        """The API key a request presents (`X-API-Key`, else `Authorization: Bearer ...`), or None."""
+        key = headers.get("x-api-key")
+        auth = headers.get("authorization")
+        if not key and auth and auth.lower().startswith("bearer "):
+            key = auth[7:].strip()
+        return key or None
+
+    def caller(self, headers: Mapping[str, str], client: str) -> Optional[KeyMatch]:
+        """The caller's department and key id (None without keys); ApiError 429, or 401 naming what is wrong."""
         if self.keys is None:
             return None
         wait = self.failures.retry_after(client)
         if wait > 0:
             raise ApiError(429, f"Authorization: too many failed API keys from {client}; retry in {wait:.0f} s",
                            "Authorization", headers={"Retry-After": str(max(1, round(wait)))})
-        key = headers.get("x-api-key")
-        auth = headers.get("authorization")
-        if not key and auth and auth.lower().startswith("bearer "):
-            key = auth[7:].strip()
+        key = self.presented_key(headers)
         if not key:
             raise ApiError(401, "Authorization: an API key is required (Authorization: Bearer <key-id>.<secret> "
                                 "or X-API-Key)", "Authorization")
@@ -52,7 +58,12 @@ class Gate:
             what = f"one of team {self.team!r}'s keys" if self.team else "a valid API key of any department"
             form = "" if parse_api_key(key) else " (keys are <key-id>.<secret>)"
             raise ApiError(401, f"Authorization: the API key is not {what}{form}", "Authorization")
-        return match.team
+        return match
+
+    def department(self, headers: Mapping[str, str], client: str) -> Optional[str]:
+        """The caller's department (None without keys); ApiError 429, or 401 naming what is wrong."""
+        match = self.caller(headers, client)
+        return match.team if match else None
 
 
 def check_model(entry: ModelEntry, caller: Optional[str], tenants: Tenants) -> None:

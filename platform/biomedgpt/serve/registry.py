@@ -54,12 +54,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..data import storage
+from ..data.storage import DEFAULT_REGISTRY, REGISTRY_ENV, registry_url  # noqa: F401  (this module's API)
 from ..modeldir import (CARD, CHECKPOINT_META, CONFIG, WEIGHTS, ModelMeta, export_checkpoint,
                         read_model_meta)
 
-REGISTRY_ENV = "BIOMEDGPT_REGISTRY"
 CACHE_ENV = "BIOMEDGPT_MODEL_CACHE"
-DEFAULT_REGISTRY = "registry"
 MANIFEST = "manifest.json"
 CLAIM = ".claim"
 CLAIMS = ".claims"
@@ -81,11 +80,6 @@ class UnknownModel(RegistryError):
 
 class BadModelId(RegistryError):
     """A string that is not a model id."""
-
-
-def registry_url(url: str | None = None) -> str:
-    """The registry location: `url`, else $BIOMEDGPT_REGISTRY, else ./registry."""
-    return url or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
 
 
 @dataclass(frozen=True)
@@ -399,17 +393,22 @@ class Registry:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def _scan(self) -> dict[tuple[str, str], dict[int, set[str]]]:
-        """{(department, name): {version: names of the marker files present}} in one listing."""
+    def _scan(self, department: str | None = None) -> dict[tuple[str, str], dict[int, set[str]]]:
+        """{(department, name): {version: names of the marker files present}}: one listing per department
+        folder (of `department` only when given), so what else lies under the registry (its `_audit/` trail)
+        is never listed."""
         out: dict[tuple[str, str], dict[int, set[str]]] = {}
-        for rel in storage.list_files(self.url):
-            parts = rel.split("/")
-            if len(parts) != 4 or not parts[2].isdigit():
-                continue
-            dept, name, ver, fname = parts
-            if not (re.fullmatch(NAME, dept) and re.fullmatch(NAME, name)):
-                continue  # not written by an export (which checks both): never a path component of ours
-            out.setdefault((dept, name), {}).setdefault(int(ver), set()).add(fname)
+        for dept in [department] if department is not None else storage.list_dirs(self.url):
+            if not re.fullmatch(NAME, dept):
+                continue  # not written by an export (which checks it): never a path component of ours
+            for rel in storage.list_files(self._url(dept)):
+                parts = rel.split("/")
+                if len(parts) != 3 or not parts[1].isdigit():
+                    continue
+                name, ver, fname = parts
+                if not re.fullmatch(NAME, name):
+                    continue
+                out.setdefault((dept, name), {}).setdefault(int(ver), set()).add(fname)
         return out
 
     def versions(self, department: str, name: str, *, published_only: bool = True) -> list[int]:
@@ -448,7 +447,7 @@ class Registry:
     def list(self, department: str | None = None, *, all_versions: bool = True) -> list[ModelEntry]:
         """Published models (of one department), sorted by id; only the latest of each with all_versions=False."""
         out = []
-        for (dept, name), versions in sorted(self._scan().items()):
+        for (dept, name), versions in sorted(self._scan(department).items()):
             if department is not None and dept != department:
                 continue
             published = sorted(v for v, names in versions.items() if MANIFEST in names)
