@@ -172,3 +172,31 @@ def test_transformers_export_bar_is_off(monkeypatch, clean_loggers):
 
     huggingface_hub.utils.enable_progress_bars()
     hf_logging.enable_progress_bar()
+
+
+def test_what_the_cluster_pushes_to_the_driver_goes_to_the_log_file(tmp_path, clean_loggers, capfd, monkeypatch):
+    """Ray's driver prints what the raylet pushes to it ("(raylet) Task ServeController.graceful_shutdown
+    failed ..." whenever Serve shuts down) from its own thread, past the logging handlers: once a log file is
+    chosen it goes there; under --verbose, and for the workers' own output, it stays on the terminal."""
+    import ray._private.worker as ray_worker
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # undone after the test
+    monkeypatch.setattr(console, "_LOG_FILE", None)
+    console.cluster_messages_to_logs()
+    # the thread that prints the messages looks the printer up in its module when it prints
+    assert ray_worker.listen_error_messages.__globals__["print_to_stdstream"] is ray_worker.print_to_stdstream
+    notice = "Task ServeController.graceful_shutdown failed. There are infinite retries remaining"
+    message = {"lines": [notice], "pid": "raylet", "is_err": False}
+    ray_worker.print_to_stdstream(message, ignore_prefix=False)
+    assert notice in capfd.readouterr().out  # no log file chosen: the terminal, as before
+    log = libraries_to_file(tmp_path / "driver.log")
+    ray_worker.print_to_stdstream(dict(message, lines=[notice + " (2)"]), ignore_prefix=False)
+    assert capfd.readouterr().out == ""
+    assert notice + " (2)" in log.read_text()
+    ray_worker.print_to_stdstream({"lines": ["a worker's print"], "pid": 1234, "is_err": False,
+                                   "ip": "127.0.0.1", "task_name": "t", "actor_name": ""}, ignore_prefix=True)
+    assert "a worker's print" in capfd.readouterr().out
+    set_verbose(True)
+    other = "Node 7f3a was marked dead"  # Ray's deduplicator would hold back a line like the first
+    ray_worker.print_to_stdstream(dict(message, lines=[other]), ignore_prefix=False)
+    assert other in capfd.readouterr().out

@@ -68,7 +68,7 @@ def test_demo_command_runs_the_whole_slice(tmp_path):
     assert json.loads((run_dir / "report.json").read_text())["steps"] == 4
     assert list((run_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     # the console speaks of phases and progress; the libraries' own logs are in the run's logs/
-    for noise in ("RayTrainWorker", "Reporting training result", "weights_only", "Tip:", "Started Serve in namespace",
+    for noise in ("RayTrainWorker", "Reporting training result", "weights_only", "Tip:", "Started Serve in namespace", "(raylet)",
                   "Writing model shards"):
         assert noise not in log, f"{noise!r} on the console:\n{log[-5000:]}"
     assert f"logs: Ray's, Lightning's and torch's own logs go to {run_dir / 'logs'}" in log

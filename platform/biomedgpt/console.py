@@ -119,6 +119,32 @@ def libraries_to_file(log_file: str | os.PathLike[str]) -> Path | None:
     return path
 
 
+def cluster_messages_to_logs() -> None:
+    """Send the messages a Ray cluster pushes to its driver to the libraries' log file too.
+
+    Ray's driver prints those from a thread of its own, straight to stdout and past every logging handler:
+    "(raylet) Task ServeController.graceful_shutdown failed ... killed by `ray.kill`" each time Serve shuts
+    down, worker-death notices and the like. Once a log file is chosen (`libraries_to_file`) and without
+    --verbose, they go to the `ray` logger, i.e. to that file, instead; without a file they stay on the
+    terminal. Ray keeps that printer in `ray._private.worker.print_to_stdstream` (Ray 2.x); a release that
+    moves it leaves the messages where Ray prints them. Call it once Ray is imported (`session.ensure_ray`)."""
+    worker = sys.modules.get("ray._private.worker")
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_biomedgpt", False):
+        return
+
+    def printer(data: dict, ignore_prefix: bool = False, **kwargs):
+        if _LOG_FILE is not None and not verbose() and data.get("pid") == "raylet":
+            log = logging.getLogger("ray")
+            for line in data.get("lines", []):
+                log.warning("(raylet) %s", line)
+            return None
+        return original(data, ignore_prefix=ignore_prefix, **kwargs)
+
+    printer._biomedgpt = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = printer
+
+
 def reroute() -> Path | None:
     """Send the libraries' logs to the file `libraries_to_file` last chose, again: call it after importing
     a library that installs its own terminal handler (Ray Serve adds one to `ray.serve` when it is

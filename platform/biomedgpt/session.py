@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .console import VERBOSE_ENV, say, verbose
+from .console import VERBOSE_ENV, cluster_messages_to_logs, say, verbose
 
 # Ports Ray components take by default; an ephemeral port handed to Ray must not be one of them.
 RAY_DEFAULT_PORTS = frozenset({6379, 8076, 8265, 10001, 44217, 44227, 52365, 52366, 62365})
@@ -58,6 +58,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported: set first
     import ray  # heavy (~2 s), and the variable above must be set before it is imported
 
+    cluster_messages_to_logs()  # what the cluster pushes to this driver goes to the run's logs/ with the rest
     if ray.is_initialized():
         return False
     # The workers' own output reaches this terminal only with --verbose; the platform's progress comes
