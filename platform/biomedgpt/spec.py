@@ -252,10 +252,13 @@ class TrainerSpec:
     `min_workers` (default: `workers`) makes the group elastic: Ray Train starts or restarts it (after a
     failure, `max_failures`) with as many workers between `min_workers` and `workers` as the cluster has
     room for. Whatever the count, the run keeps the data plan and global batch (`workers` x `batch_size`
-    x `grad_accumulation`) of the worker count it started with, so every count must divide that batch."""
+    x `grad_accumulation`) of the worker count it started with, so every count must divide that batch.
+    `placement`: `pack` (Ray's default: as few nodes as hold the workers) or `spread` (each worker on its own
+    node while there are nodes: one lost node takes one worker, not the group)."""
 
     workers: int = 1
     min_workers: int | None = None
+    placement: Literal["pack", "spread"] = "pack"
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int | None = None

@@ -50,14 +50,17 @@ class StreamOf:
         it = iter(stream)
         return [[int(x) for x in next(it)["sample_id"]] for _ in range(batches)]
 
-    def batch_keys(self, rank: int, tokenizer_dir: str, batches: int) -> list[list[str]]:
-        """The sample keys of the first `batches` batches plan rank `rank` reads (needs a running Ray)."""
+    def stream(self, rank: int, tokenizer_dir: str, columns: Sequence[str] = ("__key__",)) -> ShardStream:
+        """The stream plan rank `rank` reads, as a training worker makes it (iterating it needs a running Ray)."""
         preprocess = dict(task_name="vqa", tokenizer_dir=tokenizer_dir, image_size=16, max_source_length=24,
                           max_target_length=8)
-        stream = ShardStream(self.groups, rank=rank, world=self.world, batch_size=self.batch_size, seed=self.seed,
-                             preprocess=preprocess, columns=("__key__",), shuffle_buffer=self.shuffle_buffer,
-                             as_torch=False, min_rows_per_read=1, error_budget=self.budget)
-        it = iter(stream)
+        return ShardStream(self.groups, rank=rank, world=self.world, batch_size=self.batch_size, seed=self.seed,
+                           preprocess=preprocess, columns=tuple(columns), shuffle_buffer=self.shuffle_buffer,
+                           as_torch=False, min_rows_per_read=1, error_budget=self.budget)
+
+    def batch_keys(self, rank: int, tokenizer_dir: str, batches: int) -> list[list[str]]:
+        """The sample keys of the first `batches` batches plan rank `rank` reads (needs a running Ray)."""
+        it = iter(self.stream(rank, tokenizer_dir))
         return [[str(k) for k in next(it)["__key__"]] for _ in range(batches)]
 
     def planned_keys(self, epoch: int) -> list[str]:

@@ -297,11 +297,11 @@ class ProgressReporter(L.Callback):
 def scaling_config(t: TrainerSpec) -> ScalingConfig:
     """`trainer.workers` workers, each reserving `cpus_per_worker` CPUs and, with `use_gpu`, one GPU; with
     `min_workers` below it, an elastic group of (min_workers, workers): Ray Train starts and restarts it
-    with as many as the cluster's nodes hold."""
+    with as many as the cluster's nodes hold; `placement` packs the workers on few nodes or spreads them."""
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     elastic = t.min_workers is not None and t.min_workers < t.workers
     return ScalingConfig(num_workers=(t.min_workers, t.workers) if elastic else t.workers, use_gpu=t.use_gpu,
-                         resources_per_worker=resources)
+                         resources_per_worker=resources, placement_strategy=t.placement.upper())
 
 
 def fit(plan: TrainPlan, progress: Any = None) -> Result:
