@@ -85,14 +85,19 @@ def test_run_with_a_mistyped_spec_exits_2_before_starting_ray(tmp_path):
 
 FINETUNE = sorted((REPO / "jobs" / "finetune").glob("*.yaml"))
 PRETRAIN = sorted((REPO / "jobs" / "pretrain").glob("*.yaml"))
-DOWNSTREAM = ["vqa_rad", "slake", "pathvqa", "iu_xray", "peir_gross", "mimic_cxr", "roco", "pathmnist", "chestmnist",
-              "dermamnist", "octmnist", "pneumoniamnist", "retinamnist", "breastmnist", "bloodmnist", "tissuemnist",
-              "organamnist", "organcmnist", "organsmnist", "cbis_ddsm_mass", "cbis_ddsm_calc", "sz_cxr", "mc_cxr",
-              "mednli", "meqsum", "healthcaremagic", "mimic_iii"]
+
+
+def downstream_datasets() -> list[str]:
+    """The datasets fine-tuned on, from datasets_spec/ (their stages): every one needs a recipe."""
+    from biomedgpt.data.dataset_spec import load_dataset_specs
+
+    return sorted(n for n, s in load_dataset_specs(REPO / "datasets_spec").items() if "finetune" in s.stages)
 
 
 def test_one_finetune_spec_per_downstream_dataset_with_its_datasets_task():
-    assert sorted(p.stem for p in FINETUNE) == sorted(DOWNSTREAM)
+    downstream = downstream_datasets()
+    assert {"seer", "trec_2022", "vqa_rad", "mednli", "pathmnist"} <= set(downstream)  # the list is not empty
+    assert sorted(p.stem for p in FINETUNE) == downstream
     for path in FINETUNE:
         spec = load_spec(path)
         ds = yaml.safe_load((REPO / "datasets_spec" / f"{path.stem}.yaml").read_text())
@@ -126,6 +131,37 @@ def test_finetune_specs_carry_the_official_settings(task, settings):
             assert spec.data.max_source_length == 512
     for spec in (s for s in map(load_spec, FINETUNE) if s.data.task == "summarize"):
         assert (spec.data.max_source_length, spec.data.max_target_length) == (512, 128) and spec.trainer.decoder_noise > 0
+
+
+#: The reference classification fine-tuning's augmentation (OFA/BiomedGPT image_classify_dataset: timm
+#: create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel")).
+OFFICIAL_AUGMENT = {"random_resized_crop": {"scale": [0.08, 1.0], "ratio": [0.75, 4 / 3]}, "hflip": 0.5,
+                    "randaugment": {"n": 2, "m": 9.0, "mstd": 0.5, "ops": None}, "random_erasing": 0.25}
+
+
+def image_classification(spec) -> bool:
+    """A classification recipe whose datasets have images (a text-only dataset's prompt reads {text})."""
+    if spec.data.task != "classify":
+        return False
+    prompts = [yaml.safe_load((REPO / "datasets_spec" / f"{r.dataset}.yaml").read_text())["prompt"]["instruction"]
+               for r in spec.data.train]
+    return not all("{text}" in p for p in prompts)
+
+
+def test_every_image_classification_recipe_sets_randaugment():
+    """RandAugment (and the rest of the reference's training transform) in every image-classification
+    recipe; a classification spec without it fails here."""
+    specs = [s for s in map(load_spec, FINETUNE) if s.data.task == "classify"]
+    image = [s for s in specs if image_classification(s)]
+    assert len(image) >= 16 and {s.data.train[0].dataset for s in specs} - {s.data.train[0].dataset for s in image} \
+        == {"seer"}
+    for spec in image:
+        assert spec.data.augment.to_config() == OFFICIAL_AUGMENT, spec.source
+    bare = spec_from_dict(dict(yaml.safe_load(FINETUNE[0].read_text())), "x.yaml")
+    assert bare.data.task == "classify"  # bloodmnist
+    data = yaml.safe_load(FINETUNE[0].read_text())
+    del data["data"]["augment"]
+    assert spec_from_dict(data, "x.yaml").data.augment.to_config() != OFFICIAL_AUGMENT
 
 
 def test_pretrain_specs_reproduce_the_official_recipe():

@@ -248,6 +248,9 @@ class TrainerSpec:
     (summarisation, OFA's noise_ratio); `freeze_token_embeddings` freezes the shared token embedding
     (OFA's --freeze-encoder-embedding --freeze-decoder-embedding); `ema` keeps a moving average of the
     weights. Examples carrying a `loss_weight` (pretraining's second group) are weighted by it.
+    `sample_patch_num` (the official pretraining's `--sample-patch-num 196`): in training, the encoder of an
+    example that allows it (pretraining's image-text objectives) sees that many of its image's patches,
+    drawn at random, the others masked; null: every patch.
 
     `min_workers` (default: `workers`) makes the group elastic: Ray Train starts or restarts it (after a
     failure, `max_failures`) with as many workers between `min_workers` and `workers` as the cluster has
@@ -279,6 +282,7 @@ class TrainerSpec:
     drop_worst_ratio: float = 0.0
     drop_worst_after: int = 0
     decoder_noise: float = 0.0
+    sample_patch_num: int | None = None
     freeze_token_embeddings: bool = False
     ema: EMASpec = field(default_factory=EMASpec)
     dropout: float | None = None
@@ -305,6 +309,8 @@ class TrainerSpec:
             (0 <= self.drop_worst_ratio < 1, "drop_worst_ratio", "must be in [0, 1)"),
             (self.drop_worst_after >= 0, "drop_worst_after", "must be >= 0 (steps)"),
             (0 <= self.decoder_noise < 1, "decoder_noise", "must be in [0, 1)"),
+            (self.sample_patch_num is None or self.sample_patch_num >= 1, "sample_patch_num",
+             "must be >= 1 (patches per image; null: all)"),
             (self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
             (self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)"),
             (self.num_to_keep >= 1, "num_to_keep", "must be >= 1"),

@@ -145,7 +145,8 @@ FAMILIES = {
     "nli": ("nli", [{"dataset": "mednli"}], dict(label_smoothing_candidates=True)),
     "summarize": ("summarize", [{"dataset": "meqsum"}], dict(label_smoothing=0.1, decoder_noise=0.2)),
     "pretrain": ("pretrain", [{"dataset": "iu_xray"}, {"dataset": "vqa_rad"},
-                              {"dataset": "pubmed_abstracts", "group": "text"}], {}),
+                              {"dataset": "pubmed_abstracts", "group": "text"}],
+                 dict(sample_patch_num=2)),  # the official patch sampling: 2 of the 32-px image's 4 patches
 }
 
 

@@ -4,6 +4,7 @@
     biomedgpt shards build DATASET --source DIR --out URL     native dataset -> WebDataset shards
     biomedgpt shards inspect|verify URL        counts and samples / checksums of built shards
     biomedgpt shards datasets                  the datasets with a converter
+    biomedgpt datasets new NAME --from MANIFEST --task T      a dataset spec for a department's own data
     biomedgpt run SPEC                         run a job spec (locally, or under `ray job submit`)
     biomedgpt submit SPEC --address URL        submit a job spec to a Ray cluster, follow its log
     biomedgpt serve MODEL_DIR|SPEC             serve a model directory or a serving spec over HTTP (Ray Serve)
@@ -25,8 +26,8 @@ logs go to the run's `logs/` (the path is printed once): `-v/--verbose`, before 
 shows them on the terminal instead.
 
 The package holds the whole command line: this module (the front door and the commands of its own),
-`shards.py` (`shards ...`), `serve.py` (`serve`, `serve-config`, `registry ...`), `evaluate.py`
-(`evaluate`), `audit.py` (`audit show`) and `cluster.py` (`cluster ...`, `tenants ...`, `k8s ...`). Each command imports what it runs inside its
+`shards.py` (`shards ...`), `datasets.py` (`datasets new`), `serve.py` (`serve`, `serve-config`, `registry ...`),
+`evaluate.py` (`evaluate`), `audit.py` (`audit show`) and `cluster.py` (`cluster ...`, `tenants ...`, `k8s ...`). Each command imports what it runs inside its
 function: building the parser loads no command's dependencies (Ray, Ray Serve, the evaluation stack), and
 Ray must not be imported before its environment is set.
 """
@@ -45,6 +46,7 @@ from ..evaluate.score import add_score_parser
 from ..spec import SpecError
 from .audit import add_audit_commands
 from .cluster import add_cluster_commands
+from .datasets import add_datasets_commands
 from .evaluate import add_evaluate_parser
 from .serve import add_serve_commands
 from .shards import add_shards_commands
@@ -140,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     add_shards_commands(sub)
+    add_datasets_commands(sub)
 
     run = sub.add_parser("run", help="run a job spec (YAML) locally or under `ray job submit`",
                          description="Validates SPEC, then runs it: on the Ray cluster named by RAY_ADDRESS "

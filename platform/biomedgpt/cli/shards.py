@@ -1,6 +1,6 @@
 """The ``biomedgpt shards`` subcommands, ready to be added to the ``biomedgpt`` parser.
 
-    biomedgpt shards build DATASET --source DIR --out URL [--split S]... [--spec YAML]
+    biomedgpt shards build DATASET [--source DIR] --out URL [--split S]... [--spec YAML]
                            [--shard-max-samples N] [--shard-max-mb N] [--file ROLE=PATH]...
                            [--option KEY=VALUE]... [--converter NAME] [--skip-missing-images]
                            [--max-bad-fraction F]
@@ -54,6 +54,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if spec_path is None and Path("datasets_spec", f"{args.dataset}.yaml").is_file():
         spec_path = str(Path("datasets_spec", f"{args.dataset}.yaml"))
     spec = load_dataset_spec(spec_path) if spec_path else None
+    source = args.source
+    if source is None:
+        from ..data.own_data import source_of
+
+        source = source_of(spec) if spec is not None else None
+        if source is None:
+            raise ValueError("--source: the folder of the native release (a dataset spec's source.manifest.location "
+                             "may say it instead)")
     if spec is not None and not args.quiet:
         print(f"dataset spec: {spec_path}", file=sys.stderr)
     if args.ray:  # Ray's own logs to a file: the console keeps the bar of shards
@@ -69,7 +77,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.skip_missing_images:
         options["on_missing_image"] = "skip"
     result = build_shards(
-        args.dataset, args.source, args.out, args.split or None,
+        args.dataset, source, args.out, args.split or None,
         shard_max_samples=args.shard_max_samples, shard_max_bytes=args.shard_max_mb * 2**20,
         files=_pairs(args.file, "--file", parse_values=False), options=options, spec=spec,
         converter=args.converter, progress=not args.quiet, parallel=args.ray, workers=args.workers,
@@ -123,7 +131,8 @@ def add_shards_commands(subparsers) -> argparse.ArgumentParser:
         description="Convert DATASET from its native release at --source into <out>/DATASET/SPLIT/*.tar + manifest.json. "
                     "Restartable: shards already built from the same input are kept.")
     build.add_argument("dataset", help="dataset name (see `biomedgpt shards datasets`)")
-    build.add_argument("--source", required=True, help="folder of the native release (path, file:// or s3:// URL)")
+    build.add_argument("--source", help="folder of the native release (path, file:// or s3:// URL); default: the "
+                                           "spec's source.manifest.location (a department's own data)")
     build.add_argument("--out", required=True, help="shard root (path, file:// or s3:// URL)")
     build.add_argument("--split", action="append", help="build only this split (repeatable; default: all present)")
     build.add_argument("--spec", help="dataset spec YAML (default: datasets_spec/DATASET.yaml when it exists)")

@@ -31,6 +31,7 @@ import yaml
 from ..tasks import get_task, task_names
 from ..yamlspec import Dialect, SchemaError, build
 from .converters import CONVERTERS
+from .converters.manifest import MANIFEST_CONVERTERS, ManifestConverter, check_manifest_options
 
 #: Fine-tuning task families, then the pretraining-only record kinds: ``text`` (text infilling),
 #: ``image`` (image infilling / masked image modelling) and ``detection`` (boxes + labels).
@@ -82,6 +83,50 @@ DIALECT = Dialect(error=DatasetSpecError, quote_fields=True, unknown="unknown ke
 
 
 @dataclass(frozen=True)
+class ManifestSplitSpec:
+    """How a manifest's rows are split: by a column naming each row's split, or by shares of a stable hash
+    (``ratio``, e.g. ``{train: 0.8, val: 0.1, test: 0.1}``, and its ``seed``)."""
+
+    column: str | None = None
+    ratio: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ManifestSpec:
+    """A department's own data as a manifest (``biomedgpt datasets new`` writes this section; the
+    ``manifest_<task>`` converters read it, see ``data/converters/manifest.py``)."""
+
+    file: str
+    """The manifest (CSV, TSV or JSON Lines), relative to the source folder; image paths in it are
+    relative to its own folder."""
+    columns: dict[str, str]
+    """Record field -> manifest column (``question: Question``, ``answer: Finding``, ``image: path``)."""
+    split: ManifestSplitSpec
+    location: str = ""
+    """Where the source folder is, so that ``shards build`` needs no ``--source``: a path relative to this
+    spec file's folder, an absolute path or a URL; empty: give ``--source``."""
+    label_separator: str = "|"
+    """Between the class names of a multi-label (``labels``) cell."""
+    window: str | list[float] = "auto"
+    """DICOM windowing: ``auto``, ``minmax`` or ``[center, width]``."""
+
+    def converter_options(self) -> dict[str, Any]:
+        """The ``manifest_<task>`` converter's keyword options."""
+        return {"manifest": self.file, "columns": dict(self.columns), "split_column": self.split.column,
+                "split_ratio": dict(self.split.ratio) or None, "seed": self.split.seed,
+                "label_separator": self.label_separator, "window": self.window}
+
+    def source_url(self, spec_file: str) -> str | None:
+        """The source folder from ``location`` (relative: against the folder of ``spec_file``)."""
+        if not self.location:
+            return None
+        if "://" in self.location or Path(self.location).is_absolute():
+            return self.location
+        return str((Path(spec_file).resolve().parent / self.location).resolve())
+
+
+@dataclass(frozen=True)
 class SourceSpec:
     """Where the data comes from and how the converter reads it."""
 
@@ -103,6 +148,9 @@ class SourceSpec:
     max_bad_fraction: float | None = None
     """Share of a split's source records the build may skip as unusable (empty answers, missing images,
     unreadable rows) before it fails; null: the platform's default (1%)."""
+    manifest: ManifestSpec | None = None
+    """A department's own data (converters ``manifest_<task>``): the manifest, its column mapping and
+    split. Loading the spec adds its settings to ``options`` (what the converter is given)."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +257,8 @@ def _check(spec: DatasetSpec, file: str) -> None:
                 allowed = [p for p in params if p not in ("self", "source", "files")]
                 raise error(f"source.options.{option}", f"not an option of converter {conv.name!r}; options: {allowed}")
 
+    _check_manifest(spec, error)
+
     if spec.source.max_bad_fraction is not None and not 0 <= spec.source.max_bad_fraction < 1:
         raise error("source.max_bad_fraction", f"must be in [0, 1), got {spec.source.max_bad_fraction}")
 
@@ -255,10 +305,45 @@ def _check(spec: DatasetSpec, file: str) -> None:
                                                 "class names (classification)")
 
 
+def _check_manifest(spec: DatasetSpec, error) -> None:
+    """``source.manifest`` goes with a manifest converter (and it with it); its options are coherent."""
+    conv = CONVERTERS.get(spec.source.converter or "")
+    is_manifest = conv is not None and issubclass(conv, ManifestConverter)
+    manifest = spec.source.manifest
+    if manifest is None:
+        if is_manifest:
+            raise error("source.manifest", f"converter {conv.name!r} reads a manifest: say which file, its columns "
+                                           "and its split (biomedgpt datasets new writes this section)")
+        return
+    if not is_manifest:
+        raise error("source.manifest", "only with a manifest converter "
+                                       f"({', '.join(c.name for c in MANIFEST_CONVERTERS.values())})")
+    clash = sorted(set(spec.source.options) & set(manifest.converter_options()))
+    if clash:
+        raise error(f"source.options.{clash[0]}", "set in source.manifest")
+    try:
+        check_manifest_options(spec.task, manifest.file, manifest.columns, manifest.split.column,
+                               manifest.split.ratio, manifest.label_separator)
+    except ValueError as err:
+        where, _, message = str(err).partition(": ")
+        raise error(f"source.manifest.{'file' if where == 'manifest' else where}", message) from None
+    if manifest.split.ratio and set(manifest.split.ratio) != set(spec.splits):
+        raise error("source.manifest.split.ratio", f"splits {sorted(manifest.split.ratio)} but the spec's splits are "
+                                                   f"{sorted(spec.splits)}")
+    window = manifest.window
+    if isinstance(window, str) and window not in ("auto", "minmax") or \
+            isinstance(window, list) and (len(window) != 2 or window[1] < 1):
+        raise error("source.manifest.window", f"auto, minmax or [center, width >= 1], got {window!r}")
+
+
 def parse_dataset_spec(data: Any, file: str = "<dataset spec>") -> DatasetSpec:
-    """Validate an already-parsed YAML document; ``file`` is used in error messages and for ``name``."""
+    """Validate an already-parsed YAML document; ``file`` is used in error messages and for ``name``.
+    A manifest section's settings are added to ``source.options`` (the converter's keyword options)."""
     spec = build(DatasetSpec, data, file=file, dialect=DIALECT)
     _check(spec, file)
+    if spec.source.manifest is not None:
+        options = {**spec.source.manifest.converter_options(), **spec.source.options}
+        spec = dataclasses.replace(spec, source=dataclasses.replace(spec.source, options=options))
     return dataclasses.replace(spec, path=str(file))
 
 

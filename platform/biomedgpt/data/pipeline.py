@@ -25,8 +25,10 @@ _TOKENIZERS: dict[str, Any] = {}
 # Columns a training batch carries (all numeric: iter_torch_batches turns them into tensors).
 # loss_weight (float32, B): the example's loss weight (Example.weight; 1.0, pretraining's second group 2.0);
 # code_masks (bool, B): the decoder target is image-code tokens (image infilling), the model's `code_masks`.
+# sample_patches (bool, B): the encoder may see a sample of the image's patches (Example.sample_patches;
+# trainer.sample_patch_num).
 TRAIN_COLUMNS = ("input_ids", "patch_images", "patch_masks", "decoder_input_ids", "labels", "loss_weight",
-                 "code_masks")
+                 "code_masks", "sample_patches")
 
 
 def tokenizer_from_dir(path: str) -> Any:
@@ -116,6 +118,7 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, task_name: str | None, tok
     ids = np.zeros(n, dtype=np.int64)
     weights = np.ones(n, dtype=np.float32)
     code_masks = np.zeros(n, dtype=bool)
+    sample_patches = np.zeros(n, dtype=bool)
     for i in range(n):
         record = _record(batch["json"][i])
         ids[i] = sample_id(record)
@@ -130,6 +133,7 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, task_name: str | None, tok
         else:
             ex = task.example(record)
         weights[i] = ex.weight
+        sample_patches[i] = ex.sample_patches
         data = None
         for ext in ("jpg", "png"):
             col = batch.get(ext)
@@ -169,5 +173,6 @@ def preprocess_batch(batch: dict[str, np.ndarray], *, task_name: str | None, tok
         "labels": label_arr,
         "loss_weight": weights,
         "code_masks": code_masks,
+        "sample_patches": sample_patches,
         "sample_id": ids,
     }

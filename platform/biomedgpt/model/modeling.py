@@ -333,8 +333,15 @@ class BiomedGPTEncoder(nn.Module):
         self.dropout = config.dropout
 
     def image_patches(self, patch_images: torch.Tensor, sample_patch_num: int | None = None,
-                      generator: torch.Generator | None = None):
-        """ResNet features of the images as patches: (B, P, 1024) features and (B, P) position ids."""
+                      generator: torch.Generator | None = None, sample_patch_rows: torch.Tensor | None = None):
+        """ResNet features of the images as patches: (B, P, 1024) features and (B, P) position ids, and the
+        (B, P) padding of patches left out (or None).
+
+        `sample_patch_num` (OFA's): each image keeps that many patches, in a random order (`generator`).
+        Without `sample_patch_rows` every image is sampled and P = sample_patch_num (OFA's gather); with it
+        (B,) bool, only those rows are, and P stays the whole grid: a sampled row holds its sampled patches
+        first and the rest, masked as padding, after them (so rows that are not sampled, e.g. pretraining's
+        image infilling beside its image-text rows, keep every patch in the same batch)."""
         feats = self.embed_images(patch_images)
         b, _, h, w = feats.shape
         bucket = self.config.image_bucket_size
@@ -348,12 +355,18 @@ class BiomedGPTEncoder(nn.Module):
         pos = pos[None, :].expand(b, h * w)
         patches = feats.flatten(2).transpose(1, 2)
         if sample_patch_num is not None and sample_patch_num < h * w:
-            order = torch.stack([
-                torch.randperm(h * w, generator=generator, device="cpu")[:sample_patch_num] for _ in range(b)
-            ]).to(feats.device)
+            perms = torch.stack([torch.randperm(h * w, generator=generator, device="cpu") for _ in range(b)])
+            if sample_patch_rows is None:
+                order = perms[:, :sample_patch_num].to(feats.device)
+                left_out = None
+            else:
+                rows = sample_patch_rows.bool().cpu()
+                order = torch.where(rows[:, None], perms, torch.arange(h * w)[None, :]).to(feats.device)
+                left_out = (rows[:, None] & (torch.arange(h * w)[None, :] >= sample_patch_num)).to(feats.device)
             patches = patches.gather(1, order[:, :, None].expand(-1, -1, patches.size(2)))
             pos = pos.gather(1, order)
-        return patches, pos
+            return patches, pos, left_out
+        return patches, pos, None
 
     def forward(
         self,
@@ -364,6 +377,7 @@ class BiomedGPTEncoder(nn.Module):
         output_hidden_states: bool = False,
         return_dict: bool = True,
         sample_patch_num: int | None = None,
+        sample_patch_rows: torch.Tensor | None = None,
         **kwargs,
     ) -> BiomedGPTEncoderOutput:
         """input_ids (B, T) text ids; patch_images (B, 3, H, W) or None for text-only input;
@@ -378,7 +392,8 @@ class BiomedGPTEncoder(nn.Module):
         padding = text_padding
         num_patches = 0
         if patch_images is not None:
-            patches, image_pos_ids = self.image_patches(patch_images, sample_patch_num)
+            patches, image_pos_ids, left_out = self.image_patches(patch_images, sample_patch_num,
+                                                                   sample_patch_rows=sample_patch_rows)
             num_patches = patches.size(1)
             img = self.image_proj(patches.to(x.dtype)) + self.type_embedding.weight[1]
             img = F.dropout(self.patch_layernorm_embedding(img), self.dropout, self.training)
@@ -386,6 +401,8 @@ class BiomedGPTEncoder(nn.Module):
             image_padding = torch.zeros(bsz, num_patches, dtype=torch.bool, device=x.device)
             if patch_masks is not None:
                 image_padding = image_padding | ~patch_masks.bool().to(x.device)[:, None]
+            if left_out is not None:  # patches a sampled row leaves out: masked, as if absent
+                image_padding = image_padding | left_out
             padding = torch.cat([image_padding, text_padding], dim=1)
             image_pos = self.image_pos_ln(self.embed_image_positions(image_pos_ids))
             pos = torch.cat([image_pos, pos], dim=1)
@@ -653,6 +670,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         sample_patch_num: int | None = None,
+        sample_patch_rows: torch.Tensor | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         """Teacher-forced or incremental forward pass.
@@ -674,7 +692,7 @@ class BiomedGPTForConditionalGeneration(BiomedGPTPreTrainedModel, GenerationMixi
                 raise ValueError("input_ids (or encoder_outputs) are required")
             encoder_outputs = self.encoder(input_ids, patch_images=patch_images, patch_masks=patch_masks,
                                            attention_mask=attention_mask, output_hidden_states=output_hidden_states,
-                                           sample_patch_num=sample_patch_num)
+                                           sample_patch_num=sample_patch_num, sample_patch_rows=sample_patch_rows)
         elif not isinstance(encoder_outputs, BiomedGPTEncoderOutput):
             raise TypeError("encoder_outputs must be the BiomedGPTEncoderOutput returned by model.encoder")
         if use_cache is None:

@@ -48,7 +48,9 @@ class Example:
     the image transform makes before the model sees it (``"mask_center"`` for image infilling);
     `candidates` restricts label smoothing and decoding to these target texts (constrained tasks);
     `decoder_codes` marks a target of image-code tokens (`<code_i>`), which the decoder embeds with
-    image positions (the model's per-sample `code_masks` flag; image infilling)."""
+    image positions (the model's per-sample `code_masks` flag; image infilling); `sample_patches` lets the
+    encoder see a random sample of the image's patches in training (`trainer.sample_patch_num`; the
+    pretraining's image-text objectives, as the official criterion samples them)."""
 
     instruction: str
     target: str
@@ -58,6 +60,7 @@ class Example:
     image_op: str | None = None
     candidates: tuple[str, ...] | None = None
     decoder_codes: bool = False
+    sample_patches: bool = False
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,9 @@ class PretrainTask(Task):
                 raise MissingFieldError(reason)
         ex = getattr(self, "_" + objective)(record, ctx, self._rng(record, salt, objective))
         ex.weight = self.loss_weights[objective]
+        # the official pretraining samples patches of the image-text group only (its criterion sets
+        # sample_patch_num on sample[0]); infilling needs the whole blanked image, detection every box
+        ex.sample_patches = objective in IMAGE_TEXT_OBJECTIVES and ex.has_image
         ex.meta = {"id": str(record.get("id", "")), "dataset": record.get("dataset"), "objective": objective,
                    **ex.meta}
         return ex

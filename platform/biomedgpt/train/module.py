@@ -204,6 +204,7 @@ class BiomedGPTModule(L.LightningModule):
         decoder_noise: float = 0.0,
         noise_vocab_end: int | None = None,
         constraint_candidates: Sequence[Sequence[int]] | None = None,
+        sample_patch_num: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["constraint_candidates"])
@@ -278,6 +279,9 @@ class BiomedGPTModule(L.LightningModule):
             decoder_input_ids=decoder_input_ids,
             code_masks=batch["code_masks"].bool() if "code_masks" in batch else None,  # image-code targets
             use_cache=False,
+            # OFA's sample_patch_num, in training, for the examples that allow it (the pipeline's column)
+            sample_patch_num=hp.sample_patch_num if self.training and "sample_patches" in batch else None,
+            sample_patch_rows=batch["sample_patches"].bool() if self.training and "sample_patches" in batch else None,
         )
         labels = batch["labels"]
         allowed = self.trie.allowed_mask(labels, out.logits.size(-1)) if self.trie is not None else None

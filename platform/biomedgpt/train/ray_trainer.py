@@ -113,6 +113,7 @@ def make_module(t: TrainerSpec, model_config: dict[str, Any], init_dir: str | No
         ema_decay=t.ema.decay if t.ema.enabled else None, freeze_token_embeddings=t.freeze_token_embeddings,
         drop_worst_ratio=t.drop_worst_ratio, drop_worst_after=t.drop_worst_after,
         decoder_noise=t.decoder_noise, noise_vocab_end=noise_vocab_end, constraint_candidates=constraint_candidates,
+        sample_patch_num=t.sample_patch_num,
     )
 
 

@@ -22,6 +22,7 @@ from .deeplesion import DeepLesionConverter
 from .dicom import DicomImage, dicom_to_png
 from .image_folder import DicomFolderConverter, ImageFolderConverter
 from .iu_xray import IuXrayConverter
+from .manifest import MANIFEST_CONVERTERS, ManifestConverter
 from .medmnist import SUBSET_CONVERTERS, SUBSETS, MedMnistConverter
 from .mednli import MedNliConverter
 from .mimic_cxr import MimicCxrConverter
@@ -65,6 +66,7 @@ CONVERTERS: dict[str, type[Converter]] = {
     ImageFolderConverter.name: ImageFolderConverter,
     DicomFolderConverter.name: DicomFolderConverter,
     **{cls.name: cls for cls in OFA_TSV_CONVERTERS},
+    **{cls.name: cls for cls in MANIFEST_CONVERTERS.values()},
 }
 
 
@@ -109,7 +111,7 @@ def open_converter(dataset: str, source: str, files: Mapping[str, str] | None = 
 __all__ = [
     "ArrayImage", "CANONICAL_SPLITS", "CONVERTERS", "CbisDdsmCalcConverter", "CbisDdsmMassConverter", "Converter",
     "DicomFolderConverter", "DicomImage", "FileImage", "HealthCareMagicConverter", "ImageFolderConverter", "ImageIndex",
-    "IuXrayConverter", "MeQSumConverter", "MedNliConverter", "MimicCxrConverter", "NcbiBioNlpConverter",
+    "IuXrayConverter", "MANIFEST_CONVERTERS", "ManifestConverter", "MeQSumConverter", "MedNliConverter", "MimicCxrConverter", "NcbiBioNlpConverter",
     "OiaDdrConverter", "PeirGrossConverter", "SeerConverter", "Trec2022Converter",
     "SummarizeTableConverter", "TsvImage", "dicom_to_png",
     "MedMnistConverter", "PathVqaConverter", "RocoConverter", "SUBSETS", "SlakeConverter", "SourceFormatError",
