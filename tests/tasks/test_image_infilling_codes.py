@@ -1,7 +1,7 @@
 """VQGAN codes in the data pipeline: `shards build --codes` stores every image's codes (`codes.npy`) beside it,
 locally and as a Ray Data actor-pool stage (byte-identical shards), resumably; `shards inspect` shows them; and
-image infilling trains on them for an image folder (chexpert_small's layout and spec), which without codes it
-refuses."""
+image infilling trains on them for an image folder (chexpert_small's layout and spec), through the data
+pipeline's preprocessing and for a few Ray Train steps of a pretraining job; without codes it refuses them."""
 
 from __future__ import annotations
 
