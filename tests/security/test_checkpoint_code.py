@@ -289,3 +289,24 @@ def test_a_genuine_fairseq_checkpoint_loads_with_inert_placeholders(tmp_path, mo
     evil = save({"model": Call("fairseq", "logging.os.system", ("true",))}, tmp_path / "evil.pt", 4)
     with pytest.raises(ForbiddenGlobalError, match=r"fairseq\.logging\.os\.system"):
         load_fairseq_checkpoint(str(evil))
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+@pytest.mark.parametrize("form", ["ckpt", "pt"])
+def test_vqgan_convert_refuses_a_taming_checkpoint_naming_a_forbidden_global(kind, form, tmp_path, marker, capsys):
+    """`biomedgpt vqgan convert` of a taming checkpoint: a Lightning .ckpt whose callbacks hold the payload, or a
+    state-dict .pt with the payload among the tensors, is refused naming the global; nothing runs."""
+    from biomedgpt.model.vqgan import convert_taming_checkpoint
+
+    call, proto, name = payload(kind, marker)
+    if form == "ckpt":
+        obj = {"state_dict": {"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3)}, "callbacks": {"cb": call}}
+    else:
+        obj = {"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3), "quant_conv.weight": call}
+    src = save(obj, tmp_path / "src" / f"last.{form}", proto)
+    with pytest.raises(ForbiddenGlobalError) as err:
+        convert_taming_checkpoint(src, tmp_path / "out")
+    refused(err, name, src)
+    assert main(["vqgan", "convert", str(src), str(tmp_path / "out-cli")]) == 2
+    assert f"the pickle names the global {name}" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out").exists() and not (tmp_path / "out-cli").exists()

@@ -13,6 +13,7 @@
     biomedgpt export CHECKPOINT OUT            a training checkpoint -> model directory
     biomedgpt model info SIZE [--json]         config and parameter count of a named size
     biomedgpt convert SRC DST [--config C]     official checkpoint -> our model directory
+    biomedgpt vqgan convert|codes              the VQGAN image tokenizer: taming checkpoint -> model dir; image codes
     biomedgpt score --task T --predictions P --references R    metrics as JSON
     biomedgpt evaluate MODEL --shards URL --dataset D:SPLIT    model x datasets -> results + HTML report
     biomedgpt cluster render|validate          the shared cluster from cluster/tenants.yaml
@@ -27,7 +28,8 @@ shows them on the terminal instead.
 
 The package holds the whole command line: this module (the front door and the commands of its own),
 `shards.py` (`shards ...`), `datasets.py` (`datasets new`), `serve.py` (`serve`, `serve-config`, `registry ...`),
-`evaluate.py` (`evaluate`), `audit.py` (`audit show`) and `cluster.py` (`cluster ...`, `tenants ...`, `k8s ...`). Each command imports what it runs inside its
+`evaluate.py` (`evaluate`), `vqgan.py` (`vqgan ...`), `audit.py` (`audit show`) and `cluster.py` (`cluster ...`, `tenants ...`,
+`k8s ...`). Each command imports what it runs inside its
 function: building the parser loads no command's dependencies (Ray, Ray Serve, the evaluation stack), and
 Ray must not be imported before its environment is set.
 """
@@ -50,6 +52,7 @@ from .datasets import add_datasets_commands
 from .evaluate import add_evaluate_parser
 from .serve import add_serve_commands
 from .shards import add_shards_commands
+from .vqgan import add_vqgan_commands
 
 # Local Ray must register and dial 127.0.0.1 only; this must be set before ray is imported (nothing
 # above imports it: every command imports what it runs when it runs).
@@ -198,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_cluster_commands(sub)
     add_audit_commands(sub)
+    add_vqgan_commands(sub)
     return parser
 
 

@@ -3,7 +3,7 @@
     biomedgpt shards build DATASET [--source DIR] --out URL [--split S]... [--spec YAML]
                            [--shard-max-samples N] [--shard-max-mb N] [--file ROLE=PATH]...
                            [--option KEY=VALUE]... [--converter NAME] [--skip-missing-images]
-                           [--max-bad-fraction F]
+                           [--max-bad-fraction F] [--codes VQGAN_DIR [--codes-batch-size N]]
                            [--ray [--workers N]] [--quiet]
     biomedgpt shards inspect URL [-n 3] [--json]
     biomedgpt shards verify URL
@@ -81,7 +81,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         shard_max_samples=args.shard_max_samples, shard_max_bytes=args.shard_max_mb * 2**20,
         files=_pairs(args.file, "--file", parse_values=False), options=options, spec=spec,
         converter=args.converter, progress=not args.quiet, parallel=args.ray, workers=args.workers,
-        max_bad_fraction=args.max_bad_fraction,
+        max_bad_fraction=args.max_bad_fraction, codes=args.codes, codes_batch_size=args.codes_batch_size,
     )
     for split, manifest in result.items():
         defects = manifest.notes.get("defects", {}).get("count", 0)
@@ -156,6 +156,12 @@ def add_shards_commands(subparsers) -> argparse.ArgumentParser:
                        help="share of a split's records that may be skipped as unusable (empty answer or question, "
                             "missing image, unreadable row or image) before the build fails (default: the dataset "
                             "spec's source.max_bad_fraction, else 0.01)")
+    build.add_argument("--codes", metavar="VQGAN_DIR",
+                       help="store each image's VQGAN codes beside it (codes.npy: the image-infilling recipe's "
+                            "16 x 16 grid) computed by this model directory (`biomedgpt vqgan convert`); default: "
+                            "the dataset spec's source.codes. With --ray: a Ray Data actor pool, a GPU per actor "
+                            "when the cluster has GPUs")
+    build.add_argument("--codes-batch-size", type=int, default=32, help="images per VQGAN forward pass (default 32)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_cmd_build)
 

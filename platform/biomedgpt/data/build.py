@@ -8,6 +8,14 @@ left over from a previous, larger plan are deleted.
 
 ``parallel=True`` (or ``workers=N``) sends the planned shards to Ray tasks instead
 (:mod:`.ray_build`): same plans, same bytes, same manifests, same restart rules.
+
+VQGAN codes (image infilling's targets): with ``codes=MODEL_DIR`` (``--codes``; or the dataset spec's
+``source.codes``) every image gets a ``<key>.codes.npy`` member, the recipe's 16 x 16 grid of the
+tokenizer's codes; on Ray they are computed by a Ray Data stage whose actor pool loads the tokenizer once
+per actor (a GPU each when the cluster has them). The codes' fingerprint is part of each shard's
+``input_sha256``, so the restart rules hold (a build with other codes, or none, rewrites the shard). A
+dataset whose records serve only objectives that need codes (``tasks.pretrain.needs_codes``: image
+folders) built without a VQGAN is said to be useless for pretraining as it is.
 """
 
 from __future__ import annotations
@@ -17,18 +25,19 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from ..console import Progress
+from ..tasks.pretrain import needs_codes
 from . import storage
 from .converters import Converter, open_converter
 from .error_budget import ErrorBudget
-from .plan import (BadRecordsError, BuildResult, PlannedSample, ShardPlan, SplitPlan, finish_split,
-                   plan_split, report_defects, write_planned_shard)
+from .plan import (BadRecordsError, BuildResult, CodesPlan, PlannedSample, ShardPlan, SplitPlan, finish_split,
+                   plan_split, report_defects, with_codes, write_planned_shard)
 from .ray_build import SplitJob, write_splits_ray
 from .shards import (DEFAULT_SHARD_MAX_BYTES, DEFAULT_SHARD_MAX_SAMPLES, Manifest, ShardEntry, ShardError,
                      file_sha256, read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BadRecordsError", "BuildResult", "PlannedSample", "ShardPlan", "SplitPlan", "build_shards",
+__all__ = ["BadRecordsError", "BuildResult", "CodesPlan", "PlannedSample", "ShardPlan", "SplitPlan", "build_shards",
            "keep_existing", "new_manifest", "plan_split", "previous_entries", "write_planned_shard"]
 
 
@@ -58,6 +67,8 @@ def build_shards(
     parallel: bool = False,
     workers: int | None = None,
     max_bad_fraction: float | None = None,
+    codes: str | None = None,
+    codes_batch_size: int = 32,
 ) -> BuildResult:
     """Convert ``dataset`` from its native release at ``source`` into shards under ``out``.
 
@@ -94,6 +105,8 @@ def build_shards(
         converter = converter or spec.source.converter
         if max_bad_fraction is None:
             max_bad_fraction = getattr(spec.source, "max_bad_fraction", None)
+        codes = codes or getattr(spec.source, "codes", None)
+    codes_plan = CodesPlan.load(codes, batch_size=codes_batch_size) if codes else None
     budget = ErrorBudget.for_build(max_bad_fraction)
     conv = open_converter(dataset, source, files, converter=converter, **(options or {}))
     licence = licence or conv.licence
@@ -104,21 +117,34 @@ def build_shards(
     if unknown:
         raise ValueError(f"{dataset}: split(s) {unknown} not in {source} (present: {present})")
 
+    if codes_plan is None and needs_codes(conv.task):
+        line = (f"{dataset}: its {conv.task!r} records serve only image infilling, whose targets are VQGAN codes: "
+                "built without them they cannot be trained on (pass --codes MODEL_DIR, a VQGAN from "
+                "`biomedgpt vqgan convert`, or set source.codes in its dataset spec)")
+        if progress:
+            print(line, file=sys.stderr)
+        else:
+            log.warning("%s", line)
+
+    def planned(split: str) -> tuple[SplitPlan, Manifest]:
+        plan = with_codes(plan_split(conv, split, out, shard_max_samples=shard_max_samples,
+                                     shard_max_bytes=shard_max_bytes, budget=budget, progress=progress), codes_plan)
+        manifest = new_manifest(plan, conv, source, licence, access, options or {}, shard_max_samples, shard_max_bytes)
+        if codes_plan is not None:
+            manifest.notes["codes"] = codes_plan.note()
+        return plan, manifest
+
     result = BuildResult()
     if parallel or workers is not None:
         jobs = []
         for split in wanted:
-            plan = plan_split(conv, split, out, shard_max_samples=shard_max_samples,
-                              shard_max_bytes=shard_max_bytes, budget=budget, progress=progress)
-            jobs.append(SplitJob(plan, new_manifest(plan, conv, source, licence, access, options or {},
-                                                    shard_max_samples, shard_max_bytes), previous_entries(plan)))
-        write_splits_ray(jobs, result, workers=workers, progress=progress)
+            plan, manifest = planned(split)
+            jobs.append(SplitJob(plan, manifest, previous_entries(plan)))
+        write_splits_ray(jobs, result, workers=workers, progress=progress, codes=codes_plan)
         return result
     for split in wanted:
-        plan = plan_split(conv, split, out, shard_max_samples=shard_max_samples,
-                          shard_max_bytes=shard_max_bytes, budget=budget, progress=progress)
-        manifest = new_manifest(plan, conv, source, licence, access, options or {}, shard_max_samples, shard_max_bytes)
-        result[split] = _write_split(plan, manifest, previous_entries(plan), progress, result)
+        plan, manifest = planned(split)
+        result[split] = _write_split(plan, manifest, previous_entries(plan), progress, result, codes_plan)
     return result
 
 
@@ -158,7 +184,7 @@ def keep_existing(url: str, shard: ShardPlan, old: ShardEntry | None) -> bool:
 
 
 def _write_split(plan: SplitPlan, manifest: Manifest, old_entries: Mapping[str, ShardEntry], progress: bool,
-                 result: BuildResult) -> Manifest:
+                 result: BuildResult, codes: CodesPlan | None = None) -> Manifest:
     storage.makedirs(plan.url)
     written = kept = 0
     named = len(plan.defects)
@@ -173,7 +199,7 @@ def _write_split(plan: SplitPlan, manifest: Manifest, old_entries: Mapping[str, 
                 result.kept.append(url)
                 kept += 1
             else:
-                entry = write_planned_shard(shard, plan.url)
+                entry = write_planned_shard(shard, plan.url, codes)
                 manifest.shards.append(entry)
                 result.written.append(url)
                 written += 1

@@ -145,6 +145,9 @@ class SourceSpec:
     """Converter keyword options (e.g. SLAKE ``languages``)."""
     converter_note: str = ""
     """Required when ``converter`` is null: why there is none yet and what one would read."""
+    codes: str | None = None
+    """A VQGAN model directory (``biomedgpt vqgan convert``) whose codes the build stores beside each image
+    (``codes.npy``; image infilling's targets); ``--codes`` overrides it. Relative to where the build runs."""
     max_bad_fraction: float | None = None
     """Share of a split's source records the build may skip as unusable (empty answers, missing images,
     unreadable rows) before it fails; null: the platform's default (1%)."""

@@ -2,7 +2,8 @@
 
 :func:`inspect_shards` reads the manifest(s) at or below a URL (a split, a dataset or a whole shard
 root) and the first few samples of each split, and returns counts and those samples' records
-with a description of their images (format, bytes, pixel size).
+with a description of their images (format, bytes, pixel size) and of their VQGAN codes (``codes.npy``:
+shape, dtype, the first codes), and what the manifest says of how the codes were made.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from . import storage
@@ -55,6 +57,7 @@ class ShardsSummary:
                     "complete": s.manifest.complete,
                     "licence": s.manifest.licence,
                     "access": s.manifest.access,
+                    "codes": s.manifest.notes.get("codes"),
                     "examples": s.examples,
                 }
                 for s in self.splits
@@ -70,13 +73,23 @@ class ShardsSummary:
             state = "" if m.complete else "  [INCOMPLETE]"
             lines.append(f"{s.name}: {m.samples} samples in {len(m.shards)} shards, {m.bytes / 2**20:.1f} MiB, "
                          f"task {m.task}, {m.access}, licence {m.licence}{state}")
+            note = m.notes.get("codes")
+            if isinstance(note, dict):
+                lines.append(f"  codes: {note.get('member', 'codes.npy')} beside each image, "
+                             f"{'x'.join(str(g) for g in note.get('grid', []))} {note.get('order', '')} from "
+                             f"{note.get('model')} (weights sha256 {str(note.get('weights_sha256'))[:12]})")
             for example in s.examples:
                 image = example.get("__image__")
-                record = {k: v for k, v in example.items() if k not in ("__key__", "__image__")}
+                record = {k: v for k, v in example.items() if k not in ("__key__", "__image__", "__codes__")}
                 lines.append(f"  {example['__key__']}: {json.dumps(record, ensure_ascii=False)}")
                 if image:
                     size = f" {image['width']}x{image['height']} {image['mode']}" if "width" in image else ""
                     lines.append(f"    image: {image['format']}, {image['bytes']} bytes{size}")
+                codes = example.get("__codes__")
+                if codes:
+                    what = (f"{'x'.join(map(str, codes['shape']))} {codes['dtype']}: {' '.join(map(str, codes['first']))} ..."
+                            if "shape" in codes else codes.get("error"))
+                    lines.append(f"    codes: {what}")
         return "\n".join(lines)
 
 
@@ -88,6 +101,14 @@ def _describe_image(ext: str, data: bytes) -> dict[str, Any]:
     except Exception as err:  # a broken image is worth showing, not worth crashing over
         info["error"] = f"{type(err).__name__}: {err}"
     return info
+
+
+def _describe_codes(data: bytes) -> dict[str, Any]:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        return {"shape": list(arr.shape), "dtype": str(arr.dtype), "first": [int(c) for c in arr.reshape(-1)[:8]]}
+    except Exception as err:  # a broken member is worth showing, not worth crashing over
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def inspect_shards(url: str, n: int = 3) -> ShardsSummary:
@@ -109,6 +130,8 @@ def inspect_shards(url: str, n: int = 3) -> ShardsSummary:
                 for ext in ("jpg", "png"):
                     if ext in sample:
                         example["__image__"] = _describe_image(ext, sample[ext])
+                if "codes.npy" in sample:
+                    example["__codes__"] = _describe_codes(sample["codes.npy"])
                 examples.append(example)
         splits.append(SplitSummary(directory, manifest, examples))
     return ShardsSummary(url, splits)

@@ -5,7 +5,9 @@
    shards deterministically (record order, ``shard_max_samples``, ``shard_max_bytes`` computed from
    the JSON and the image file sizes, no image is read). Each :class:`ShardPlan` is small and
    picklable (records as JSON bytes, images as references) and carries an ``input_sha256`` digest.
-2. :func:`write_planned_shard` writes one planned shard (reads its images, writes the tar).
+2. :func:`write_planned_shard` writes one planned shard (reads its images, writes the tar), and with a
+   :class:`CodesPlan` the VQGAN codes of every image beside it (``<key>.codes.npy``: the image-infilling
+   recipe's 16 x 16 grid, row-major, int16), encoded in batches by a tokenizer loaded once per process.
 
 Defective records: the converter skips a record it cannot use (empty answer or question, missing
 image, unreadable row) and names it (:class:`~.converters.base.RecordDefect`); a planned record whose
@@ -22,11 +24,13 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from ..console import Progress
+from ..model.vqgan import VQGANError, VQGANTokenizer, codes_npy
 from . import storage
 from .converters import Converter
 from .converters.base import ImageRef, RecordDefect, UnusableImageError
@@ -138,6 +142,55 @@ class BuildResult(dict):
         self.removed: list[str] = []
 
 
+@dataclass(frozen=True)
+class CodesPlan:
+    """VQGAN codes to store beside each image of a build: the tokenizer's model directory, its fingerprint
+    (weights and recipe: part of every shard's ``input_sha256``, so a build with other codes, or none,
+    rewrites the shard), images per forward pass, and the torch device (None: cuda when available)."""
+
+    model_dir: str
+    fingerprint: str
+    batch_size: int = 32
+    device: str | None = None
+
+    @classmethod
+    def load(cls, model_dir: str, batch_size: int = 32, device: str | None = None) -> "CodesPlan":
+        """Check the model directory now (on the driver: a bad one fails before any shard is written)."""
+        if batch_size < 1:
+            raise ValueError(f"codes batch size must be >= 1, got {batch_size}")
+        model_dir = os.path.abspath(str(model_dir))  # Ray workers may run elsewhere than the driver's cwd
+        return cls(model_dir, vqgan_tokenizer(model_dir, "cpu").fingerprint, batch_size, device)
+
+    def note(self) -> dict[str, Any]:
+        """The manifest's ``notes.codes``."""
+        tok = vqgan_tokenizer(self.model_dir, "cpu")
+        return {"member": "codes.npy", "model": self.model_dir, "fingerprint": self.fingerprint,
+                "weights_sha256": tok.meta.get("weights_sha256"), "n_embed": tok.config.n_embed,
+                "recipe": "resize to 256 x 256 bicubic, centre box (64, 64, 192, 192), values 2x-1",
+                "grid": [128 // tok.config.factor] * 2, "order": "row-major", "dtype": "int16",
+                "codes": "argmax of the Gumbel quantiser's logits (deterministic)"}
+
+
+_VQGAN: dict[tuple[str, str], VQGANTokenizer] = {}
+
+
+def vqgan_tokenizer(model_dir: str, device: str | None = None) -> VQGANTokenizer:
+    """The VQGAN tokenizer of ``model_dir``, loaded once per process and device."""
+    key = (model_dir, str(device))
+    if key not in _VQGAN:
+        _VQGAN[key] = VQGANTokenizer.from_pretrained(model_dir, device=device)
+    return _VQGAN[key]
+
+
+def with_codes(plan: SplitPlan, codes: CodesPlan | None) -> SplitPlan:
+    """The plan whose shards also carry ``codes``: each shard's ``input_sha256`` covers the codes' fingerprint."""
+    if codes is None:
+        return plan
+    plan.shards = [dataclasses.replace(s, input_sha256=hashlib.sha256(
+        f"{s.input_sha256}|codes|{codes.fingerprint}".encode()).hexdigest()) for s in plan.shards]
+    return plan
+
+
 def report_defects(dataset: str, split: str, defects: Sequence[RecordDefect], progress: bool, *,
                    already: int = 0) -> None:
     """Name skipped records on the console (stderr with ``progress``, else the log): the first
@@ -225,14 +278,52 @@ def _record_id(record_json: bytes) -> str | None:
         return None
 
 
-def write_planned_shard(plan: ShardPlan, split_dir: str) -> ShardEntry:
+def write_planned_shard(plan: ShardPlan, split_dir: str, codes: CodesPlan | None = None,
+                        tokenizer: VQGANTokenizer | None = None) -> ShardEntry:
     """Write one planned shard into ``split_dir``: read its images, write the tar. Self-contained
     (plan in, manifest entry out), so it can run in another process or a Ray task. A sample whose
     image cannot be used is left out and named in the entry's ``skipped``; any other failure (an
-    image gone since planning, storage errors) raises."""
+    image gone since planning, storage errors) raises. With ``codes``, every image's VQGAN codes are
+    stored beside it (``tokenizer``: the loaded one, else loaded once per process)."""
     skipped: list[dict[str, Any]] = []
+    image_names: dict[str, str] = {}
 
     def samples() -> Iterable[ShardSample]:
+        if codes is None:
+            yield from plain()
+            return
+        tok = tokenizer or vqgan_tokenizer(codes.model_dir, codes.device)
+        pending: list[ShardSample] = []
+
+        def flush() -> Iterable[ShardSample]:
+            with_image = [s for s in pending if s.image is not None]
+            grids: dict[str, Any] = {}
+            try:
+                for s, grid in zip(with_image, tok.encode([s.image for s in with_image], batch_size=codes.batch_size,
+                                                          names=[s.key for s in with_image])):
+                    grids[s.key] = grid
+            except VQGANError:  # one image PIL cannot decode: find it, encode the others
+                for s in with_image:
+                    try:
+                        grids[s.key] = tok.encode([s.image], names=[s.key])[0]
+                    except VQGANError as err:
+                        name = image_names[s.key]
+                        skipped.append(RecordDefect(file=name, reason=f"no VQGAN codes: {err}".replace(f"{s.key}: ", ""),
+                                                    id=_record_id(s.record)).to_json())
+            for s in pending:
+                if s.image is None:
+                    yield s
+                elif s.key in grids:
+                    yield dataclasses.replace(s, extras={**s.extras, "codes.npy": codes_npy(grids[s.key])})
+            pending.clear()
+
+        for sample in plain():
+            pending.append(sample)
+            if len(pending) >= codes.batch_size:
+                yield from flush()
+        yield from flush()
+
+    def plain() -> Iterable[ShardSample]:
         for sample in plan.samples:
             if sample.image is None:
                 yield ShardSample(sample.key, sample.record_json)
@@ -246,6 +337,7 @@ def write_planned_shard(plan: ShardPlan, split_dir: str) -> ShardEntry:
                 skipped.append(RecordDefect(file=sample.image.name, reason=str(err).removeprefix(f"{sample.image.name}: "),
                                             id=_record_id(sample.record_json)).to_json())
                 continue
+            image_names[sample.key] = sample.image.name
             yield ShardSample(sample.key, sample.record_json, data, ext)
 
     entry = write_shard(storage.join(split_dir, plan.name), samples(), input_sha256=plan.input_sha256)

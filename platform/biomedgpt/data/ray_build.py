@@ -17,6 +17,12 @@ references only, no pixels), then:
 4. when a split's shards are all done: deletes stale shards, writes the final manifest
    (``complete: true``).
 
+With VQGAN codes (:class:`~biomedgpt.data.plan.CodesPlan`), step 2 is a Ray Data stage instead: the shards
+to write are the rows of a dataset mapped by an actor pool (at most ``workers`` actors, a GPU each when the
+cluster has GPUs, one CPU otherwise); each actor loads the tokenizer once, then per shard reads its images,
+encodes them in batches and writes the tar with every image's ``codes.npy``; entries stream back to the
+driver as shards finish, and are recorded as in step 3.
+
 The shards and manifests are byte-identical to the single-process build's (same plan, same
 deterministic writer). Progress is a bar of completed/total shards. A failed task stops new
 submissions; the tasks in flight finish and are recorded, then the first error is raised. So do
@@ -30,6 +36,7 @@ S3-compatible endpoint configured for the driver is the one the workers write to
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import time
 from collections import deque
@@ -38,8 +45,8 @@ from typing import Any
 
 from ..console import Progress
 from . import storage
-from .plan import (BadRecordsError, BuildResult, ShardPlan, SplitPlan, finish_split, report_defects,
-                   write_planned_shard)
+from .plan import (BadRecordsError, BuildResult, CodesPlan, ShardPlan, SplitPlan, finish_split, report_defects,
+                   vqgan_tokenizer, write_planned_shard)
 from .shards import Manifest, ShardEntry, ShardError, file_sha256, write_manifest
 
 FORWARDED_ENV_PREFIXES = ("AWS_",)
@@ -74,7 +81,8 @@ def _cause(err: BaseException) -> BaseException:
 
 
 def write_splits_ray(jobs: list[SplitJob], result: BuildResult, *, workers: int | None = None,
-                     progress: bool = True, manifest_interval_s: float = 2.0) -> BuildResult:
+                     progress: bool = True, manifest_interval_s: float = 2.0,
+                     codes: CodesPlan | None = None) -> BuildResult:
     """Write the planned shards of ``jobs`` as Ray tasks; fills ``result`` (``{split: Manifest}``,
     ``written``/``kept``/``removed``) and returns it. See the module docstring for the steps."""
     import ray
@@ -95,7 +103,11 @@ def write_splits_ray(jobs: list[SplitJob], result: BuildResult, *, workers: int 
         total = sum(len(job.plan.shards) for job in jobs)
         with Progress(total, "write shards", unit="shard", enabled=progress, stream=sys.stderr) as bar:
             to_write = _keep_existing(jobs, sha_task, workers, result, bar)
-            _write_all(jobs, to_write, write_task, workers, result, bar, manifest_interval_s, progress)
+            if codes is None:
+                _write_all(jobs, to_write, write_task, workers, result, bar, manifest_interval_s, progress)
+            else:
+                _record(jobs, _write_with_codes(to_write, codes, workers, options), {"stop": False}, result, bar,
+                        manifest_interval_s, progress)
         for job in jobs:
             job.sync_manifest()
             result[job.plan.split] = finish_split(job.plan, job.manifest, result, job.written, job.kept, progress)
@@ -155,8 +167,83 @@ def _bounded(items: list, submit, limit: int):
                 yield item, err
 
 
+class ShardCodesWriter:
+    """The Ray Data actor of a build with codes: loads the VQGAN tokenizer once, then writes each shard of its
+    batches (images encoded ``codes.batch_size`` at a time) and returns the manifest entries, or the error."""
+
+    def __init__(self, codes: CodesPlan) -> None:
+        import torch
+
+        device = codes.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.codes = codes
+        self.tokenizer = vqgan_tokenizer(codes.model_dir, device)
+
+    def __call__(self, batch: dict) -> dict:
+        entries, errors = [], []
+        for blob, split_dir in zip(batch["plan"], batch["split_dir"]):
+            try:
+                entry = write_planned_shard(pickle.loads(blob), str(split_dir), self.codes, self.tokenizer)
+                entries.append(pickle.dumps(entry))
+                errors.append(b"")
+            except Exception as err:  # noqa: BLE001 - returned to the driver, which records the rest and raises it
+                entries.append(b"")
+                errors.append(pickle.dumps(err))
+        return {"slot": batch["slot"], "entry": entries, "error": errors}
+
+
+def _write_with_codes(to_write: deque, codes: CodesPlan, workers: int, options: dict):
+    """The shards of ``to_write`` through the Ray Data stage of :class:`ShardCodesWriter` (an actor pool of at
+    most ``workers`` actors; one GPU each when the cluster has GPUs, then at most that many); yields
+    ``((job, shard), entry or exception)`` as shards finish."""
+    import ray
+
+    items = list(to_write)
+    if not items:
+        return
+    rows = [{"slot": i, "split_dir": job.plan.url, "plan": pickle.dumps(shard)} for i, (job, shard) in enumerate(items)]
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    size = max(1, min(workers, len(rows), gpus or workers))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        ShardCodesWriter, fn_constructor_kwargs={"codes": codes}, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), num_gpus=1 if gpus else 0, num_cpus=1,
+        **({"runtime_env": options["runtime_env"]} if options.get("runtime_env") else {}))
+    for row in ds.iter_rows():
+        outcome = pickle.loads(row["error"]) if len(row["error"]) else pickle.loads(row["entry"])
+        yield items[int(row["slot"])], outcome
+
+
 def _write_all(jobs: list[SplitJob], to_write: deque, write_task, workers: int, result: BuildResult, bar,
                manifest_interval_s: float, progress: bool = False) -> None:
+    """The shards of ``to_write`` as Ray tasks, at most ``workers`` in flight; a failure stops new submissions."""
+    import ray
+
+    state = {"stop": False}
+
+    def outcomes():
+        pending = to_write
+        in_flight: dict = {}
+        while (pending and not state["stop"]) or in_flight:
+            while pending and not state["stop"] and len(in_flight) < workers:
+                item = pending.popleft()
+                job, shard = item
+                in_flight[write_task.remote(shard, job.plan.url)] = item
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in ready:
+                item = in_flight.pop(ref)
+                try:
+                    yield item, ray.get(ref)
+                except Exception as err:  # the task's error
+                    yield item, _cause(err)
+
+    _record(jobs, outcomes(), state, result, bar, manifest_interval_s, progress)
+
+
+def _record(jobs: list[SplitJob], outcomes, state: dict, result: BuildResult, bar, manifest_interval_s: float,
+            progress: bool) -> None:
+    """Record shard outcomes ``((job, shard), entry or exception)`` as they come: entries into the manifests
+    (rewritten at most every ``manifest_interval_s``, and when a split finishes), defects against each
+    split's budget; the first failure sets ``state["stop"]`` (no new submissions) and is raised at the end."""
     first_error: tuple[str, BaseException] | None = None
     over_budget: BadRecordsError | None = None
     last_write = 0.0
@@ -167,6 +254,7 @@ def _write_all(jobs: list[SplitJob], to_write: deque, write_task, workers: int, 
                 job.plan.check_budget(job.entries.values())
             except BadRecordsError as err:
                 over_budget = over_budget or err
+    state["stop"] = over_budget is not None
 
     def flush(force: bool = False) -> None:
         nonlocal last_write
@@ -179,46 +267,30 @@ def _write_all(jobs: list[SplitJob], to_write: deque, write_task, workers: int, 
                 job.dirty = False
         last_write = time.monotonic()
 
-    def submit(item):
-        job, shard = item
-        return write_task.remote(shard, job.plan.url)
-
-    stop = over_budget is not None
-    pending = to_write
-    in_flight: dict = {}
-    import ray
-
-    while (pending and not stop) or in_flight:
-        while pending and not stop and len(in_flight) < workers:
-            item = pending.popleft()
-            in_flight[submit(item)] = item
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in ready:
-            job, shard = in_flight.pop(ref)
-            url = storage.join(job.plan.url, shard.name)
+    for (job, shard), outcome in outcomes:
+        url = storage.join(job.plan.url, shard.name)
+        if isinstance(outcome, BaseException):  # a failed shard: stop submitting, let the others finish
+            if first_error is None:
+                first_error = (url, outcome)
+            state["stop"] = True
+            continue
+        entry = outcome
+        job.entries[shard.index] = entry
+        job.written += 1
+        job.remaining -= 1
+        job.dirty = True
+        result.written.append(url)
+        bar.update(1)
+        if entry.skipped:
+            new = job.plan.all_defects([entry])[len(job.plan.defects):]
+            report_defects(job.plan.dataset, job.plan.split, new, progress, already=named[id(job)])
+            named[id(job)] += len(new)
             try:
-                entry = ray.get(ref)
-            except Exception as err:  # a failed shard: stop submitting, let the others finish
-                if first_error is None:
-                    first_error = (url, _cause(err))
-                stop = True
-                continue
-            job.entries[shard.index] = entry
-            job.written += 1
-            job.remaining -= 1
-            job.dirty = True
-            result.written.append(url)
-            bar.update(1)
-            if entry.skipped:
-                new = job.plan.all_defects([entry])[len(job.plan.defects):]
-                report_defects(job.plan.dataset, job.plan.split, new, progress, already=named[id(job)])
-                named[id(job)] += len(new)
-                try:
-                    job.plan.check_budget(job.entries.values())
-                except BadRecordsError as err:  # stop submitting; the manifests keep what was written
-                    over_budget = over_budget or err
-                    stop = True
-            flush(force=job.remaining == 0)
+                job.plan.check_budget(job.entries.values())
+            except BadRecordsError as err:  # stop submitting; the manifests keep what was written
+                over_budget = over_budget or err
+                state["stop"] = True
+        flush(force=job.remaining == 0)
     flush(force=True)
     if over_budget is not None and first_error is None:
         raise over_budget

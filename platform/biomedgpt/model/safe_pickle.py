@@ -91,6 +91,14 @@ def _numpy_pairs() -> dict[tuple[str, str], Any]:
     return pairs
 
 
+def tensor_allowed() -> dict[tuple[str, str], Any]:
+    """Tensors, dtypes, sizes, ordered dicts and numpy arrays and scalars: what a state dict or a Lightning
+    checkpoint's numeric parts pickle (taming's VQGAN checkpoints, model/vqgan.py)."""
+    pairs = _torch_tensor_pairs()
+    pairs.update(_numpy_pairs())
+    return pairs
+
+
 def fairseq_allowed() -> dict[tuple[str, str], Any]:
     """What a fairseq/OFA checkpoint pickles besides tensors: argparse Namespaces (`args`, `cfg.model`),
     ordered dicts, numpy scalars of the meters, paths."""

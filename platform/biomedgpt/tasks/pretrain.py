@@ -89,6 +89,17 @@ DEFAULT_OBJECTIVES: dict[str, dict[str, float]] = {
 }
 
 
+#: Objectives whose target is the record's VQGAN codes (a `codes.npy` member or a `codes` field).
+CODE_OBJECTIVES = ("image_infilling",)
+
+
+def needs_codes(record_task: str) -> bool:
+    """Whether records of `record_task` are useless to pretraining without VQGAN codes: every objective they
+    serve by default needs them (image records: image infilling). The shard build asks this of a dataset."""
+    live = [o for o, w in DEFAULT_OBJECTIVES.get(record_task, {}).items() if w > 0]
+    return bool(live) and all(o in CODE_OBJECTIVES for o in live)
+
+
 def record_key(record: Mapping[str, Any]) -> str:
     return f"{record.get('dataset')}/{record.get('split')}/{record.get('id')}"
 
@@ -262,7 +273,8 @@ class PretrainTask(Task):
             if codes is None:
                 return (f"image-infilling {name} has no VQGAN codes (no 'codes.npy' member and no 'codes' field): "
                         "image infilling needs the 256 codes of the image centre; build the shards with codes "
-                        "(e.g. from the official image.tsv with the ofa_tsv_image converter) or leave "
+                        "(`biomedgpt shards build ... --codes MODEL_DIR`, a VQGAN from `biomedgpt vqgan convert`; "
+                        "or from the official image.tsv with the ofa_tsv_image converter) or leave "
                         "image_infilling out of the objectives")
             return None
         objects = record_objects(record)
