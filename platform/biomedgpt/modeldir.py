@@ -268,6 +268,18 @@ def adapter_dir_of(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """An adapter directory's adapter_config.json (peft's LoraConfig as JSON), checked to be a LoRA one."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable adapter config: {err}") from None
+    if not isinstance(data, dict) or data.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type must be LORA")
+    return data
+
+
 def _copy_assets(ckpt: Path, out: Path) -> None:
     assets = ckpt / ASSETS_DIR
     if (assets / "tokenizer").is_dir():
