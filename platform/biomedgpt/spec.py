@@ -647,9 +647,19 @@ class ModelsSpec:
     """The multiplexed model deployment: each replica keeps the `max_models_per_replica` most recently used
     models (LRU) and batches requests per model. Each model and every input runs on `device` (auto: CUDA
     when the replica has a GPU, `num_gpus`; cuda needs num_gpus > 0) in `dtype` (float32 | bfloat16 |
-    float16)."""
+    float16).
+
+    Adapters (LoRA versions of the registry, `kind: adapter`) are served on their base: a request for one goes to
+    a replica holding the base (the base is the multiplexed model), which keeps at most
+    `max_adapters_per_replica` adapters and `max_adapter_bytes` of their weights loaded (LRU over every base it
+    holds); requests for different adapters of one base share a batch (per-sample adapters). An adapter is
+    served on a base of its own department, or of a department listed in `shared_bases` (e.g. a platform
+    team's base that every department's adapters build on)."""
 
     max_models_per_replica: int = 2
+    max_adapters_per_replica: int = 64
+    max_adapter_bytes: int = 2**30
+    shared_bases: list[str] = field(default_factory=list)
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -740,6 +750,9 @@ class ServeAppSpec:
             (self.ingress.max_ongoing_requests >= 1, "ingress.max_ongoing_requests", "must be >= 1",
              self.ingress.max_ongoing_requests),
             (m.max_models_per_replica >= 1, "models.max_models_per_replica", "must be >= 1", m.max_models_per_replica),
+            (m.max_adapters_per_replica >= 1, "models.max_adapters_per_replica", "must be >= 1",
+             m.max_adapters_per_replica),
+            (m.max_adapter_bytes >= 1, "models.max_adapter_bytes", "must be >= 1", m.max_adapter_bytes),
             (m.num_cpus >= 0, "models.num_cpus", "must be >= 0", m.num_cpus),
             (m.num_gpus >= 0, "models.num_gpus", "must be >= 0", m.num_gpus),
             (m.torch_threads >= 1, "models.torch_threads", "must be >= 1", m.torch_threads),
