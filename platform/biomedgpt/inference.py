@@ -15,13 +15,15 @@ model's device, floating ones in the model's dtype, so that inference runs in th
 constrained decoding are built once per candidate set and kept in one LRU. `predict` answers shard
 records (evaluation: each record through its task's `example`, one dict per record with the reference
 fields of `biomedgpt score`); the serving engine (`serve/engine.py`) calls `inputs` and `decode` with
-the requests' instructions and images. Nothing here imports Ray: the predictor runs on any machine with
-torch.
+the requests' instructions and images, and `adapters` per sample when LoRA adapters are loaded on the model
+(`Predictor.adapters`: one batch, each sample through its own adapter). Nothing here imports Ray: the predictor
+runs on any machine with torch.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +34,7 @@ import torch
 from .data.transforms import load_image, pad_sequences
 from .metrics.classify import NO_FINDING, SEPARATOR
 from .model import BiomedGPTForConditionalGeneration
+from .model.adapters import AdapterSet
 from .model.constrained import AnswerTrie, MultiLabelTrie, decode_label_lists, score_candidates
 from .model.tokenizer import BiomedGPTTokenizer
 from .modeldir import ModelMeta, read_model_meta
@@ -106,6 +109,27 @@ class Predictor:
         self.max_tries = max_tries
         self.meta = meta or ModelMeta()
         self._tries: OrderedDict[tuple, Any] = OrderedDict()
+        self._adapters: AdapterSet | None = None
+
+    # -- adapters --------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> AdapterSet:
+        """The LoRA adapters loaded on this predictor's model (`model/adapters.py`), by id."""
+        if self._adapters is None:
+            self._adapters = AdapterSet(self.model)
+        return self._adapters
+
+    @property
+    def has_adapters(self) -> bool:
+        return self._adapters is not None and self._adapters.peft is not None
+
+    def _routing(self, adapters: Sequence[str | None] | None, n: int):
+        """Each sample through its adapter (None: the model alone); with adapters loaded, samples that name none
+        go through the model alone too."""
+        if adapters is None and not self.has_adapters:
+            return nullcontext()
+        return self.adapters.route(list(adapters) if adapters is not None else [None] * n)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, *, device: str | torch.device = "auto", dtype: str = "float32",
@@ -190,8 +214,14 @@ class Predictor:
     # -- decoding --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def decode(self, plan: DecodePlan, inputs: dict[str, torch.Tensor]) -> list[Decoded]:
-        """One `Decoded` per sample of `inputs`, as `plan.method` says (module docstring)."""
+    def decode(self, plan: DecodePlan, inputs: dict[str, torch.Tensor],
+               adapters: Sequence[str | None] | None = None) -> list[Decoded]:
+        """One `Decoded` per sample of `inputs`, as `plan.method` says (module docstring); `adapters`: per sample,
+        the id of a loaded adapter to answer through (None: the model alone), all in one batch."""
+        with self._routing(adapters, int(inputs["input_ids"].size(0))):
+            return self._decode(plan, inputs)
+
+    def _decode(self, plan: DecodePlan, inputs: dict[str, torch.Tensor]) -> list[Decoded]:
         images, masks = inputs.get("patch_images"), inputs.get("patch_masks")
         if plan.method == "score":
             trie, texts = self.answer_trie(plan.candidates)

@@ -39,6 +39,9 @@ CARD = "model_card.json"
 #: the files of a model directory a worker needs besides the tokenizer's
 MODEL_FILES = (CONFIG, WEIGHTS, ANSWERS, TRAINING)
 CHECKPOINT_META = "biomedgpt.json"
+#: an adapter directory (peft's format; `model/adapters.py`)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ASSETS_DIR = "assets"
 
 DEFAULT_IMAGE_SIZE = 256
@@ -225,6 +228,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
 
     ckpt = Path(checkpoint_dir)
     meta = read_checkpoint_meta(ckpt)
+    if meta.get("adapter"):
+        return export_adapter_checkpoint(ckpt, meta, Path(out_dir))
     cfg = dict(meta["model_config"])
     cfg.pop("model_type", None)
     cfg.pop("transformers_version", None)
@@ -252,4 +257,116 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
             f"- metrics at export: {json.dumps(meta.get('metrics', {}), sort_keys=True)}"]
     (out / "README.md").write_text("\n".join(card) + "\n")
     (out / TRAINING).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+# -- adapters ------------------------------------------------------------------------------------------
+
+
+def adapter_dir_of(path: str | Path) -> bool:
+    """Whether `path` is an adapter directory (peft's adapter_config.json, no full weights)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """An adapter directory's adapter_config.json (peft's LoraConfig as JSON), checked to be a LoRA one."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable adapter config: {err}") from None
+    if not isinstance(data, dict) or data.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type must be LORA")
+    return data
+
+
+def _copy_assets(ckpt: Path, out: Path) -> None:
+    assets = ckpt / ASSETS_DIR
+    if (assets / "tokenizer").is_dir():
+        for f in (assets / "tokenizer").iterdir():
+            shutil.copy2(f, out / f.name)
+    for name in (ANSWERS, CANDIDATES):
+        if (assets / name).is_file():
+            shutil.copy2(assets / name, out / name)
+
+
+def export_adapter_checkpoint(ckpt: Path, meta: dict[str, Any], out: Path) -> Path:
+    """An adapter run's checkpoint (trainable state only) -> an adapter directory: adapter_config.json +
+    adapter_model.safetensors (peft's format), the tokenizer files and answers of the run, training.json (the
+    checkpoint meta, naming the base: init, registry id, sha256) and README.md."""
+    # torch, peft and the model code: only when a checkpoint is exported
+    import torch
+
+    from .model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+    from .model.adapters import lora_config, to_peft_dir
+
+    a = meta["adapter"]
+    cfg = {k: v for k, v in meta["model_config"].items() if k not in ("model_type", "transformers_version")}
+    state = checkpoint_model_state(ckpt)
+    base = BiomedGPTForConditionalGeneration(BiomedGPTConfig(**cfg))  # its weights are not written: only the shapes
+    config = lora_config(a["rank"], a["alpha"], a["dropout"], a["target_modules"], a.get("trainable") or ())
+    out.mkdir(parents=True, exist_ok=True)
+    to_peft_dir(base, config, {k: v.float() if v.is_floating_point() else v for k, v in state.items()
+                               if isinstance(v, torch.Tensor)}, out, str(ckpt))
+    _copy_assets(ckpt, out)
+    b = meta.get("base") or {}
+    card = [f"# {meta.get('run', 'BiomedGPT adapter')}", "",
+            f"A LoRA adapter (rank {a['rank']}, alpha {a['alpha']}) of a BiomedGPT base, trained by the BiomedGPT "
+            "platform.", "",
+            f"- base: {b.get('id') or b.get('init')} (model.safetensors sha256 {b.get('sha256')})",
+            f"- adapted modules: {', '.join(a['target_modules'])}"
+            + (f"; trained in full: {', '.join(a['trainable'])}" if a.get("trainable") else ""),
+            f"- step: {meta.get('step')}",
+            f"- training data: {', '.join(meta.get('train_data', [])) or 'unknown'}",
+            f"- metrics at export: {json.dumps(meta.get('metrics', {}), sort_keys=True)}"]
+    (out / "README.md").write_text("\n".join(card) + "\n")
+    (out / TRAINING).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+def adapter_base(adapter_dir: str | Path) -> dict[str, Any]:
+    """The base an adapter directory names (training.json's `base`: init, id, sha256)."""
+    training = read_json(Path(adapter_dir) / TRAINING, {})
+    base = training.get("base") if isinstance(training, dict) else None
+    if not isinstance(base, dict) or not isinstance(base.get("sha256"), str):
+        raise ValueError(f"{adapter_dir}/{TRAINING}: no base (an adapter directory names its base model and its "
+                         "sha256)")
+    return base
+
+
+def check_base(base_dir: str | Path, sha256: str, what: str) -> None:
+    """The base model directory must hold the weights an adapter was trained on (their sha256)."""
+    from .model.adapters import sha256_file  # hashing: only when an adapter meets its base
+
+    weights = Path(base_dir) / WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"{what}: the base {base_dir} has no {WEIGHTS}")
+    if sha256_file(weights) != sha256:
+        raise ValueError(f"{what}: the base {base_dir} has changed: its {WEIGHTS} is not the one the adapter was "
+                         f"trained on (sha256 {sha256[:12]}...)")
+
+
+def merge_adapter(adapter_dir: str | Path, base_dir: str | Path, out_dir: str | Path) -> Path:
+    """A standalone model directory: the base with the adapter folded into its weights (peft's merge), the
+    adapter's tokenizer, answers and training.json (which records what was merged)."""
+    from .model import BiomedGPTForConditionalGeneration
+    from .model.adapters import merge
+
+    adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    base = adapter_base(adapter_dir)
+    check_base(base_dir, base["sha256"], str(adapter_dir))
+    model = BiomedGPTForConditionalGeneration.from_pretrained(base_dir, use_safetensors=True).eval()
+    merged = merge(model, adapter_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    for f in adapter_dir.iterdir():
+        if f.is_file() and f.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING, CARD, "README.md", "manifest.json"):
+            shutil.copy2(f, out / f.name)
+    training = read_json(adapter_dir / TRAINING, {})
+    training = {k: v for k, v in training.items() if k not in ("adapter", "base")}
+    training["merged"] = {"adapter": read_json(adapter_dir / TRAINING, {}).get("adapter"), "base": base}
+    (out / TRAINING).write_text(json.dumps(training, indent=2, sort_keys=True))
+    (out / "README.md").write_text(f"# {training.get('run', 'BiomedGPT model')}\n\nA BiomedGPT base "
+                                   f"({base.get('id') or base.get('init')}) with a LoRA adapter merged into its "
+                                   "weights by the BiomedGPT platform.\n")
     return out

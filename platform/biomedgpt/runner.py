@@ -20,11 +20,12 @@ from .console import libraries_to_file
 from .data import storage as st
 from .data.build import build_shards
 from .evaluate.job import run_evaluate_job, run_evaluation
-from .modeldir import export_checkpoint
+from .modeldir import export_checkpoint, merge_adapter
 from .session import RunResult, ensure_ray, keep_ray_logs, localize, say, staging_dir
 from .spec import JobSpec
 from .tenancy import load_tenants
 from .train.plan import plan_training
+from .train.recipe import local_dir
 from .train.report import write_report
 
 
@@ -105,11 +106,18 @@ def _train_export_evaluate(spec: JobSpec, run_dir: Path) -> RunResult:
         if export_dir.exists():
             shutil.rmtree(export_dir)
         export_checkpoint(ckpt_dir, export_dir)
-    say(f"exported model to {export_dir}")
+    evaluated = export_dir
+    if plan.adapter:
+        say(f"exported adapter to {export_dir} (base {plan.adapter['base']['id'] or plan.adapter['base']['init']})")
+        if spec.evaluate.enabled and (spec.data.eval or spec.data.train):
+            # evaluation reads model directories: the adapter folded into its base (the same outputs, to 1e-5)
+            evaluated = merge_adapter(export_dir, local_dir(spec.model.init), run_dir / "eval-model")
+    else:
+        say(f"exported model to {export_dir}")
     res = RunResult(run_dir=str(run_dir), checkpoint=result.checkpoint.path, export_dir=str(export_dir),
                     metrics=dict(result.metrics or {}))
     if spec.evaluate.enabled and (spec.data.eval or spec.data.train):
-        res.evaluation = run_evaluation(spec, str(export_dir), run_dir / "eval")
+        res.evaluation = run_evaluation(spec, str(evaluated), run_dir / "eval")
     if remote:
         res.run_dir, res.export_dir = run_url, st.join(run_url, "export")
         res.checkpoint = f"{run_url.split('://', 1)[0]}://{result.checkpoint.path}"

@@ -338,6 +338,88 @@ class TrainerSpec:
 
 
 @dataclass
+class FinetuneSpec:
+    """What fine-tuning trains. `method: full` (the default) trains every weight. `method: lora` trains
+    adapters (LoRA, with the `peft` library): the base, `model.init`, is loaded once and frozen; rank-`rank`
+    updates scaled by `alpha / rank` (with `dropout` on their input) train beside the projections
+    `target_modules` names (module names or dotted suffixes of them, as peft matches them; default: the
+    attention and FFN projections of every encoder and decoder layer, `model/adapters.py: DEFAULT_TARGETS`);
+    `trainable` names further modules trained in full and saved with the adapter (peft's modules_to_save:
+    linear or embedding modules, which mixed-adapter serving batches can route per sample, e.g.
+    `image_proj`). Checkpoints hold only the trainable state and name the base (path, registry id, sha256);
+    export writes an adapter directory (`adapter_config.json`, `adapter_model.safetensors`)."""
+
+    method: Literal["full", "lora"] = "full"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    trainable: list[str] = field(default_factory=list)
+
+    def validate(self, where: str, model: "ModelSpec") -> None:
+        if self.method == "full":
+            changed = [n for n in ("target_modules",) if getattr(self, n)] + (["trainable"] if self.trainable else [])
+            if changed:
+                raise SpecError(f"{where}.{changed[0]}: only for method: lora (method is full: every weight trains)")
+            return
+        from .model.adapters import MAX_RANK, MIN_RANK  # peft and torch: only for a spec that asks for adapters
+
+        if not MIN_RANK <= self.rank <= MAX_RANK:
+            raise SpecError(f"{where}.rank: must be in [{MIN_RANK}, {MAX_RANK}], got {self.rank!r}")
+        if not self.alpha > 0:
+            raise SpecError(f"{where}.alpha: must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise SpecError(f"{where}.dropout: must be in [0, 1), got {self.dropout!r}")
+        if not model.init:
+            raise SpecError(f"{where}.method: lora adapts a trained base: give model.init (the base model directory, "
+                            "e.g. a registry version or a run's export/)")
+        if self.target_modules is not None and not self.target_modules:
+            raise SpecError(f"{where}.target_modules: list at least one module (or leave it out for the default)")
+        linear, every = adapter_module_names(model.size)
+        from .model.adapters import matches, nearest
+
+        for i, name in enumerate(self.target_modules or []):
+            if not matches(name, linear):
+                hint = nearest(name, linear)
+                raise SpecError(f"{where}.target_modules[{i}]: {name!r} names no linear module of the model "
+                                f"(nearest: {', '.join(hint)})")
+        for i, name in enumerate(self.trainable):
+            if not matches(name, linear):
+                hint = nearest(name, linear)
+                kind = "a module that is not linear (mixed-adapter serving batches route only linear " \
+                       "and embedding modules per sample)" if matches(name, every) else "no module of the model"
+                raise SpecError(f"{where}.trainable[{i}]: {name!r} names {kind} (nearest linear: {', '.join(hint)})")
+            if matches(name, {n for n in linear if any(n == t or n.endswith("." + t) for t in self.targets)}):
+                raise SpecError(f"{where}.trainable[{i}]: {name!r} is already adapted by target_modules")
+
+    @property
+    def targets(self) -> list[str]:
+        from .model.adapters import DEFAULT_TARGETS
+
+        return list(self.target_modules) if self.target_modules else list(DEFAULT_TARGETS)
+
+    def adapter(self) -> dict[str, Any] | None:
+        """The adapter settings as plain data (what the plan, checkpoints and export carry), or None for full."""
+        if self.method != "lora":
+            return None
+        return {"method": "lora", "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": self.targets, "trainable": list(self.trainable)}
+
+
+def adapter_module_names(size: str) -> tuple[set[str], set[str]]:
+    """(linear module names, every module name) of the architecture (the same for every named size), built on
+    the meta device."""
+    import torch
+
+    from .model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+    from .model.adapters import module_names
+
+    with torch.device("meta"):
+        model = BiomedGPTForConditionalGeneration(BiomedGPTConfig.from_size(size))
+    return module_names(model)
+
+
+@dataclass
 class EvaluateSpec:
     """Evaluation: after training (finetune/pretrain), during training, or as its own job (kind evaluate:
     `model.init` x `data.eval`). Each dataset is decoded with its task's official decoding (tasks/):
@@ -436,6 +518,7 @@ class JobSpec:
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     description: str = ""
     source: str = field(default="<dict>", metadata={"internal": True})
 
@@ -455,6 +538,16 @@ class JobSpec:
             if self.kind != "evaluate" and not self.data.train:
                 raise SpecError(f"{where}.data.train: list at least one dataset to train on")
         self.evaluate.validate(f"{where}.evaluate")
+        if self.finetune.method != "full":
+            if self.kind != "finetune":
+                raise SpecError(f"{where}.finetune.method: {self.finetune.method} is for kind finetune, not {self.kind}")
+            self.finetune.validate(f"{where}.finetune", self.model)
+            if self.evaluate.every_n_steps:
+                raise SpecError(f"{where}.evaluate.every_n_steps: not with finetune.method lora yet (the adapter run "
+                                "is evaluated after training, on the adapter merged into its base)")
+            if self.trainer.ema.enabled:
+                raise SpecError(f"{where}.trainer.ema.enabled: not with finetune.method lora (the average would "
+                                "copy the frozen base; adapters export their own weights)")
         if self.kind == "evaluate":
             assert self.data is not None
             if not self.model.init:
@@ -573,9 +666,19 @@ class ModelsSpec:
     """The multiplexed model deployment: each replica keeps the `max_models_per_replica` most recently used
     models (LRU) and batches requests per model. Each model and every input runs on `device` (auto: CUDA
     when the replica has a GPU, `num_gpus`; cuda needs num_gpus > 0) in `dtype` (float32 | bfloat16 |
-    float16)."""
+    float16).
+
+    Adapters (LoRA versions of the registry, `kind: adapter`) are served on their base: a request for one goes to
+    a replica holding the base (the base is the multiplexed model), which keeps at most
+    `max_adapters_per_replica` adapters and `max_adapter_bytes` of their weights loaded (LRU over every base it
+    holds); requests for different adapters of one base share a batch (per-sample adapters). An adapter is
+    served on a base of its own department, or of a department listed in `shared_bases` (e.g. a platform
+    team's base that every department's adapters build on)."""
 
     max_models_per_replica: int = 2
+    max_adapters_per_replica: int = 64
+    max_adapter_bytes: int = 2**30
+    shared_bases: list[str] = field(default_factory=list)
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -667,6 +770,9 @@ class ServeAppSpec:
             (self.ingress.max_ongoing_requests >= 1, "ingress.max_ongoing_requests", "must be >= 1",
              self.ingress.max_ongoing_requests),
             (m.max_models_per_replica >= 1, "models.max_models_per_replica", "must be >= 1", m.max_models_per_replica),
+            (m.max_adapters_per_replica >= 1, "models.max_adapters_per_replica", "must be >= 1",
+             m.max_adapters_per_replica),
+            (m.max_adapter_bytes >= 1, "models.max_adapter_bytes", "must be >= 1", m.max_adapter_bytes),
             (m.num_cpus >= 0, "models.num_cpus", "must be >= 0", m.num_cpus),
             (m.num_gpus >= 0, "models.num_gpus", "must be >= 0", m.num_gpus),
             (m.torch_threads >= 1, "models.torch_threads", "must be >= 1", m.torch_threads),

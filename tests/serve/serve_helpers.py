@@ -92,3 +92,35 @@ def dicom_bytes(rows: int = 32, cols: int = 40, monochrome1: bool = True) -> byt
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def make_adapter_checkpoint(run_dir: Path, base_dir: Path, *, seed: int = 1, step: int = 10, base_id: str | None = None,
+                            answers: list[str] | None = None, rank: int = 4, task: str = "vqa") -> Path:
+    """A LoRA run's checkpoint as the trainer writes it with `checkpoint_format: full`: the trainable state only
+    (random LoRA weights, seeded, B not zero so the adapter changes the answers), biomedgpt.json naming the base
+    (init path, registry id, sha256) and the assets (the base's tokenizer, answers)."""
+    from biomedgpt.model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+    from biomedgpt.model.adapters import DEFAULT_TARGETS, add_lora, lora_config, sha256_file
+    from biomedgpt.model.tokenizer import BiomedGPTTokenizer
+
+    cfg = BiomedGPTConfig.from_pretrained(base_dir)
+    model = BiomedGPTForConditionalGeneration(cfg)
+    add_lora(model, lora_config(rank, 2.0 * rank, 0.0, DEFAULT_TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    state = {f"model.{n}": torch.randn(p.shape, generator=g) * 0.3 for n, p in model.named_parameters()
+             if p.requires_grad}
+    ckpt = run_dir / f"checkpoint-{step:08d}"
+    ckpt.mkdir(parents=True)
+    torch.save({"state_dict": state, "global_step": step}, ckpt / "lightning.ckpt")
+    meta = {"run": run_dir.name, "team": "stanford-like-radiology", "size": "demo",
+            "model_config": json.loads(cfg.to_json_string(use_diff=False)), "task": task, "image_size": 64,
+            "max_source_length": 32, "train_data": ["vqa_rad/train"], "step": step, "metrics": {"loss": 1.0},
+            "format": "full",
+            "adapter": {"method": "lora", "rank": rank, "alpha": 2.0 * rank, "dropout": 0.0,
+                        "target_modules": list(DEFAULT_TARGETS), "trainable": []},
+            "base": {"init": str(base_dir), "id": base_id, "sha256": sha256_file(base_dir / "model.safetensors")}}
+    (ckpt / "biomedgpt.json").write_text(json.dumps(meta))
+    (ckpt / "assets" / "tokenizer").mkdir(parents=True)
+    BiomedGPTTokenizer.from_pretrained(base_dir).save_pretrained(ckpt / "assets" / "tokenizer")
+    (ckpt / "assets" / "answers.json").write_text(json.dumps(answers or VQA_ANSWERS))
+    return ckpt

@@ -86,7 +86,8 @@ def _cmd_registry_export(args: argparse.Namespace) -> int:
     metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
     entry = Registry(args.registry).export(args.source, args.department, args.name, licence=args.licence,
                                            metrics=metrics, description=args.description or "",
-                                           tasks=args.task or None, team=team, tenants=load_tenants(args.tenants))
+                                           tasks=args.task or None, team=team, tenants=load_tenants(args.tenants),
+                                           merge=args.merge, base=args.base)
     print(f"published {entry.id} at {entry.url} ({len(entry.manifest['files'])} files)")
     return 0
 
@@ -144,7 +145,9 @@ def add_serve_commands(sub) -> None:
 
     exp = reg_sub.add_parser("export", help="publish a run checkpoint or a model directory as a new version",
                              description="SOURCE is a run checkpoint (<run>/checkpoint-XXXXXXXX, exported first) or a "
-                                         "model directory with config.json (`biomedgpt convert`/`export`). Writes "
+                                         "model directory with config.json (`biomedgpt convert`/`export`) or an "
+                                         "adapter run's checkpoint or adapter directory (its base must be in the "
+                                         "registry, or at the model directory it names, unchanged). Writes "
                                          "weights, config, tokenizer, answers, training.json and the model card "
                                          "(training data, metrics from <run>/eval/metrics.json, licences) as the "
                                          "next version; existing versions are never overwritten.")
@@ -162,6 +165,11 @@ def add_serve_commands(sub) -> None:
     exp.add_argument("--task", action="append", default=None,
                      help="task family the model serves (repeatable; default: the task it was trained on)")
     exp.add_argument("--description", default=None, help="one line for the model card")
+    exp.add_argument("--merge", action="store_true",
+                     help="an adapter run: publish a standalone model with the adapter folded into its base")
+    exp.add_argument("--base", default=None,
+                     help="an adapter run: the registry id of its base (default: what the run recorded); its weights "
+                          "must be those the adapter was trained on")
     exp.set_defaults(func=_cmd_registry_export)
 
     ls = reg_sub.add_parser("list", help="the registry's models (every version)")

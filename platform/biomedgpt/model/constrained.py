@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .modeling import BiomedGPTEncoderOutput, BiomedGPTForConditionalGeneration
+from .routing import sample_rows
 
 
 class PrefixConstraint(ABC):
@@ -152,7 +153,8 @@ def score_candidates(
         b, c = rows // n, rows % n
         rep = BiomedGPTEncoderOutput(last_hidden_state=enc.last_hidden_state[b], padding_mask=enc.padding_mask[b],
                                      position_embeddings=enc.position_embeddings[b])
-        logits = model(decoder_input_ids=dec_in[c], encoder_outputs=rep, use_cache=False).logits.float()
+        with sample_rows(b):  # per-sample adapters follow each row's sample (model/routing.py)
+            logits = model(decoder_input_ids=dec_in[c], encoder_outputs=rep, use_cache=False).logits.float()
         target_logit = logits.gather(-1, targets[c][..., None]).squeeze(-1)
         if constrain:
             idx = allowed[c]
@@ -404,7 +406,8 @@ def score_continuations(
             padding_mask=enc.padding_mask.index_select(0, samples),
             position_embeddings=enc.position_embeddings.index_select(0, samples),
         )
-        logits = model(decoder_input_ids=dec_in.to(device), encoder_outputs=rep, use_cache=False).logits.float()
+        with sample_rows(samples):
+            logits = model(decoder_input_ids=dec_in.to(device), encoder_outputs=rep, use_cache=False).logits.float()
         target_logit = logits.gather(-1, targets.to(device)[..., None]).squeeze(-1)
         idx = allowed.to(device)
         norm = torch.logsumexp(logits.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, float("-inf")), dim=-1)

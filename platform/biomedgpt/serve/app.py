@@ -50,6 +50,7 @@ import collections
 import concurrent.futures
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -65,7 +66,7 @@ from ..spec import ServeAppSpec, serve_spec_from_dict
 from ..tasks import Task, get_task, task_names
 from ..tenancy import load_tenants, parse_api_key
 from .auth import Gate, check_model, client_address
-from .engine import QueryRefused, check_query, load_model, out_of_memory, run_batch
+from .engine import QueryRefused, check_query, ensure_adapters, evict_adapters, load_model, out_of_memory, run_batch
 from .registry import BadModelId, ModelEntry, ModelRef, RegistryError, UnknownModel
 from .requests import ApiError, AskedModel, bad, prepare, read_fields, unavailable
 from .schemas import ERRORS, Answer, ModelList, body_doc
@@ -212,15 +213,53 @@ class BiomedGPTIngress:
         entry = await self.resolve(requested, department)
         trail.note(request, model=entry.id)
         query = await prepare(task, fields, AskedModel(entry.id, entry.meta), self.limits)
-        result = await self.ask(entry, query)
+        target = entry
+        if entry.kind == "adapter":  # answered on a replica holding its base, in the base's batches
+            target = await self.base_of(entry, department)
+            query.adapter = entry.id
+        result = await self.ask(target, query, asked=entry.id)
         out = Answer(model=entry.id, version=entry.version, task=task.name, **task.present(result))
         return JSONResponse(finite(out.model_dump(exclude_none=True)))
 
-    async def ask(self, entry: ModelEntry, query) -> Dict[str, Any]:
+    async def base_of(self, adapter: ModelEntry, caller: Optional[str]) -> ModelEntry:
+        """The base model an adapter is served on: a registry model of the adapter's department or of a department
+        in `models.shared_bases` (403 otherwise), which the caller's department may be served (its training data:
+        403), with the weights the adapter was trained on (503 when it changed or is missing)."""
+        base_id = adapter.base
+        try:
+            ref = ModelRef.parse(base_id or "")
+        except BadModelId:
+            raise ApiError(503, f"model: {adapter.id}: its base {base_id!r} is not a model of this registry; an "
+                                "adapter is served on a registry base", "model") from None
+        shared = set(self.spec.models.shared_bases)
+        if ref.department != adapter.department and ref.department not in shared:
+            raise bad("model", f"{adapter.id}: its base {base_id} belongs to department {ref.department!r}, which "
+                               f"shares no bases with others (models.shared_bases: {sorted(shared) or 'none'})", 403)
+        try:
+            base = await asyncio.to_thread(self.source.resolve, ref)
+        except UnknownModel:
+            raise ApiError(503, f"model: {adapter.id}: its base {base_id} is missing from {self.source.describe()}",
+                           "model") from None
+        except STORAGE_ERRORS as err:
+            log.warning("resolving %s (base of %s) failed: %s: %s", ref, adapter.id, type(err).__name__, err)
+            raise unavailable("model", f"{adapter.id}: the model registry could not be read "
+                                       f"({type(err).__name__}); retry later") from None
+        if base.kind != "model":
+            raise ApiError(503, f"model: {adapter.id}: its base {base.id} is not a full model", "model")
+        sha = ((base.manifest.get("files") or {}).get("model.safetensors") or {}).get("sha256")
+        if sha != adapter.card.get("base_sha256"):
+            raise ApiError(503, f"model: {adapter.id}: its base {base.id} is not the one it was trained on (its "
+                                "weights differ)", "model")
+        check_model(base, caller, self.tenants)
+        return base
+
+    async def ask(self, entry: ModelEntry, query, asked: Optional[str] = None) -> Dict[str, Any]:
         """The model deployment's answer to `query`, within `ingress.request_timeout_s` (504 after it); a
-        full queue or a lost replica is 503, an error the model replica answered is raised as its ApiError."""
+        full queue or a lost replica is 503, an error the model replica answered is raised as its ApiError.
+        `entry`: the multiplexed model (an adapter's base); `asked`: the id the request named."""
         timeout = self.spec.ingress.request_timeout_s
         response = self.models.options(multiplexed_model_id=entry.id).infer.remote(query)
+        name = asked or entry.id
 
         async def answer():
             return await response
@@ -229,12 +268,12 @@ class BiomedGPTIngress:
             result = await asyncio.wait_for(answer(), timeout)
         except asyncio.TimeoutError:
             response.cancel()
-            raise unavailable("model", f"{entry.id} did not answer within {timeout:g} s", status=504) from None
+            raise unavailable("model", f"{name} did not answer within {timeout:g} s", status=504) from None
         except BackPressureError:
-            raise unavailable("model", f"{entry.id}: too many requests are waiting for it; retry later") from None
+            raise unavailable("model", f"{name}: too many requests are waiting for it; retry later") from None
         except RayActorError as err:
-            log.warning("the replica serving %s was lost: %s", entry.id, err)
-            raise unavailable("model", f"{entry.id}: the replica serving it was lost; retry") from None
+            log.warning("the replica serving %s was lost: %s", name, err)
+            raise unavailable("model", f"{name}: the replica serving it was lost; retry") from None
         if isinstance(result, dict) and "error" in result:
             raise error_answer(result["error"])
         return result
@@ -259,7 +298,27 @@ class BiomedGPTIngress:
         for e in entries:
             latest[e.name] = max(latest.get(e.name, 0), e.version)
         models = [dict(e.summary(), latest=e.version == latest[e.name]) for e in entries]
-        return JSONResponse({"department": department, "models": models})
+        return JSONResponse({"department": department, "models": models,
+                             "resident": await self.resident(department)})
+
+    async def resident(self, department: str) -> List[Dict[str, Any]]:
+        """What a model replica holds now (Serve routes this to one replica): its models of the caller's department
+        or of a shared one (`models.shared_bases`), each with the caller's department's adapters loaded on it."""
+        if self.single:
+            return []
+        try:
+            stats = await asyncio.wait_for(self.models.stats.remote(), 5.0)
+        except Exception as err:  # the listing stands without it
+            log.warning("asking a model replica what it holds failed: %s: %s", type(err).__name__, err)
+            return []
+        visible = {department, *self.spec.models.shared_bases}
+        out = []
+        for model_id in stats.get("resident", []):
+            adapters = [a for a in (stats.get("adapters") or {}).get(model_id, []) if a.split("/", 1)[0] == department]
+            if model_id.split("/", 1)[0] in visible or adapters:
+                out.append({"model": model_id, "adapters": adapters,
+                            "adapter_bytes": int((stats.get("adapter_bytes") or {}).get(model_id, 0))})
+        return out
 
 
 def _add_task_endpoints(cls) -> None:
@@ -324,6 +383,10 @@ class BiomedGPTModels:
         self.get_model = serve.multiplexed(max_num_models_per_replica=m.max_models_per_replica)(load)
         self.loads: "collections.Counter[str]" = collections.Counter()
         self.resident: List[str] = []
+        self.loaded: Dict[str, Any] = {}  # model id -> LoadedModel, while Serve's LRU holds it
+        self.adapter_dirs: Dict[str, Path] = {}
+        self.adapter_loads: "collections.Counter[str]" = collections.Counter()
+        self.adapter_load_s: "collections.deque[float]" = collections.deque(maxlen=1000)
         self.batch_sizes: "collections.deque[int]" = collections.deque(maxlen=10000)
 
     async def _load(self, model_id: str) -> _Resident:
@@ -339,11 +402,59 @@ class BiomedGPTModels:
         loaded = await loop.run_in_executor(self._pool, work)
         self.loads[model_id] += 1
         self.resident.append(model_id)
+        self.loaded[model_id] = loaded
         return _Resident(loaded, self._unloaded)
 
     def _unloaded(self, model_id: str) -> None:
         if model_id in self.resident:
             self.resident.remove(model_id)
+        self.loaded.pop(model_id, None)
+
+    async def adapter_dir(self, adapter_id: str, base_id: str) -> Path:
+        """The local directory of an adapter version served on `base_id` (the registry's verified copy; versions
+        are immutable, so found once); a retryable `unavailable` when it cannot be had now."""
+        known = self.adapter_dirs.get(adapter_id)
+        if known is not None:
+            return known
+
+        def work() -> Path:
+            entry = self.source.resolve(ModelRef.parse(adapter_id))
+            if entry.kind != "adapter" or entry.base != base_id:
+                raise RegistryError(f"{adapter_id} is not an adapter of {base_id}")
+            return self.source.local_dir(entry)
+
+        try:
+            folder = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        except Exception as err:  # the request is fine, the adapter is not servable now
+            log.warning("fetching adapter %s failed: %s: %s", adapter_id, type(err).__name__, err)
+            raise unavailable("model", f"{adapter_id} could not be loaded ({type(err).__name__}); retry later") from None
+        self.adapter_dirs[adapter_id] = folder
+        return folder
+
+    def use_adapters(self, loaded, queries: List[Any]) -> Dict[str, Dict[str, Any]]:
+        """Load the batch's adapters that are not loaded on its base (on the event loop, between model calls: peft
+        changes the model's modules), then unload least recently used ones beyond `max_adapters_per_replica` and
+        `max_adapter_bytes` (never one of this batch). Returns {adapter id: error} for those that failed."""
+        m = self.spec.models
+        wanted = {q.adapter: self.adapter_dirs.get(q.adapter) for q in queries if q.adapter}
+        failed: Dict[str, Dict[str, Any]] = {}
+        for adapter_id, folder in wanted.items():
+            try:
+                if folder is None:
+                    raise FileNotFoundError("not fetched")
+                t0 = time.perf_counter()
+                if ensure_adapters(loaded, {adapter_id: folder}):
+                    self.adapter_loads[adapter_id] += 1
+                    self.adapter_load_s.append(time.perf_counter() - t0)
+            except Exception as err:
+                log.warning("loading adapter %s on %s failed: %s: %s", adapter_id, loaded.model_id,
+                            type(err).__name__, err)
+                what = "ran out of memory" if out_of_memory(err) else f"could not be loaded ({type(err).__name__})"
+                failed[adapter_id] = {"status": 503, "detail": f"model: {adapter_id} {what}; retry later",
+                                      "field": "model", "retry_after_s": 5.0}
+        evict_adapters([lm for lm in self.loaded.values()], m.max_adapters_per_replica, m.max_adapter_bytes,
+                       keep=set(wanted))
+        return failed
 
     async def resident_model(self, model_id: str) -> _Resident:
         """The loaded model (from the LRU, or loaded now); a model that cannot be loaded (a checksum that
@@ -363,6 +474,8 @@ class BiomedGPTModels:
         model_id = serve.get_multiplexed_model_id()
         try:
             resident = await self.resident_model(model_id)
+            if getattr(query, "adapter", None):
+                await self.adapter_dir(query.adapter, model_id)
             check_query(resident.loaded, query, self.spec.limits)
         except ApiError as err:
             return {"error": {"status": err.status, "detail": err.detail, "field": err.field,
@@ -383,6 +496,18 @@ class BiomedGPTModels:
         # On the event loop, not in a thread: the decoding loop is Python-heavy and would hold the GIL against
         # the loop anyway, starving request intake; blocking here lets the requests that arrive meanwhile queue
         # up and form the next batch whole.
+        failed = self.use_adapters(resident.loaded, queries) if any(q.adapter for q in queries) else {}
+        if failed:
+            ok = [i for i, q in enumerate(queries) if q.adapter not in failed]
+            answers: List[Dict[str, Any]] = [{"error": failed[q.adapter]} if q.adapter in failed else {}
+                                             for q in queries]
+            if ok:
+                for i, res in zip(ok, await self._answer(resident, model_id, [queries[i] for i in ok])):
+                    answers[i] = res
+            return answers
+        return await self._answer(resident, model_id, queries)
+
+    async def _answer(self, resident: _Resident, model_id: str, queries: List[Any]) -> List[Dict[str, Any]]:
         try:
             return run_batch(resident.loaded, queries)
         except Exception as err:
@@ -398,7 +523,10 @@ class BiomedGPTModels:
         sizes = list(self.batch_sizes)
         return {"resident": list(self.resident), "loads": dict(self.loads), "batches": len(sizes),
                 "requests": sum(sizes), "max_batch": max(sizes, default=0),
-                "max_models_per_replica": self.spec.models.max_models_per_replica}
+                "max_models_per_replica": self.spec.models.max_models_per_replica,
+                "adapters": {mid: list(lm.adapter_meta) for mid, lm in self.loaded.items()},
+                "adapter_bytes": {mid: lm.adapter_bytes() for mid, lm in self.loaded.items()},
+                "adapter_loads": dict(self.adapter_loads), "adapter_load_s": list(self.adapter_load_s)}
 
     async def reset_stats(self) -> None:
         self.batch_sizes.clear()

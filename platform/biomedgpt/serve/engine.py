@@ -16,6 +16,7 @@ group with one call of the model's `biomedgpt.inference.Predictor` (the predicto
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..metrics.classify import join_labels
+from ..modeldir import ModelMeta, read_model_meta
 from ..spec import Limits
 from ..tasks import DecodePlan, Task, get_task
 
@@ -48,6 +50,8 @@ class Query:
     texts: dict[str, str] = dataclasses.field(default_factory=dict)
     labels: tuple[str, ...] | None = None
     labels_field: str = "labels"
+    #: an adapter's id (the replica's multiplexed model is then its base), or None for the model itself
+    adapter: str | None = None
 
 
 class QueryRefused(Exception):
@@ -98,11 +102,62 @@ def out_of_memory(err: BaseException) -> bool:
 
 @dataclass
 class LoadedModel:
-    """A served model: its id and its predictor (which holds the model directory's metadata, `meta`)."""
+    """A served model: its id and its predictor (which holds the model directory's metadata, `meta`); the
+    adapters loaded on it (`predictor.adapters`) with their metadata, least recently used first."""
 
     model_id: str
     predictor: Predictor
     load_seconds: float = 0.0
+    adapter_meta: "collections.OrderedDict[str, ModelMeta]" = dataclasses.field(
+        default_factory=collections.OrderedDict)
+
+    def meta_for(self, adapter: str | None) -> ModelMeta:
+        return self.predictor.meta if adapter is None else self.adapter_meta[adapter]
+
+    def adapter_bytes(self) -> int:
+        return self.predictor.adapters.total_bytes if self.predictor.has_adapters else 0
+
+
+def ensure_adapters(lm: LoadedModel, wanted: dict[str, Path]) -> list[str]:
+    """Load the adapters `wanted` ({id: adapter directory}) on `lm` that are not loaded yet, and mark every one
+    of them most recently used; returns the ids loaded. Adapter directories are checked against the model: the
+    vocabulary its run recorded must be the model's."""
+    loaded = []
+    for adapter_id, folder in wanted.items():
+        if adapter_id in lm.adapter_meta:
+            lm.adapter_meta.move_to_end(adapter_id)
+            continue
+        meta = read_model_meta(folder)
+        vocab = (meta.training.get("model_config") or {}).get("vocab_size")
+        if vocab is not None and int(vocab) != int(lm.predictor.model.config.vocab_size):
+            raise ValueError(f"{adapter_id}: trained with a vocabulary of {vocab} ids, its base {lm.model_id} has "
+                             f"{lm.predictor.model.config.vocab_size}")
+        lm.predictor.adapters.load(adapter_id, folder)
+        lm.adapter_meta[adapter_id] = meta
+        loaded.append(adapter_id)
+    return loaded
+
+
+def evict_adapters(models: Sequence[LoadedModel], max_count: int, max_bytes: int, keep: set[str]) -> list[str]:
+    """Unload adapters, least recently used first (each model's in LRU order, models in the order given), never
+    those in `keep` (the batch about to run), until at most `max_count` adapters and `max_bytes` of their weights
+    stay loaded over all `models`; returns their ids."""
+    evicted = []
+
+    def totals() -> tuple[int, int]:
+        return sum(len(m.adapter_meta) for m in models), sum(m.adapter_bytes() for m in models)
+
+    count, size = totals()
+    while count > max_count or size > max_bytes:
+        candidates = [(m, a) for m in models for a in m.adapter_meta if a not in keep]
+        if not candidates:
+            break
+        model, adapter_id = candidates[0]
+        model.predictor.adapters.unload(adapter_id)
+        del model.adapter_meta[adapter_id]
+        evicted.append(adapter_id)
+        count, size = totals()
+    return evicted
 
 
 def load_model(model_dir: str | Path, model_id: str, threads: int | None = None, *, device: str = "auto",
@@ -147,23 +202,33 @@ def _answer(plan: DecodePlan, query: Query, d: Decoded) -> dict[str, Any]:
     return {"answer": d.prediction, "scores": None, "decoding": "beam" if plan.beam_size > 1 else "greedy"}
 
 
+def _source_length(lm: LoadedModel, q: Query) -> int:
+    meta = lm.meta_for(q.adapter)
+    task = get_task(q.task)
+    n = meta.max_source_length if q.task in meta.tasks else max(meta.max_source_length, task.source_length)
+    return min(n, int(getattr(lm.predictor.model.config, "max_position_embeddings", 1024)))
+
+
 def _run_group(lm: LoadedModel, task_name: str, candidates: tuple[str, ...] | None, multi_label: bool,
-               queries: Sequence[Query]) -> list[dict[str, Any]]:
+               source_length: int, queries: Sequence[Query]) -> list[dict[str, Any]]:
     task = get_task(task_name)
     p = lm.predictor
     plan = serving_plan(task, candidates, multi_label)
-    inputs = p.inputs([q.instruction for q in queries], [q.image for q in queries],
-                      source_length=p.source_length(task, trained=task_name in p.meta.tasks))
-    return [_answer(plan, q, d) for q, d in zip(queries, p.decode(plan, inputs))]
+    inputs = p.inputs([q.instruction for q in queries], [q.image for q in queries], source_length=source_length)
+    adapters = [q.adapter for q in queries] if any(q.adapter for q in queries) else None
+    return [_answer(plan, q, d) for q, d in zip(queries, p.decode(plan, inputs, adapters=adapters))]
 
 
 def run_batch(lm: LoadedModel, queries: Sequence[Query]) -> list[dict[str, Any]]:
-    """Answers for `queries` (any mix of tasks and candidate sets), in order; one model call per group."""
-    groups: dict[tuple[str, tuple[str, ...] | None, bool], list[int]] = {}
+    """Answers for `queries` (any mix of tasks, candidate sets and adapters of the model), in order; one model
+    call per group of the same task, candidates, input size and source length, whatever their adapters (each
+    sample through its own: `Predictor.decode(adapters=...)`)."""
+    groups: dict[tuple, list[int]] = {}
     for i, q in enumerate(queries):
-        groups.setdefault((q.task, q.candidates, q.multi_label), []).append(i)
+        size = None if q.image is None else tuple(q.image.shape)
+        groups.setdefault((q.task, q.candidates, q.multi_label, size, _source_length(lm, q)), []).append(i)
     results: list[dict[str, Any] | None] = [None] * len(queries)
-    for (task, cands, multi), idx in groups.items():
-        for i, res in zip(idx, _run_group(lm, task, cands, multi, [queries[i] for i in idx])):
+    for (task, cands, multi, _, length), idx in groups.items():
+        for i, res in zip(idx, _run_group(lm, task, cands, multi, length, [queries[i] for i in idx])):
             results[i] = res
     return results  # type: ignore[return-value]

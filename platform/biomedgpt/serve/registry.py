@@ -55,7 +55,8 @@ from typing import Any, Iterable
 
 from ..data import storage
 from ..data.storage import DEFAULT_REGISTRY, REGISTRY_ENV, registry_url  # noqa: F401  (this module's API)
-from ..modeldir import (CARD, CHECKPOINT_META, CONFIG, WEIGHTS, ModelMeta, export_checkpoint,
+from ..modeldir import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, CHECKPOINT_META, CONFIG, WEIGHTS, ModelMeta,
+                        adapter_base, adapter_dir_of, export_checkpoint, merge_adapter, read_adapter_config,
                         read_model_meta)
 
 CACHE_ENV = "BIOMEDGPT_MODEL_CACHE"
@@ -125,6 +126,16 @@ class ModelEntry:
         """What the model card says about the model (tasks, image size, answers, classes)."""
         return ModelMeta.from_card(self.card)
 
+    @property
+    def kind(self) -> str:
+        """`model` (full weights) or `adapter` (LoRA weights over the base the card names)."""
+        return "adapter" if self.card.get("kind") == "adapter" else "model"
+
+    @property
+    def base(self) -> str | None:
+        """An adapter's base: a registry id `<department>/<name>@<version>`, or a model directory URL."""
+        return self.card.get("base") if self.kind == "adapter" else None
+
     def summary(self) -> dict[str, Any]:
         """What `GET /v1/models` and `biomedgpt registry list --json` show."""
         c, m = self.card, self.meta
@@ -132,7 +143,8 @@ class ModelEntry:
                 "created": self.manifest.get("created"), "tasks": list(m.tasks), "size": c.get("size"),
                 "image_size": m.image_size, "answers": len(m.answers) if m.answers else 0,
                 "training_data": [d.get("dataset") for d in c.get("training_data", [])],
-                "metrics": c.get("metrics", {}), "licence": c.get("licence")}
+                "metrics": c.get("metrics", {}), "licence": c.get("licence"), "kind": self.kind, "base": self.base,
+                "adapter_bytes": c.get("adapter_bytes") if self.kind == "adapter" else None}
 
 
 #: local version folders whose files matched their manifest: (folder, file stats) -> True. A file changed since
@@ -300,7 +312,9 @@ def build_card(model_dir: Path, meta: ModelMeta, metrics: dict[str, Any], licenc
                source: str, description: str = "", tasks: list[str] | None = None) -> dict[str, Any]:
     """The model card (as data) of a model directory (`meta`: `read_model_meta` of it). `tasks`: what the
     model may be asked (default: the task it was trained on; none recorded: a generalist)."""
-    cfg = json.loads((model_dir / CONFIG).read_text())
+    # an adapter directory has no config.json: its run recorded the base's architecture
+    cfg = json.loads((model_dir / CONFIG).read_text()) if (model_dir / CONFIG).is_file() else \
+        dict(meta.training.get("model_config") or {})
     training = meta.training
     train_data = []
     for item in meta.train_data:
@@ -505,7 +519,8 @@ class Registry:
 
     def export(self, source: str | Path, department: str, name: str, *, licence: str | None = None,
                metrics: dict[str, Any] | None = None, description: str = "", tasks: list[str] | None = None,
-               team: str | None = None, tenants: Any = None) -> ModelEntry:
+               team: str | None = None, tenants: Any = None, merge: bool = False, base: str | None = None
+               ) -> ModelEntry:
         """Publish a new version of `department/name` from a run checkpoint (`<run>/checkpoint-N`) or a model
         directory (with config.json, from `biomedgpt convert`/`export`); returns the published entry. With `team`
         (the exporter's team; `biomedgpt registry export` always gives it) the team must own the department
@@ -524,10 +539,78 @@ class Registry:
                 raise RegistryError(f"task {unknown[0]!r}: not a task family ({', '.join(task_names())})")
         with tempfile.TemporaryDirectory(prefix="biomedgpt-registry-") as tmp:
             staged, meta, found_metrics, source_desc = self._stage(str(source), Path(tmp))
+            adapter = adapter_dir_of(staged)
+            if not adapter and (merge or base):
+                raise RegistryError(f"{source}: {'--merge' if merge else '--base'} is for adapters; this is a full model")
+            if adapter:
+                base_ref, base_dir = self.adapter_base(staged, str(source), base, fetch=merge)
+                if merge:
+                    merged = Path(tmp) / "merged"
+                    merge_adapter(staged, base_dir, merged)
+                    staged, meta = merged, read_model_meta(merged)
             check_multi_label_classes(staged, meta, str(source))
             card = build_card(staged, meta, metrics if metrics is not None else found_metrics,
                               licence or DEFAULT_LICENCE, source_desc, description, tasks)
+            if adapter and merge:
+                card["merged_from"] = {"base": base_ref["ref"], "base_sha256": base_ref["sha256"]}
+            elif adapter:
+                config = json.loads((staged / ADAPTER_CONFIG).read_text())
+                card.update(kind="adapter", base=base_ref["ref"], base_sha256=base_ref["sha256"],
+                            adapter_bytes=(staged / ADAPTER_WEIGHTS).stat().st_size,
+                            adapter={"method": "lora", "rank": config.get("r"), "alpha": config.get("lora_alpha"),
+                                     "target_modules": sorted(config.get("target_modules") or []),
+                                     "trainable": config.get("modules_to_save") or []})
             return self._publish(staged, department, name, card)
+
+    def adapter_base(self, adapter_dir: Path, source: str, base: str | None = None, *, fetch: bool = False
+                     ) -> tuple[dict[str, str], Path | None]:
+        """({"ref": registry id or model directory URL, "sha256"}, its local directory when `fetch`) of the base an
+        adapter directory names (training.json's `base`; `base`, a registry id, overrides where to find it). A
+        base that is missing, or whose weights are not those the adapter was trained on, is refused."""
+        try:
+            recorded = adapter_base(adapter_dir)
+        except ValueError as err:
+            raise RegistryError(str(err)) from None
+        sha = recorded["sha256"]
+        ref = base or recorded.get("id")
+        if ref:
+            try:
+                entry = self.resolve(ref)
+            except BadModelId as err:
+                raise RegistryError(f"--base: {err}") from None
+            except UnknownModel:
+                raise RegistryError(f"{source}: the adapter's base {ref} is missing from {self.url}; publish the base "
+                                    "first (or name it with --base)") from None
+            if entry.kind != "model":
+                raise RegistryError(f"{source}: the adapter's base {entry.id} is itself an adapter")
+            found = (entry.manifest.get("files") or {}).get(WEIGHTS, {}).get("sha256")
+            if found != sha:
+                raise RegistryError(f"{source}: the adapter's base {entry.id} has changed: its {WEIGHTS} is not the one "
+                                    f"the adapter was trained on (sha256 {sha[:12]}...)")
+            return {"ref": entry.id, "sha256": sha}, (self.local_dir(entry) if fetch else None)
+        url = recorded.get("init")
+        if not isinstance(url, str) or not url:
+            raise RegistryError(f"{source}: training.json names no base (id or model directory)")
+        weights = storage.join(url, WEIGHTS)
+        try:
+            if storage.is_local(url):
+                found = _sha256(storage.local_path(weights))
+            else:
+                found = hashlib.sha256(storage.read_bytes(weights)).hexdigest()
+        except (FileNotFoundError, OSError):
+            raise RegistryError(f"{source}: the adapter's base {url} is missing ({WEIGHTS} not found)") from None
+        if found != sha:
+            raise RegistryError(f"{source}: the adapter's base {url} has changed: its {WEIGHTS} is not the one the "
+                                f"adapter was trained on (sha256 {sha[:12]}...)")
+        if not fetch:
+            return {"ref": url, "sha256": sha}, None
+        if storage.is_local(url):
+            return {"ref": url, "sha256": sha}, storage.local_path(url)
+        local = adapter_dir.parent / "base"
+        storage.download_dir(url, local)
+        check_no_symlinks(local, url)
+        return {"ref": url, "sha256": sha}, local
+
 
     def _stage(self, source: str, tmp: Path) -> tuple[Path, ModelMeta, dict[str, Any], str]:
         """A local model directory for the source (exported if it is a checkpoint), its metadata and the
@@ -563,10 +646,22 @@ class Registry:
             model_dir = tmp / "model"
             shutil.copytree(local, model_dir, ignore=shutil.ignore_patterns(MANIFEST, CLAIM, CLAIMS, CARD_JSON, ".*"))
             is_checkpoint = False
+        elif (local / ADAPTER_CONFIG).is_file():
+            model_dir = tmp / "model"
+            shutil.copytree(local, model_dir, ignore=shutil.ignore_patterns(MANIFEST, CLAIM, CLAIMS, CARD_JSON, ".*"))
+            is_checkpoint = False
         else:
-            raise RegistryError(f"{source}: neither a run checkpoint ({CHECKPOINT_META}) nor a model directory "
-                                "(config.json); see `biomedgpt export` and `biomedgpt convert`")
-        if not (model_dir / WEIGHTS).is_file():
+            raise RegistryError(f"{source}: neither a run checkpoint ({CHECKPOINT_META}), a model directory "
+                                f"(config.json) nor an adapter directory ({ADAPTER_CONFIG}); see `biomedgpt export` "
+                                "and `biomedgpt convert`")
+        if adapter_dir_of(model_dir):
+            if not (model_dir / ADAPTER_WEIGHTS).is_file():
+                raise RegistryError(f"{source}: no {ADAPTER_WEIGHTS} in the adapter directory")
+            try:
+                read_adapter_config(model_dir)
+            except ValueError as err:
+                raise RegistryError(f"{source}: {err}") from None
+        elif not (model_dir / WEIGHTS).is_file():
             raise RegistryError(f"{source}: no model.safetensors in the model directory")
         if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").is_file():
             raise RegistryError(f"{source}: no tokenizer files in the model directory (a served model needs them)")
@@ -643,7 +738,7 @@ class Registry:
 
 
 def format_table(entries: Iterable[ModelEntry]) -> str:
-    rows = [("MODEL", "TASKS", "SIZE", "CREATED", "TRAINING DATA", "METRICS")]
+    rows = [("MODEL", "KIND", "BASE", "TASKS", "SIZE", "CREATED", "TRAINING DATA", "METRICS")]
     for e in entries:
         s = e.summary()
         metrics = s["metrics"]
@@ -656,7 +751,14 @@ def format_table(entries: Iterable[ModelEntry]) -> str:
                 brief = f"{first_key}: " + ", ".join(f"{k} {v:.3f}" for k, v in list(nums.items())[:2])
             elif isinstance(first, (int, float)):
                 brief = f"{first_key} {first:.3f}"
-        rows.append((s["id"], ",".join(s["tasks"]), str(s["size"]), str(s["created"] or "-"),
+        kind = s["kind"] if s["kind"] == "model" else f"adapter ({_bytes(s['adapter_bytes'])})"
+        rows.append((s["id"], kind, s["base"] or "-", ",".join(s["tasks"]), str(s["size"]), str(s["created"] or "-"),
                      ",".join(x for x in s["training_data"] if x) or "-", brief or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _bytes(n: Any) -> str:
+    if not isinstance(n, int):
+        return "?"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"

@@ -61,11 +61,23 @@ class ModelInfo(BaseModel):
     metrics: Dict[str, Any]
     licence: Optional[str] = None
     latest: bool
+    kind: str = Field("model", description="`model` (full weights) or `adapter` (LoRA weights served on `base`)")
+    base: Optional[str] = Field(None, description="an adapter's base model (registry id)")
+    adapter_bytes: Optional[int] = None
+
+
+class ResidentModel(BaseModel):
+    model: str
+    adapters: List[str] = Field(default_factory=list, description="the adapters loaded on it, least recently used "
+                                                                  "first")
+    adapter_bytes: int = 0
 
 
 class ModelList(BaseModel):
     department: str
     models: List[ModelInfo]
+    resident: List[ResidentModel] = Field(default_factory=list, description="what a model replica holds now (bases "
+                                          "and their adapters) among the caller's department's and shared models")
 
 
 ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (

@@ -31,12 +31,15 @@ import math
 import time
 from typing import Any, Sequence
 
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
+from ..model.adapters import add_lora, lora_config, sha256_file
 from .parallelize import apply_fsdp
 from .recipe import local_dir
 from .schedule import warmup_linear_decay
@@ -205,9 +208,12 @@ class BiomedGPTModule(L.LightningModule):
         noise_vocab_end: int | None = None,
         constraint_candidates: Sequence[Sequence[int]] | None = None,
         sample_patch_num: int | None = None,
+        adapter: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["constraint_candidates"])
+        # adapters: checkpoints hold the trainable state only; the frozen base comes from init_dir again
+        self.strict_loading = adapter is None
         self.model: BiomedGPTForConditionalGeneration | None = None
         self.ema: EMA | None = None
         self.trie = CandidateTrie(constraint_candidates) if constraint_candidates else None
@@ -231,6 +237,14 @@ class BiomedGPTModule(L.LightningModule):
                                                                       use_safetensors=True)
         else:
             model = BiomedGPTForConditionalGeneration(BiomedGPTConfig(**cfg))
+        if hp.adapter:
+            base = hp.adapter.get("base") or {}
+            weights = Path(local_dir(hp.init_dir)) / "model.safetensors"
+            if base.get("sha256") and sha256_file(weights) != base["sha256"]:
+                raise ValueError(f"{hp.init_dir}: the base's weights have changed since the run was planned (sha256 "
+                                 f"differs from {base['sha256'][:12]}...); adapters fit only the base they train on")
+            a = hp.adapter
+            add_lora(model, lora_config(a["rank"], a["alpha"], a["dropout"], a["target_modules"], a["trainable"]))
         if hp.freeze_token_embeddings:
             # shared by encoder, decoder and output projection (OFA's --share-all-embeddings)
             model.get_input_embeddings().weight.requires_grad_(False)
@@ -247,6 +261,16 @@ class BiomedGPTModule(L.LightningModule):
         if self.hparams.ema_decay is not None:
             self.ema = EMA(model, self.hparams.ema_decay)  # after sharding: its buffers are sharded alike
         self._n_params = sum(p.numel() for p in model.parameters())
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """With adapters, only the trainable state (LoRA weights and the modules trained in full): what a
+        checkpoint holds beside its reference to the base (id and sha256); the frozen base is not copied."""
+        state = super().state_dict(*args, **kwargs)
+        if not self.hparams.get("adapter") or self.model is None:
+            return state
+        keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        prefix = kwargs.get("prefix", "")
+        return type(state)((k, v) for k, v in state.items() if k[len(prefix):] in keep)
 
     # -- training --------------------------------------------------------------------------------
 
@@ -289,6 +313,13 @@ class BiomedGPTModule(L.LightningModule):
         loss, _ = sequence_loss(out.logits, labels, epsilon=hp.label_smoothing, allowed=allowed,
                                 weights=batch.get("loss_weight"), drop_worst_ratio=drop)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.hparams.get("adapter"):
+            # the base is frozen whole: batch norm's running statistics (the image backbone) stay the base's too
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, batch_idx)

@@ -24,7 +24,8 @@ import torch
 
 from ..model import BiomedGPTConfig, BiomedGPTForConditionalGeneration
 from ..model.tokenizer import BiomedGPTTokenizer
-from ..modeldir import CHECKPOINT_META
+from ..model.adapters import sha256_file
+from ..modeldir import CARD, CHECKPOINT_META, WEIGHTS
 from ..session import say
 from ..spec import JobSpec, TrainerSpec
 from ..tasks import get_task
@@ -78,6 +79,9 @@ class TrainPlan:
     """Files saved beside every checkpoint: the tokenizer, answers.json, candidates.json."""
     evaluate: dict[str, Any] | None
     """The evaluation during training (`biomedgpt.evaluate.job.training_eval_config`), or None."""
+    adapter: dict[str, Any] | None = None
+    """finetune.method lora: the adapter settings (`FinetuneSpec.adapter`) and `base` (`base_reference`);
+    None: every weight trains."""
 
     @property
     def max_steps(self) -> int:
@@ -115,6 +119,19 @@ def plan_training(spec: JobSpec, run_dir: Path, *, log_url: str | None = None, s
                              f"(checkpoint of step {previous.get('step')}); use fsdp or auto")
         strategy, why = "fsdp", "auto: this run's checkpoints are sharded FSDP2 ones"
     say(f"strategy: {strategy} ({why})")
+    adapter = spec.finetune.adapter()
+    if adapter is not None:
+        base = base_reference(spec.model.init)
+        recorded = (previous or {}).get("base")
+        if recorded and recorded.get("sha256") != base["sha256"]:
+            raise ValueError(f"{spec.source}: model.init: the base {spec.model.init} has changed since this run's "
+                             f"checkpoints were written (sha256 {base['sha256'][:12]}..., the checkpoints name "
+                             f"{str(recorded.get('sha256'))[:12]}...); its adapters fit only the base they were "
+                             "trained on: restore it or start a new run")
+        adapter = dict(adapter, base=base)
+        say(f"adapters: LoRA rank {adapter['rank']} on {', '.join(adapter['target_modules'])}"
+            + (f" (+ {', '.join(adapter['trainable'])} in full)" if adapter["trainable"] else "")
+            + f"; base {base['id'] or base['init']} (sha256 {base['sha256'][:12]}...) frozen")
     max_steps = t.max_steps or steps_for_epochs(groups, t.epochs, world=data_world, batch_size=t.batch_size,
                                                 grad_accumulation=t.grad_accumulation, seed=t.seed, budget=budget)
     if t.epochs is not None:
@@ -145,11 +162,31 @@ def plan_training(spec: JobSpec, run_dir: Path, *, log_url: str | None = None, s
         checkpoint_meta={"run": spec.name, "team": spec.team, "size": spec.model.size, "model_config": model_config,
                          "task": d.task, "ema": t.ema.enabled, "image_size": spec.model.image_size,
                          "max_source_length": d.max_source_length,
-                         "train_data": [f"{r.dataset}/{r.split}" for r in d.train], **multi_label_meta(train_recs)},
+                         "train_data": [f"{r.dataset}/{r.split}" for r in d.train], **multi_label_meta(train_recs),
+                         **({"adapter": {k: v for k, v in adapter.items() if k != "base"}, "base": adapter["base"]}
+                            if adapter else {})},
         assets=assets,
         # evaluation during training (evaluate.every_n_steps > 0), planned here: the workers only decode
         evaluate=training_eval_config(spec, model_answers=answers),
+        adapter=adapter,
     )
+
+
+def base_reference(init: str) -> dict[str, Any]:
+    """What an adapter run records about its base (`model.init`): the path or URL it was given, its registry id
+    when it is a registry version (its model card says), and the sha256 of its weights."""
+    folder = Path(local_dir(init))
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"model.init: {init} has no {WEIGHTS} (the base of an adapter run is a model directory)")
+    card = folder / CARD
+    card_id = None
+    if card.is_file():
+        try:
+            card_id = json.loads(card.read_text()).get("id")
+        except ValueError:
+            card_id = None
+    return {"init": init, "id": card_id if isinstance(card_id, str) else None, "sha256": sha256_file(weights)}
 
 
 def previous_checkpoint_meta(run_url: str) -> dict[str, Any] | None:

@@ -100,8 +100,8 @@ class DataPosition(L.Callback):
 
 
 def make_module(t: TrainerSpec, model_config: dict[str, Any], init_dir: str | None, *,
-                noise_vocab_end: int | None = None, constraint_candidates: list[list[int]] | None = None
-                ) -> BiomedGPTModule:
+                noise_vocab_end: int | None = None, constraint_candidates: list[list[int]] | None = None,
+                adapter: dict[str, Any] | None = None) -> BiomedGPTModule:
     """The LightningModule for the trainer section `t` (its `max_steps` set: a plan's `trainer`)."""
     fsdp = t.strategy == "fsdp"
     param_dtype = "bfloat16" if fsdp and t.precision == "bf16-mixed" else None
@@ -114,6 +114,7 @@ def make_module(t: TrainerSpec, model_config: dict[str, Any], init_dir: str | No
         drop_worst_ratio=t.drop_worst_ratio, drop_worst_after=t.drop_worst_after,
         decoder_noise=t.decoder_noise, noise_vocab_end=noise_vocab_end, constraint_candidates=constraint_candidates,
         sample_patch_num=t.sample_patch_num,
+        adapter=adapter,
     )
 
 
@@ -218,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if data_world != world and rank == 0:
             send({"kind": "elastic", "text": elastic_line(batches, t)})
         module = make_module(t, plan.model_config, plan.init_dir, noise_vocab_end=plan.noise_vocab_end,
-                             constraint_candidates=plan.constraint_candidates)
+                             constraint_candidates=plan.constraint_candidates, adapter=plan.adapter)
         checkpointer = StepCheckpointer(
             every=t.checkpoint_every, max_steps=plan.max_steps,
             sharded=t.strategy == "fsdp" and t.checkpoint_format == "sharded",
