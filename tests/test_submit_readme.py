@@ -93,7 +93,9 @@ def test_readme_cluster_lines_with_the_shipped_demo_spec(tmp_path):
                               env=readme_env(), cwd=REPO)
         log_text = proc.stdout + proc.stderr
         assert proc.returncode == 0, log_text[-6000:]
-        assert "SUCCEEDED" in log_text and f"run directory {run_dir}" in log_text
+        # the job's own log is followed to its end (the run directory line is the job's, not submit's)
+        assert "[submit] job demo-demo-vqa-rad-" in log_text and "SUCCEEDED" in log_text
+        assert f"run directory {run_dir}" in log_text
         assert report.is_file()
     finally:
         if head.poll() is None:

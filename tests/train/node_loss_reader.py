@@ -33,8 +33,13 @@ def main(shards: str, spec_json: str, tokenizer_dir: str, ranks: str, batches: s
     ray.data.DataContext.get_current().enable_progress_bars = False
     plan = StreamOf(shards, "vqa_rad", json.loads(spec_json))
     keys: dict[int, list[list[str]]] = {}
+    # Every stream stays open until the process ends: Ray 2.x aborts the driver (task_manager.cc
+    # "PeekObjectRefStream ... stream has been created and not removed") when a Ray Data stream is
+    # dropped mid-epoch while its tasks are being cancelled, so none is dropped.
+    streams = []
     for n, rank in enumerate(int(r) for r in ranks.split(",")):
         it = iter(plan.stream(rank, tokenizer_dir))
+        streams.append(it)
         keys[rank] = []
         for i in range(int(batches)):
             if n == 0 and int(pause_after) and i == int(pause_after):
@@ -46,8 +51,9 @@ def main(shards: str, spec_json: str, tokenizer_dir: str, ranks: str, batches: s
                     time.sleep(0.2)
             keys[rank].append([str(k) for k in next(it)["__key__"]])
     Path(out).write_text(json.dumps(keys))
-    ray.shutdown()
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # not ray.shutdown(): see above; the test kills this process group, Ray's processes with it
 
 
 if __name__ == "__main__":

@@ -48,8 +48,10 @@ def finished(proc: subprocess.Popen, out: Path, timeout: float = 300) -> dict:
     try:
         rc = proc.wait(timeout=timeout)
     finally:
-        if proc.poll() is None:
+        try:  # the reader and whatever Ray processes it started (it leaves without shutting Ray down)
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert rc == 0, out.with_suffix(".log").read_text()[-4000:]
     return {int(r): keys for r, keys in json.loads(out.read_text()).items()}
 
