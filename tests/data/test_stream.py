@@ -110,3 +110,42 @@ def test_each_shard_read_is_its_own_ray_data_task(small_shards, demo_tokenizer_d
     epoch_ids(stream, batches_per_epoch(shards, 1, 8))
     stats = stream.last_dataset.stats()
     assert f"MapBatches(read_and_preprocess): {len(shards)} tasks executed" in stats, stats
+
+
+def test_a_resumed_stream_augments_exactly_as_the_uninterrupted_one(small_shards, demo_tokenizer_dir, ray_local):
+    """RandAugment (the classification recipes' augmentation) is a function of the epoch's seed and the
+    sample's id only: a run resumed in its second epoch trains on the very same augmented pixels as a run
+    never stopped (the resume's exactness within an epoch is the test above's), and the second epoch sees
+    other views of the samples the first one saw."""
+    import numpy as np
+
+    aug = {"random_resized_crop": {"scale": [0.08, 1.0]}, "hflip": 0.5,
+           "randaugment": {"n": 2, "m": 9, "mstd": 0.5}, "random_erasing": 0.25}
+
+    def stream():
+        shards = list_shards(small_shards, "vqa_rad", "train")
+        pre = dict(task_name="vqa", tokenizer_dir=demo_tokenizer_dir, image_size=16, max_source_length=24,
+                   max_target_length=8, augment=aug)
+        return ShardStream([(shards, 1.0)], rank=0, world=2, batch_size=8, seed=3, preprocess=pre,
+                           columns=("patch_images", "sample_id"), shuffle_buffer=32, as_torch=False,
+                           min_rows_per_read=4096)
+
+    def batches(s, n):
+        it = iter(s)
+        return [next(it) for _ in range(n)]
+
+    per_epoch = batches_per_epoch(plan_epoch(stream().groups, 0, 3), 2, 8)
+    reference = batches(stream(), per_epoch + 2)
+    views = {}
+    for b in reference:
+        for sid, img in zip(b["sample_id"], b["patch_images"]):
+            views.setdefault(int(sid), []).append(img)
+    assert any(len(v) == 2 and not np.array_equal(*v) for v in views.values())  # epoch 1: another view
+    first = stream()
+    head = batches(first, per_epoch + 1)
+    resumed = stream()
+    resumed.seek(first.position)
+    got = head + batches(resumed, 1)
+    for step, (want, have) in enumerate(zip(reference, got), 1):
+        assert np.array_equal(want["sample_id"], have["sample_id"]), f"step {step}"
+        assert np.array_equal(want["patch_images"], have["patch_images"]), f"step {step}: other pixels"
