@@ -26,8 +26,9 @@ What is checked on the samples each run trained on (their keys, BIOMEDGPT_RECORD
   by at most half a row, so group g's rows are within 0.5 x (its datasets) of ratio_g x R, R the
   image-text rows (all read once). Rows the stream dropped at the epoch's end would add to that bound;
   the test asserts there are none;
-- image infilling trains on the computed codes: every image row trained is image infilling, and its
-  `codes.npy` is the micro VQGAN's argmax codes of its image's centre;
+- image infilling trains on the computed codes: every image row trained is image infilling and has its
+  `codes.npy`, every image source's manifest names the micro VQGAN's weights, and a trained image's codes
+  are that VQGAN's argmax codes of its centre;
 - the loss is finite at every step and the run exports a model.
 
 One local Ray and one shard build serve every recipe (module fixtures).
@@ -204,15 +205,21 @@ def vqgan_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, vqgan_dir) -> Path:
-    """`biomedgpt shards build` of every source (train split), one sample per shard; image folders with codes."""
+    """`biomedgpt shards build` of every source (train split); image folders with codes. The grouped sources
+    (text, image, detection) are cut one sample per shard, so that an epoch's plan takes their rows to the
+    row; an image-text source is one shard (read whole every epoch: the batch context of image-text
+    matching's negatives is its rows). Fewer shards, fewer read tasks: the stream reads ahead at least
+    4,096 rows, i.e. ~85 of these epochs, whatever the run trains."""
     root = tmp_path_factory.mktemp("pretrain-native")
     sources = lay_out_sources(root / "sources")
     out = root / "shards"
     for dataset, source in sources.items():
         spec = REPO / "datasets_spec" / f"{dataset}.yaml"
-        codes = ["--codes", str(vqgan_dir)] if load_dataset_spec(spec).task == "image" else []
+        task = load_dataset_spec(spec).task
+        codes = ["--codes", str(vqgan_dir)] if task == "image" else []
+        per_shard = "1" if task in ("text", "image", "detection") else "100"
         argv = ["shards", "build", dataset, "--source", str(source), "--out", str(out), "--split", "train",
-                "--spec", str(spec), "--shard-max-samples", "1", "--quiet", *codes]
+                "--spec", str(spec), "--shard-max-samples", per_shard, "--quiet", *codes]
         assert main(argv) == 0, argv
         manifest = json.loads((out / dataset / "train" / "manifest.json").read_text())
         assert sum(e["samples"] for e in manifest["shards"]) == ROWS[dataset], dataset
