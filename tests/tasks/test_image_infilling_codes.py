@@ -1,7 +1,8 @@
 """VQGAN codes in the data pipeline: `shards build --codes` stores every image's codes (`codes.npy`) beside it,
 locally and as a Ray Data actor-pool stage (byte-identical shards), resumably; `shards inspect` shows them; and
 image infilling trains on them for an image folder (chexpert_small's layout and spec), through the data
-pipeline's preprocessing and for a few Ray Train steps of a pretraining job; without codes it refuses them."""
+pipeline's preprocessing; without codes it refuses them. Pretraining jobs under Ray Train on built codes:
+tests/recipes/test_pretrain_recipes.py (every shipped recipe, from native sources)."""
 
 from __future__ import annotations
 
@@ -161,40 +162,3 @@ def test_image_infilling_trains_on_the_built_codes(vqgan_dir, chexpert, tmp_path
     bare = {k: v for k, v in batch.items() if k != "codes.npy"}
     with pytest.raises(MissingFieldError, match=r"has no VQGAN codes .*--codes MODEL_DIR"):
         preprocess_batch(bare, **args)
-
-
-def test_a_pretraining_run_trains_image_infilling_on_the_built_codes(vqgan_dir, chexpert, tmp_path):
-    """Shards of the image folder built with codes -> a few Ray Train steps of image infilling (demo model)."""
-    import csv
-    import os
-
-    import ray
-
-    from biomedgpt.runner import run_training
-    from biomedgpt.session import ensure_ray
-    from biomedgpt.spec import spec_from_dict
-
-    spec = load_dataset_spec(REPO / "datasets_spec" / "chexpert_small.yaml")
-    shards = tmp_path / "shards"
-    build_shards("chexpert_small", str(chexpert), str(shards), ["train"], spec=spec, codes=str(vqgan_dir),
-                 progress=False)
-    job = spec_from_dict({
-        "kind": "pretrain", "name": "infill-codes", "team": "demo",
-        "model": {"size": "demo", "image_size": 32, "tokenizer": {"train_vocab_size": 300}},
-        "data": {"shards": str(shards), "task": "pretrain", "train": [{"dataset": "chexpert_small"}],
-                 "max_source_length": 16, "max_target_length": 257, "shuffle_buffer": 4},
-        "trainer": {"workers": 1, "cpus_per_worker": 1, "strategy": "fsdp", "batch_size": 2, "max_steps": 2,
-                    "lr": 1e-3, "warmup_ratio": 0.0, "dropout": 0.0, "log_every": 1, "checkpoint_every": 0},
-        "evaluate": {"enabled": False}, "output": {"storage": str(tmp_path / "runs")}}, "infill-codes.yaml")
-    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-        os.environ.pop(var, None)
-    started = ensure_ray(num_cpus=2)
-    try:
-        res = run_training(job, num_cpus=2)
-    finally:
-        if started:
-            ray.shutdown()
-    rows = list(csv.DictReader(open(Path(res.run_dir) / "logs" / "metrics.csv")))
-    got = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert len(got) == 2 and all(np.isfinite(got))
-    assert json.loads((Path(res.run_dir) / "export" / "training.json").read_text())["step"] == 2
