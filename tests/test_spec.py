@@ -196,3 +196,45 @@ def test_epochs_become_steps_from_the_manifests_sample_counts():
     per_epoch = [batches_per_epoch(plan_epoch(groups, e, 0), 2, 4) for e in range(3)]
     assert steps_for_epochs(groups, 3, world=2, batch_size=4, grad_accumulation=2, seed=0) == sum(per_epoch) // 2
     assert steps_for_epochs(groups, 0.5, world=1, batch_size=4, grad_accumulation=1, seed=0) == 30
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters: finetune.method lora (jobs/finetune/lora/, jobs/demo/pneumoniamnist_lora.yaml)
+# ----------------------------------------------------------------------------------------------
+
+LORA_DEMO = REPO / "jobs" / "demo" / "pneumoniamnist_lora.yaml"
+ADAPTER_RECIPES = sorted((REPO / "jobs" / "finetune" / "lora").glob("*.yaml"))
+
+
+def lora_edited(**changes):
+    data = yaml.safe_load(LORA_DEMO.read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        if value is KeyError:
+            del node[last]
+        else:
+            node[last] = value
+    return data
+
+
+def test_adapter_recipes_follow_their_full_recipes():
+    """jobs/finetune/lora/<dataset>.yaml: the full recipe of the same dataset (data, model size and resolution,
+    schedule, decoding, team, storage) with LoRA from a base the team may read, and admitted on the cluster."""
+    from biomedgpt.tenancy import admit, load_tenants
+
+    assert [p.stem for p in ADAPTER_RECIPES] == ["pneumoniamnist", "vqa_rad"]
+    tenants = load_tenants()
+    for path in ADAPTER_RECIPES:
+        lora, full = load_spec(path), load_spec(REPO / "jobs" / "finetune" / path.name)
+        assert lora.finetune.method == "lora" and full.finetune.method == "full"
+        assert lora.model.init and lora.model.tokenizer.path == lora.model.init
+        assert (lora.data, lora.team, lora.output, lora.evaluate) == (full.data, full.team, full.output, full.evaluate)
+        assert (lora.model.size, lora.model.image_size) == (full.model.size, full.model.image_size)
+        for key in ("epochs", "batch_size", "grad_accumulation", "warmup_ratio", "clip_grad_norm", "label_smoothing",
+                    "label_smoothing_candidates", "precision", "workers"):
+            assert getattr(lora.trainer, key) == getattr(full.trainer, key), (path, key)
+        assert not lora.trainer.ema.enabled
+        admit(lora, tenants, on_cluster=True)
