@@ -88,6 +88,7 @@ def make_tenants(root: Path) -> tuple[Path, str]:
     data = yaml.safe_load((REPO / "cluster" / "tenants.yaml").read_text())
     data["institutions"]["stanford-like"]["departments"]["radiology"]["apiKeys"].append(
         {"id": "serve-load", "hash": hash_api_key(key)})
+    data["datasetSpecs"] = str(REPO / "datasets_spec")  # the copy lives elsewhere: access classes from the repo
     path = root / "tenants.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path, key

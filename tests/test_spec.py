@@ -232,3 +232,85 @@ def test_epochs_become_steps_from_the_manifests_sample_counts():
     per_epoch = [batches_per_epoch(plan_epoch(groups, e, 0), 2, 4) for e in range(3)]
     assert steps_for_epochs(groups, 3, world=2, batch_size=4, grad_accumulation=2, seed=0) == sum(per_epoch) // 2
     assert steps_for_epochs(groups, 0.5, world=1, batch_size=4, grad_accumulation=1, seed=0) == 30
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters: finetune.method lora (jobs/finetune/lora/, jobs/demo/pneumoniamnist_lora.yaml)
+# ----------------------------------------------------------------------------------------------
+
+LORA_DEMO = REPO / "jobs" / "demo" / "pneumoniamnist_lora.yaml"
+ADAPTER_RECIPES = sorted((REPO / "jobs" / "finetune" / "lora").glob("*.yaml"))
+
+
+def lora_edited(**changes):
+    data = yaml.safe_load(LORA_DEMO.read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        if value is KeyError:
+            del node[last]
+        else:
+            node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(model__init=KeyError), "my.yaml: finetune.method: lora adapts a trained base: give model.init (the base "
+                                 "model directory, e.g. a registry version or a run's export/)"),
+    (dict(finetune__target_modules=["q_prj"]), "my.yaml: finetune.target_modules[0]: 'q_prj' names no linear module "
+                                               "of the model (nearest: q_proj, v_proj, k_proj)"),
+    (dict(finetune__target_modules=["fc1", "encoder.layers.0.self_attn.qproj"]),
+     "my.yaml: finetune.target_modules[1]: 'encoder.layers.0.self_attn.qproj' names no linear module of the model "
+     "(nearest: encoder.layers.0.self_attn.q_proj,"),
+    (dict(finetune__target_modules=[]), "my.yaml: finetune.target_modules: list at least one module"),
+    (dict(finetune__rank=0), "my.yaml: finetune.rank: must be in [1, 256], got 0"),
+    (dict(finetune__rank=257), "my.yaml: finetune.rank: must be in [1, 256], got 257"),
+    (dict(finetune__rank="sixteen"), "my.yaml: finetune.rank: expected an integer, got 'sixteen'"),
+    (dict(finetune__alpha=0), "my.yaml: finetune.alpha: must be > 0, got 0"),
+    (dict(finetune__dropout=1.0), "my.yaml: finetune.dropout: must be in [0, 1), got 1.0"),
+    (dict(finetune__method="qlora"), "my.yaml: finetune.method: expected one of 'full', 'lora', got 'qlora'"),
+    (dict(finetune__methd="lora"), "my.yaml: finetune.methd: unknown field (did you mean 'method'?)"),
+    (dict(finetune__trainable=["layer_norm"]), "my.yaml: finetune.trainable[0]: 'layer_norm' names a module that is "
+                                               "not linear"),
+    (dict(finetune__trainable=["q_proj"]), "my.yaml: finetune.trainable[0]: 'q_proj' is already adapted by "
+                                           "target_modules"),
+    (dict(finetune__method="full", finetune__target_modules=["q_proj"]),
+     "my.yaml: finetune.target_modules: only for method: lora (method is full: every weight trains)"),
+    (dict(trainer__ema={"enabled": True}), "my.yaml: trainer.ema.enabled: not with finetune.method lora"),
+    (dict(evaluate__every_n_steps=10), "my.yaml: evaluate.every_n_steps: not with finetune.method lora yet"),
+])
+def test_bad_adapter_specs_name_file_and_field(changes, message):
+    """A `method: lora` spec without model.init, with target modules the model lacks (the nearest real ones named),
+    or a rank out of range is refused before anything runs, naming the file and the field."""
+    with pytest.raises(SpecError) as err:
+        spec_from_dict(lora_edited(**changes), "my.yaml")
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_target_modules_take_names_and_dotted_suffixes():
+    spec = spec_from_dict(lora_edited(finetune__target_modules=["q_proj", "decoder.layers.1.fc2"]), "x.yaml")
+    assert spec.finetune.adapter()["target_modules"] == ["q_proj", "decoder.layers.1.fc2"]
+    assert spec_from_dict(lora_edited(), "x.yaml").finetune.adapter()["target_modules"] == \
+        ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def test_adapter_recipes_follow_their_full_recipes():
+    """jobs/finetune/lora/<dataset>.yaml: the full recipe of the same dataset (data, model size and resolution,
+    schedule, decoding, team, storage) with LoRA from a base the team may read, and admitted on the cluster."""
+    from biomedgpt.tenancy import admit, load_tenants
+
+    assert [p.stem for p in ADAPTER_RECIPES] == ["pneumoniamnist", "vqa_rad"]
+    tenants = load_tenants()
+    for path in ADAPTER_RECIPES:
+        lora, full = load_spec(path), load_spec(REPO / "jobs" / "finetune" / path.name)
+        assert lora.finetune.method == "lora" and full.finetune.method == "full"
+        assert lora.model.init and lora.model.tokenizer.path == lora.model.init
+        assert (lora.data, lora.team, lora.output, lora.evaluate) == (full.data, full.team, full.output, full.evaluate)
+        assert (lora.model.size, lora.model.image_size) == (full.model.size, full.model.image_size)
+        for key in ("epochs", "batch_size", "grad_accumulation", "warmup_ratio", "clip_grad_norm", "label_smoothing",
+                    "label_smoothing_candidates", "precision", "workers"):
+            assert getattr(lora.trainer, key) == getattr(full.trainer, key), (path, key)
+        assert not lora.trainer.ema.enabled
+        admit(lora, tenants, on_cluster=True)

@@ -548,6 +548,8 @@ class JobSpec:
             if self.trainer.ema.enabled:
                 raise SpecError(f"{where}.trainer.ema.enabled: not with finetune.method lora (the average would "
                                 "copy the frozen base; adapters export their own weights)")
+        else:
+            self.finetune.validate(f"{where}.finetune", self.model)  # adapter-only fields refused with method full
         if self.kind == "evaluate":
             assert self.data is not None
             if not self.model.init:

@@ -111,3 +111,29 @@ def test_the_adapter_lru_keeps_counts_and_bytes_and_spares_the_batch(published):
     same(again[1], first[0])
     with pytest.raises(KeyError):
         run_batch(lm, queries(ids[1], 0)[:1])
+
+
+def test_further_adapters_are_added_layer_by_layer_and_answer_as_alone(published, monkeypatch):
+    """Only the first adapter goes through peft's PeftModel.from_pretrained; further plain LoRA adapters are added to
+    the LoRA layers it made, and unloaded from them, without peft's load_adapter/delete_adapter (which walk every
+    parameter of the model per adapter: their cost grows with the adapters resident), and answer as alone."""
+    from peft import PeftModel
+
+    reg, base_dir, adapters, _ = published
+    ids = list(adapters)
+    lm = load_model(base_dir, f"{DEPT}/base@1")
+    ensure_adapters(lm, {ids[0]: adapters[ids[0]]})
+
+    def refused(*args, **kwargs):
+        raise AssertionError("peft's whole-model walk was used")
+
+    monkeypatch.setattr(PeftModel, "load_adapter", refused)
+    monkeypatch.setattr(PeftModel, "delete_adapter", refused)
+    ensure_adapters(lm, {ids[1]: adapters[ids[1]], ids[2]: adapters[ids[2]]})
+    sizes = lm.predictor.adapters.sizes
+    assert sizes[ids[1]] == sizes[ids[2]] == sizes[ids[0]] > 0
+    assert evict_adapters([lm], 2, 10 * sizes[ids[0]], keep={ids[0], ids[2]}) == [ids[1]]
+    served = run_batch(lm, queries(ids[2], 2)[:2])
+    monkeypatch.undo()  # the reference loads the adapter alone with peft itself
+    for got, want in zip(served, alone(base_dir, adapters[ids[2]], queries(None, 2)[:2])):
+        same(got, want)

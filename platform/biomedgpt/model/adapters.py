@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ import torch
 from peft import LoraConfig, PeftModel, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
+from safetensors.torch import load_file
 from torch import nn
 
 from .routing import current_rows
@@ -140,7 +142,15 @@ def sha256_file(path: str | Path) -> str:
 
 
 class AdapterSet:
-    """A base model (in place) and the adapters loaded into it, by id; see the module docstring."""
+    """A base model (in place) and the adapters loaded into it, by id; see the module docstring.
+
+    The first adapter goes through `PeftModel.from_pretrained`, which wraps the targeted projections in peft's
+    `LoraLayer`s. Each further plain LoRA adapter whose targets are already wrapped is added layer by layer
+    (`LoraLayer.update_layer`, its weights copied from its `adapter_model.safetensors`, its config registered in
+    the PeftModel) and unloaded the same way (`LoraLayer.delete_adapter`): peft's `load_adapter`/`delete_adapter`
+    walk every parameter of the model for each adapter, so their cost grows with the adapters already resident
+    (~0.3 s at 64 on the demo size) where this stays a few ms. Anything else (rank or alpha patterns, DoRA,
+    `modules_to_save`, a target not yet wrapped) is loaded by peft itself."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -148,6 +158,10 @@ class AdapterSet:
         self.names: dict[str, str] = {}  # adapter id -> peft adapter name (a module key: no dots)
         self.sizes: dict[str, int] = {}  # adapter id -> bytes of its weights
         self._count = 0
+        self._layers: dict[str, LoraLayer] | None = None  # module path -> peft's LoRA layer (cached)
+        self._hooked: list[nn.Module] | None = None  # the modules `route` gives adapter names to (cached)
+        self._unwrapped: set[str] = set()  # linear modules peft has not wrapped (cached with the layers)
+        self._direct: set[str] = set()  # peft names of the adapters added layer by layer
 
     def __contains__(self, adapter_id: str) -> bool:
         return adapter_id in self.names
@@ -155,6 +169,18 @@ class AdapterSet:
     @property
     def total_bytes(self) -> int:
         return sum(self.sizes.values())
+
+    def _lora_layers(self) -> dict[str, LoraLayer]:
+        if self._layers is None:
+            modules = list(self.model.named_modules())
+            self._layers = {n: m for n, m in modules if isinstance(m, LoraLayer)}
+            self._hooked = [m for _, m in modules if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+            self._unwrapped = {n for n, m in modules if isinstance(m, nn.Linear) and ".lora_" not in n
+                               and not n.endswith(".base_layer")}
+        return self._layers
+
+    def _forget_layers(self) -> None:
+        self._layers = self._hooked = None
 
     def load(self, adapter_id: str, adapter_dir: str | Path) -> str:
         """Load the adapter directory under `adapter_id` (once); returns its peft name."""
@@ -164,25 +190,80 @@ class AdapterSet:
         self._count += 1
         name = f"adapter{self._count}"
         param = next(self.model.parameters())
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name, is_trainable=False)
-        else:
-            self.peft.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
-        for module in self.model.modules():  # the adapter's weights where the base's are, in its dtype
-            if isinstance(module, LoraLayer) and name in module.lora_A:
-                module.lora_A[name].to(device=param.device, dtype=param.dtype)
-                module.lora_B[name].to(device=param.device, dtype=param.dtype)
-        self.model.eval()
+        size = self._add_direct(name, Path(adapter_dir), param) if self.peft is not None else None
+        if size is None:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name,
+                                                      is_trainable=False)
+            else:
+                self.peft.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+            self._forget_layers()
+            for module in self._lora_layers().values():  # the adapter's weights where the base's are, in its dtype
+                if name in module.lora_A:
+                    module.lora_A[name].to(device=param.device, dtype=param.dtype)
+                    module.lora_B[name].to(device=param.device, dtype=param.dtype)
+            size = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters() if f".{name}." in n)
+            self.model.eval()
         self.names[adapter_id] = name
-        self.sizes[adapter_id] = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
-                                     if f".{name}." in n)
+        self.sizes[adapter_id] = size
         return name
+
+    def _add_direct(self, name: str, adapter_dir: Path, param: torch.Tensor) -> int | None:
+        """Add a plain LoRA adapter to the LoRA layers already there (class docstring); returns the bytes of its
+        weights, or None (nothing changed) when it is not such an adapter."""
+        assert self.peft is not None
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+        targets = config.target_modules
+        if (not isinstance(targets, (list, set, tuple)) or config.modules_to_save or config.use_dora
+                or config.rank_pattern or config.alpha_pattern or config.lora_bias or config.use_rslora
+                or config.layers_to_transform is not None or getattr(config, "target_parameters", None)):
+            return None
+        layers = self._lora_layers()
+        wanted = {path: layer for path, layer in layers.items() if any(path == t or path.endswith("." + t)
+                                                                        for t in targets)}
+        if any(matches(t, self._unwrapped) and not any(p == t or p.endswith("." + t) for p in wanted) for t in targets):
+            return None  # a target that peft has not wrapped yet
+        state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+        expected = {f"base_model.model.{path}.lora_{ab}.weight" for path in wanted for ab in "AB"}
+        if not wanted or set(state) != expected:
+            return None
+        config.init_lora_weights = False  # the weights come from the file
+        config.inference_mode = True
+        size = 0
+        with torch.no_grad():
+            for path, layer in wanted.items():
+                layer.update_layer(name, config.r, lora_alpha=config.lora_alpha, config=config, target_name=path)
+                for module in (layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]):
+                    module.eval()  # the model is served in eval mode: no dropout on the new adapter either
+                for ab, module in (("A", layer.lora_A[name]), ("B", layer.lora_B[name])):
+                    weight = state[f"base_model.model.{path}.lora_{ab}.weight"]
+                    if tuple(weight.shape) != tuple(module.weight.shape):
+                        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: {path}.lora_{ab} has shape "
+                                         f"{tuple(weight.shape)}, the model's layer {tuple(module.weight.shape)}")
+                    module.to(device=param.device, dtype=param.dtype)
+                    module.weight.copy_(weight)
+                    module.weight.requires_grad_(False)
+                    size += module.weight.numel() * module.weight.element_size()
+        self.peft.peft_config[name] = config
+        self._direct.add(name)
+        return size
 
     def unload(self, adapter_id: str) -> None:
         name = self.names.pop(adapter_id, None)
         self.sizes.pop(adapter_id, None)
-        if name is not None and self.peft is not None:
+        if name is None or self.peft is None:
+            return
+        if name in self._direct:
+            self._direct.discard(name)
+            self.peft.peft_config.pop(name, None)
+            with warnings.catch_warnings():  # "adapter X was active ...": serving names adapters per sample
+                warnings.simplefilter("ignore")
+                for layer in self._lora_layers().values():
+                    if name in layer.lora_A:
+                        layer.delete_adapter(name)
+        else:
             self.peft.delete_adapter(name)
+            self._forget_layers()
 
     def names_for(self, adapter_ids: Sequence[str | None]) -> list[str]:
         """Per sample, the peft name of its adapter (None: the base alone)."""
@@ -222,8 +303,8 @@ class AdapterSet:
             kwargs["adapter_names"] = per_row(x.shape[0])
             return args, kwargs
 
-        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.model.modules()
-                   if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+        self._lora_layers()
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self._hooked or []]
         try:
             yield
         finally:
