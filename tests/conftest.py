@@ -32,6 +32,19 @@ REPO = Path(__file__).resolve().parents[1]
 CODE_START, CODE_END = 50265, 58457
 
 
+@pytest.fixture(autouse=True)
+def _verbose_switch_stays_off():
+    """`--verbose` (biomedgpt.console.set_verbose) writes os.environ for the process and its children: a test
+    that turns it on in-process must not leave later tests' subprocesses streaming their Ray workers'
+    output to the console those tests read."""
+    was = os.environ.get("BIOMEDGPT_VERBOSE")
+    yield
+    if os.environ.get("BIOMEDGPT_VERBOSE") != was:
+        os.environ.pop("BIOMEDGPT_VERBOSE", None)
+        if was is not None:
+            os.environ["BIOMEDGPT_VERBOSE"] = was
+
+
 @pytest.fixture(scope="session")
 def dev_data() -> Path:
     """tests/fixtures/data: small subsets of public biomedical datasets in their release formats."""

@@ -64,7 +64,7 @@ def test_rebuild_repairs_only_damaged_shards(sample_vqa_rad: Path, tmp_path: Pat
     damaged.write_bytes(damaged.read_bytes()[:-1] + b"x")
     calls = []
     real = build.write_planned_shard
-    monkeypatch.setattr(build, "write_planned_shard", lambda plan, url: calls.append(plan.name) or real(plan, url))
+    monkeypatch.setattr(build, "write_planned_shard", lambda plan, *args: calls.append(plan.name) or real(plan, *args))
     result = build_shards("vqa_rad", str(sample_vqa_rad), str(out), shard_max_samples=100, progress=False)
     assert calls == ["vqa_rad-train-000001.tar", "vqa_rad-train-000002.tar"]
     assert len(result.kept) == 2 and verify_shards(str(out)).ok
@@ -74,10 +74,10 @@ def test_interrupted_build_resumes(sample_vqa_rad: Path, tmp_path: Path, monkeyp
     out = tmp_path / "shards"
     real = build.write_planned_shard
 
-    def crash_on_third(plan, url):
+    def crash_on_third(plan, *args):
         if plan.index == 2:
             raise KeyboardInterrupt
-        return real(plan, url)
+        return real(plan, *args)
 
     monkeypatch.setattr(build, "write_planned_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):

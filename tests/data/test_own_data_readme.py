@@ -21,7 +21,8 @@ from data_testing import tiny_png, write_dicom
 from tests_paths import REPO
 
 README = (REPO / "README.md").read_text()
-SECTION = README[README.index("## Your own data"):README.index("## Running on a cluster")]
+_START = README.index("## Your own data")
+SECTION = README[_START:README.index("\n## ", _START + 1)]  # up to the next top-level section
 
 
 def blocks(lang: str) -> list[str]:
