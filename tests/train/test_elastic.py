@@ -278,9 +278,11 @@ def test_elastic_1_to_2_workers_continues_the_epoch_exactly(tmp_path, shards, de
 
 
 def test_elastic_retry_with_fewer_workers(tmp_path, shards, demo_tokenizer_dir, monkeypatch):
-    """Two nodes (head: 3 CPUs, second: 2), workers of 2 CPUs: one worker on each, and CPU left for Ray
-    Data on the head. Removing the second node kills its worker; Ray Train's elastic policy restarts the
-    group (the retry of `max_failures: 1`) with the one worker the remaining node holds."""
+    """Node loss mid-run, the run continuing smaller: a head (1 CPU, for Ray Data's reads and the driver's
+    actors) and two worker nodes of 2 CPUs, workers of 2 CPUs spread one per node. Removing a worker node
+    (its raylet, its worker, its objects) fails the group; Ray Train's elastic policy restarts it (the
+    retry of `max_failures: 1`) with the one worker the remaining node holds, from the latest checkpoint,
+    and every step after it trains the global batch of an uninterrupted run."""
     from ray.cluster_utils import Cluster
 
     from biomedgpt.session import free_port
@@ -288,7 +290,7 @@ def test_elastic_retry_with_fewer_workers(tmp_path, shards, demo_tokenizer_dir, 
     name = "retry-smaller"
     spec = spec_file(tmp_path, shards, name, data=DATA, max_steps=MAX, checkpoint_every=K, log_every=1, workers=2,
                      min_workers=1, cpus_per_worker=2, torch_threads=1, batch_size=8, strategy="ddp",
-                     max_failures=1)
+                     placement="spread", max_failures=1)
     run = run_dir(tmp_path, name)
     log = tmp_path / "log.txt"
     port = free_port()
@@ -298,10 +300,11 @@ def test_elastic_retry_with_fewer_workers(tmp_path, shards, demo_tokenizer_dir, 
                        "BIOMEDGPT_RECORD_SAMPLES": str(tmp_path / "samples")}.items():
         monkeypatch.setenv(var, value)
     cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 3, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+                      head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1",
                                       "dashboard_port": port})
     proc = None
     try:
+        cluster.add_node(num_cpus=2)
         second = cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         proc = start(spec, log, RAY_ADDRESS=cluster.address)
