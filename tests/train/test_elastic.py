@@ -277,7 +277,7 @@ def test_elastic_1_to_2_workers_continues_the_epoch_exactly(tmp_path, shards, de
                         after=dict(workers=2, batch_size=16, strategy="fsdp", checkpoint_format="full"))
 
 
-def test_elastic_retry_with_fewer_workers(tmp_path, shards, demo_tokenizer_dir, monkeypatch):
+def test_elastic_retry_with_fewer_workers_after_node_loss(tmp_path, shards, demo_tokenizer_dir, monkeypatch):
     """Node loss mid-run, the run continuing smaller: a head (1 CPU, for Ray Data's reads and the driver's
     actors) and two worker nodes of 2 CPUs, workers of 2 CPUs spread one per node. Removing a worker node
     (its raylet, its worker, its objects) fails the group; Ray Train's elastic policy restarts it (the

@@ -2,7 +2,7 @@
 raylet of its own with its own CPUs, all on 127.0.0.1): a whole node goes away, with every process on it.
 
 - Training: a whole node lost mid-run, with one of the job's two workers (one per worker node, spread), is
-  test_elastic.py's `test_elastic_retry_with_fewer_workers`: Ray Train's retry restarts the group with the
+  test_elastic.py's `test_elastic_retry_with_fewer_workers_after_node_loss`: Ray Train's retry restarts the group with the
   one worker the remaining node holds and the run continues from its latest checkpoint, every step on the
   samples of an uninterrupted run.
 - The data stream: plan rank 0's Ray Data stream reads on a cluster whose only CPUs are on one worker node,
