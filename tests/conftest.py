@@ -33,16 +33,13 @@ CODE_START, CODE_END = 50265, 58457
 
 
 @pytest.fixture(autouse=True)
-def _verbose_switch_stays_off():
-    """`--verbose` (biomedgpt.console.set_verbose) writes os.environ for the process and its children: a test
-    that turns it on in-process must not leave later tests' subprocesses streaming their Ray workers'
-    output to the console those tests read."""
-    was = os.environ.get("BIOMEDGPT_VERBOSE")
-    yield
-    if os.environ.get("BIOMEDGPT_VERBOSE") != was:
-        os.environ.pop("BIOMEDGPT_VERBOSE", None)
-        if was is not None:
-            os.environ["BIOMEDGPT_VERBOSE"] = was
+def _verbose_switch_off(monkeypatch):
+    """Every test starts with `--verbose` off, and whatever it sets is undone after it:
+    biomedgpt.console.set_verbose writes os.environ for the process and its children, and a switch left
+    on would make later tests' subprocesses stream their Ray workers' output to the console they read."""
+    from biomedgpt.console import VERBOSE_ENV
+
+    monkeypatch.setenv(VERBOSE_ENV, "")  # off (console.verbose); recorded, so undone even if a test sets it
 
 
 @pytest.fixture(scope="session")

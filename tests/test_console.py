@@ -4,7 +4,6 @@ line per tenth, the platform's own warnings are silenced (biomedgpt.console, tra
 from __future__ import annotations
 
 import io
-import os
 import logging
 import warnings
 
@@ -16,10 +15,7 @@ from biomedgpt.console import Progress, libraries_to_file, quiet_warnings, set_v
 
 @pytest.fixture
 def clean_loggers(monkeypatch):
-    """Leave the library loggers and the verbose switch as they were: set_verbose writes os.environ
-    directly, and a switch left on would reach every later test's subprocesses (their Ray workers'
-    output would then stream to the console those tests read)."""
-    was = os.environ.get(console.VERBOSE_ENV)
+    """Leave the library loggers and the verbose switch as they were."""
     monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
     saved = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate)
              for name in console.LIBRARY_LOGGERS}
@@ -35,9 +31,6 @@ def clean_loggers(monkeypatch):
                 logger.addHandler(h)
         logger.propagate = propagate
     logging.captureWarnings(False)
-    os.environ.pop(console.VERBOSE_ENV, None)
-    if was is not None:
-        os.environ[console.VERBOSE_ENV] = was
 
 
 def test_library_logs_go_to_the_file_not_the_terminal(tmp_path, clean_loggers):
