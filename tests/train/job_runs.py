@@ -5,7 +5,9 @@ position, the steps the console showed."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -108,6 +110,40 @@ def data_position(checkpoint: Path) -> dict:
 
 def stream_of(shards: Path, spec: Path) -> StreamOf:
     return StreamOf(str(shards), "vqa_rad", yaml.safe_load(spec.read_text()))
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def read_streams(shards: str | Path, spec: dict, tokenizer_dir: str, reads: list[dict], out: Path, *,
+                 pause_after: int = 0, folder: Path | None = None, **extra_env: str) -> subprocess.Popen:
+    """Start stream_reader.py (a process of its own: see its docstring) on `reads` ({"rank", "batches",
+    "position", "column"} each) of the spec's training stream; `read_finished` waits for it and returns,
+    for each read, its batches' values."""
+    cmd = [sys.executable, str(HERE / "stream_reader.py"), str(shards), json.dumps(spec), tokenizer_dir,
+           json.dumps(reads), str(out), str(pause_after), str(folder or out.parent)]
+    e = env(**extra_env)
+    e["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), e.get("PYTHONPATH", "")])
+    return subprocess.Popen(cmd, stdout=open(out.with_suffix(".log"), "w"), stderr=subprocess.STDOUT, env=e,
+                            start_new_session=True)
+
+
+def read_finished(proc: subprocess.Popen, out: Path, timeout: float = 300) -> list[list[list]]:
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        try:  # the reader and the Ray processes it started (it leaves without shutting Ray down)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert rc == 0, out.with_suffix(".log").read_text()[-4000:]
+    return json.loads(out.read_text())
+
+
+def read_stream_batches(shards: str | Path, spec: dict, tokenizer_dir: str, reads: list[dict], out: Path
+                        ) -> list[list[list]]:
+    """`read_streams` on a fresh local Ray of its own, waited for."""
+    return read_finished(read_streams(shards, spec, tokenizer_dir, reads, out), out)
 
 
 def steps_logged(log: str) -> list[int]:

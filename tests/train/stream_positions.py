@@ -36,32 +36,14 @@ class StreamOf:
         assert "rows_by_rank" not in position, "no bad rows are expected in these runs"
         return sum(self.epoch_batches(e) for e in range(position["epoch"])) + position["batches"]
 
-    def sample_ids(self, rank: int, tokenizer_dir: str, batches: int, position: dict[str, Any] | None = None
-                   ) -> list[list[int]]:
-        """The sample ids of the next `batches` batches rank `rank` reads, from `position` (None: the start).
-        Needs a running Ray (the stream reads through Ray Data)."""
-        preprocess = dict(task_name="vqa", tokenizer_dir=tokenizer_dir, image_size=16, max_source_length=24,
-                          max_target_length=8)
-        stream = ShardStream(self.groups, rank=rank, world=self.world, batch_size=self.batch_size, seed=self.seed,
-                             preprocess=preprocess, columns=("sample_id",), shuffle_buffer=self.shuffle_buffer,
-                             as_torch=False, min_rows_per_read=1, error_budget=self.budget)
-        if position is not None:
-            stream.seek(position)
-        it = iter(stream)
-        return [[int(x) for x in next(it)["sample_id"]] for _ in range(batches)]
-
     def stream(self, rank: int, tokenizer_dir: str, columns: Sequence[str] = ("__key__",)) -> ShardStream:
-        """The stream plan rank `rank` reads, as a training worker makes it (iterating it needs a running Ray)."""
+        """The stream plan rank `rank` reads, as a training worker makes it (iterating it needs a running Ray:
+        tests read it in a process of their own, job_runs.read_streams)."""
         preprocess = dict(task_name="vqa", tokenizer_dir=tokenizer_dir, image_size=16, max_source_length=24,
                           max_target_length=8)
         return ShardStream(self.groups, rank=rank, world=self.world, batch_size=self.batch_size, seed=self.seed,
                            preprocess=preprocess, columns=tuple(columns), shuffle_buffer=self.shuffle_buffer,
                            as_torch=False, min_rows_per_read=1, error_budget=self.budget)
-
-    def batch_keys(self, rank: int, tokenizer_dir: str, batches: int) -> list[list[str]]:
-        """The sample keys of the first `batches` batches plan rank `rank` reads (needs a running Ray)."""
-        it = iter(self.stream(rank, tokenizer_dir))
-        return [[str(k) for k in next(it)["__key__"]] for _ in range(batches)]
 
     def planned_keys(self, epoch: int) -> list[str]:
         """The keys of every sample of the shards epoch `epoch`'s plan lists (a shard listed twice, twice)."""

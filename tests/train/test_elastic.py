@@ -32,7 +32,7 @@ from biomedgpt.data.error_budget import ErrorBudget
 from biomedgpt.data.stream import (ElasticStream, ShardInfo, ShardStream, elastic_layout, merge_data_errors,
                                    merge_positions)
 
-from job_runs import registered, run_dir, spec_file, start, steps_logged, stream_of, wait_until
+from job_runs import read_stream_batches, registered, run_dir, spec_file, start, steps_logged, stream_of, wait_until
 from stream_positions import StreamOf
 
 K, MAX = 10, 18  # the checkpoint the first start stops at; the run's steps (crossing into a second epoch)
@@ -167,17 +167,11 @@ def recorded(folder: Path, world: int, steps: range) -> dict[int, list[str]]:
     return {s: [k for _, keys in sorted(parts) for k in keys] for s, parts in sorted(by_step.items())}
 
 
-def reference(plan: StreamOf, tokenizer_dir: str) -> dict[int, list[str]]:
+def reference(plan: StreamOf, spec: Path, tokenizer_dir: str, out: Path) -> dict[int, list[str]]:
     """The global batches of an uninterrupted run of the plan's workers: each plan rank's batches, read by
-    the stream the workers use, rank after rank."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        per_rank = [plan.batch_keys(r, tokenizer_dir, MAX) for r in range(plan.world)]
-    finally:
-        ray.shutdown()
+    the stream the workers use (in a process of its own: stream_reader.py), rank after rank."""
+    reads = [{"rank": r, "batches": MAX} for r in range(plan.world)]
+    per_rank = read_stream_batches(plan.shards, yaml.safe_load(spec.read_text()), tokenizer_dir, reads, out)
     return {s + 1: [k for r in range(plan.world) for k in per_rank[r][s]] for s in range(MAX)}
 
 
@@ -242,7 +236,7 @@ def stopped_and_resumed(tmp_path: Path, shards: Path, tokenizer_dir: str, name: 
     run = run_dir(tmp_path, name)
     stop_at_k(spec, run, tmp_path / "first.txt", tmp_path / "before")
     plan = stream_of(shards, spec)  # the plan of the run's first worker count
-    expected = reference(plan, tokenizer_dir)
+    expected = reference(plan, spec, tokenizer_dir, tmp_path / "reference.json")
 
     spec_file(tmp_path, shards, name, data=DATA, max_steps=MAX, checkpoint_every=K, log_every=1, **after)
     second = start(spec, tmp_path / "second.txt", BIOMEDGPT_RECORD_SAMPLES=str(tmp_path / "after"))
@@ -328,4 +322,4 @@ def test_elastic_retry_with_fewer_workers_after_node_loss(tmp_path, shards, demo
     plan = stream_of(shards, spec)
     seen = recorded(tmp_path / "samples", 2, range(1, K + 1))
     seen.update(recorded(tmp_path / "samples", 1, range(K + 1, MAX + 1)))
-    check_continues_exactly(plan, seen, reference(plan, demo_tokenizer_dir))
+    check_continues_exactly(plan, seen, reference(plan, spec, demo_tokenizer_dir, tmp_path / "reference.json"))

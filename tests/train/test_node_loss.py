@@ -9,43 +9,15 @@ raylet of its own with its own CPUs, all on 127.0.0.1): a whole node goes away, 
   so every read task ran there and the blocks read ahead live in its object store; mid-epoch that node is
   removed (another added first). The stream must go on without skipping or repeating a sample: the keys
   are, batch for batch, those of an uninterrupted read. The reader is a process of its own
-  (node_loss_reader.py), as a training worker is.
+  (stream_reader.py), as a training worker is.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
-from job_runs import env, wait_until
-
-HERE = Path(__file__).resolve().parent
-
-
-def read_keys(shards: str, spec: dict, tokenizer_dir: str, ranks: str, batches: int, out: Path, *,
-              pause_after: int = 0, folder: Path | None = None, **extra_env: str) -> subprocess.Popen:
-    cmd = [sys.executable, str(HERE / "node_loss_reader.py"), shards, json.dumps(spec), tokenizer_dir, ranks,
-           str(batches), str(pause_after), str(folder or out.parent), str(out)]
-    e = env(**extra_env)
-    e["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), e.get("PYTHONPATH", "")])
-    return subprocess.Popen(cmd, stdout=open(out.with_suffix(".log"), "w"), stderr=subprocess.STDOUT, env=e,
-                            start_new_session=True)
-
-
-def finished(proc: subprocess.Popen, out: Path, timeout: float = 300) -> dict:
-    try:
-        rc = proc.wait(timeout=timeout)
-    finally:
-        try:  # the reader and whatever Ray processes it started (it leaves without shutting Ray down)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert rc == 0, out.with_suffix(".log").read_text()[-4000:]
-    return {int(r): keys for r, keys in json.loads(out.read_text()).items()}
+from job_runs import read_finished, read_streams, wait_until
 
 
 def test_node_loss_of_a_read_node_mid_epoch(tmp_path, demo_shards, demo_tokenizer_dir, monkeypatch):
@@ -55,7 +27,8 @@ def test_node_loss_of_a_read_node_mid_epoch(tmp_path, demo_shards, demo_tokenize
     batches, pause = 40, 6  # 266 samples: 66 batches an epoch
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ref_out = tmp_path / "reference.json"
-    expected = finished(read_keys(demo_shards, spec, demo_tokenizer_dir, "0", batches, ref_out), ref_out)[0]
+    reads = [{"rank": 0, "batches": batches}]
+    expected = read_finished(read_streams(demo_shards, spec, demo_tokenizer_dir, reads, ref_out), ref_out)[0]
 
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
     reader = None
@@ -63,14 +36,14 @@ def test_node_loss_of_a_read_node_mid_epoch(tmp_path, demo_shards, demo_tokenize
     try:
         first = cluster.add_node(num_cpus=1)  # every read task runs here, and its blocks live here
         cluster.wait_for_nodes()
-        reader = read_keys(demo_shards, spec, demo_tokenizer_dir, "0", batches, out, pause_after=pause,
-                           folder=tmp_path, RAY_ADDRESS=cluster.address)
+        reader = read_streams(demo_shards, spec, demo_tokenizer_dir, reads, out, pause_after=pause, folder=tmp_path,
+                              RAY_ADDRESS=cluster.address)
         wait_until(lambda: (tmp_path / "paused").exists(), 300, "the reader paused mid-epoch", reader)
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         cluster.remove_node(first, allow_graceful=False)
         (tmp_path / "go").write_text("")
-        got = finished(reader, out)[0]
+        got = read_finished(reader, out)[0]
     finally:
         if reader is not None and reader.poll() is None:
             os.killpg(reader.pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 import yaml
+from job_runs import read_stream_batches
 from stream_positions import StreamOf
 
 from tests_paths import REPO
@@ -80,18 +81,11 @@ def test_run_on_s3_storage_checkpoints_reports_and_resumes(s3_spec, s3_bucket, t
     # (the same stream on a local copy of the shards: the order depends on the manifests, not on where they are)
     storage.download_dir(s3_spec["data"]["shards"], tmp_path / "shards")
     local_stream = StreamOf(str(tmp_path / "shards"), "vqa_rad", s3_spec)
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        per_rank = [local_stream.sample_ids(rank, demo_tokenizer_dir, 10)
-                    + local_stream.sample_ids(rank, demo_tokenizer_dir, 5, position10)
-                    for rank in range(local_stream.world)]
-    finally:
-        if started:
-            ray.shutdown()
+    reads = [read for rank in range(local_stream.world)
+             for read in ({"rank": rank, "batches": 10, "column": "sample_id"},
+                          {"rank": rank, "batches": 5, "column": "sample_id", "position": position10})]
+    got = read_stream_batches(tmp_path / "shards", s3_spec, demo_tokenizer_dir, reads, tmp_path / "reads.json")
+    per_rank = [got[2 * rank] + got[2 * rank + 1] for rank in range(local_stream.world)]
     local_stream.check_epochs_covered_once(per_rank, whole_epoch=False)
 
 
