@@ -112,6 +112,29 @@ def test_each_shard_read_is_its_own_ray_data_task(small_shards, demo_tokenizer_d
     assert f"MapBatches(read_and_preprocess): {len(shards)} tasks executed" in stats, stats
 
 
+def test_the_executor_sleeps_after_steps_that_waited_on_nothing(small_shards, demo_tokenizer_dir, ray_local,
+                                                               monkeypatch):
+    """The streaming executor's loop spins (holding the GIL the training thread needs) once no read task is
+    running; the stream's execution callback makes it sleep after such a step, and only after such a step."""
+    import ray.data
+
+    from biomedgpt.data import stream as stream_module
+
+    stream = make_stream(small_shards, demo_tokenizer_dir, rank=0, world=1, min_rows=1)
+    epoch_ids(stream, 2)
+    callback_cls = stream_module.idle_yield_callback()
+    assert callback_cls in ray.data.DataContext.get_current().execution_callback_classes
+    slept: list[float] = []
+    monkeypatch.setattr(stream_module, "_pause", slept.append)
+    callback = callback_cls()
+    callback.on_execution_step(None)  # the first step (after the execution started): it waited
+    callback._last -= 1.0  # a step that spent a second in ray.wait
+    callback.on_execution_step(None)
+    assert slept == []
+    callback.on_execution_step(None)  # right after the previous: it waited on nothing
+    assert slept == [stream_module.IDLE_PAUSE_S]
+
+
 def test_a_resumed_stream_augments_exactly_as_the_uninterrupted_one(small_shards, demo_tokenizer_dir, ray_local):
     """RandAugment (the classification recipes' augmentation) is a function of the epoch's seed and the
     sample's id only: a run resumed in its second epoch trains on the very same augmented pixels as a run

@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -451,6 +452,9 @@ class ShardStream:
         # The pipeline is one map operator: Ray Data's per-operator reservation would hold half of the CPUs and
         # of the buffer back for operators that do not exist (on 2 CPUs: one read task at a time).
         ctx.op_resource_reservation_enabled = False
+        idle = idle_yield_callback()
+        if idle not in ctx.custom_execution_callback_classes:
+            ctx.custom_execution_callback_classes.append(idle)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # One UDF, one shard read per task: two chained map_batches would fuse into one operator that bundles
         # as many input rows (shard reads) per task as the larger batch size, i.e. every read into one task.
@@ -552,6 +556,43 @@ def _gather(parts: Sequence[dict[str, np.ndarray]], starts: np.ndarray, rows: np
             np.take(parts[p][c], rows[a:b] - starts[p], axis=0, out=arr[a:b])
         out[c] = arr
     return out
+
+
+IDLE_STEP_S = 0.002  # a scheduling step this short waited on no task
+IDLE_PAUSE_S = 0.01
+_IDLE_CALLBACK: type | None = None
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def idle_yield_callback() -> type:
+    """A Ray Data execution callback that lets the streaming executor's thread sleep between scheduling
+    steps that waited on nothing.
+
+    The executor runs in the process that iterates the dataset: here, the training worker. Its loop only
+    blocks (in `ray.wait`) while tasks are running; once the reads are done or held back by the buffer
+    limit, and until the consumer has taken their output, it spins, holding the GIL. The training thread
+    releases the GIL in every torch op and then waits for it up to the interpreter's switch interval
+    (5 ms) each time: steps ran 4x slower for whole runs (BENCHMARKS.md, train_overhead's two modes).
+    Sleeping 10 ms after such a step gives the GIL back; a read that could start waits that long at most."""
+    global _IDLE_CALLBACK
+    if _IDLE_CALLBACK is None:
+        from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+        class YieldWhenIdle(ExecutionCallback):
+            def __init__(self) -> None:
+                self._last = 0.0
+
+            def on_execution_step(self, executor: Any) -> None:
+                now = time.perf_counter()
+                if now - self._last < IDLE_STEP_S:
+                    _pause(IDLE_PAUSE_S)
+                self._last = time.perf_counter()
+
+        _IDLE_CALLBACK = YieldWhenIdle
+    return _IDLE_CALLBACK
 
 
 def default_buffer_bytes() -> int:
