@@ -419,7 +419,7 @@ def main() -> int:
                     for r in rows))
     print(f"warm requests: a resident adapter {sw['warm_adapter_ms']:.0f} ms, a resident full model "
           f"{sw['warm_full_ms']:.0f} ms; adapter swap requests {sw['adapter_request_ms']} ms, full-model swap "
-          f"requests {sw['full_request_ms']} ms; adapter load on the replica (peft) median "
+          f"requests {sw['full_request_ms']} ms; adapter load on the replica median "
           f"{summary['replica_adapter_load_ms_median']} ms")
     print(f"mixed batch in the engine: merged/adapters time per pair {engine['ratios']}; mean answer words "
           f"{engine['answer_words']}")

@@ -116,8 +116,10 @@ def test_the_adapter_lru_keeps_counts_and_bytes_and_spares_the_batch(published):
 def test_further_adapters_are_added_layer_by_layer_and_answer_as_alone(published, monkeypatch):
     """Only the first adapter goes through peft's PeftModel.from_pretrained; further plain LoRA adapters are added to
     the LoRA layers it made, and unloaded from them, without peft's load_adapter/delete_adapter (which walk every
-    parameter of the model per adapter: their cost grows with the adapters resident), and answer as alone."""
+    parameter of the model per adapter: their cost grows with the adapters resident) and without a layer's
+    `update_layer` (which sets every adapter already in the layer again), and answer as alone."""
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
 
     reg, base_dir, adapters, _ = published
     ids = list(adapters)
@@ -125,10 +127,11 @@ def test_further_adapters_are_added_layer_by_layer_and_answer_as_alone(published
     ensure_adapters(lm, {ids[0]: adapters[ids[0]]})
 
     def refused(*args, **kwargs):
-        raise AssertionError("peft's whole-model walk was used")
+        raise AssertionError("peft's whole-model walk or update_layer was used")
 
     monkeypatch.setattr(PeftModel, "load_adapter", refused)
     monkeypatch.setattr(PeftModel, "delete_adapter", refused)
+    monkeypatch.setattr(LoraLayer, "update_layer", refused)
     ensure_adapters(lm, {ids[1]: adapters[ids[1]], ids[2]: adapters[ids[2]]})
     sizes = lm.predictor.adapters.sizes
     assert sizes[ids[1]] == sizes[ids[2]] == sizes[ids[0]] > 0
@@ -137,3 +140,73 @@ def test_further_adapters_are_added_layer_by_layer_and_answer_as_alone(published
     monkeypatch.undo()  # the reference loads the adapter alone with peft itself
     for got, want in zip(served, alone(base_dir, adapters[ids[2]], queries(None, 2)[:2])):
         same(got, want)
+
+
+def test_the_batched_lora_step_answers_as_each_adapter_alone_and_forgets_unloaded_ones(published, tmp_path,
+                                                                                      monkeypatch):
+    """A mixed batch's LoRA layers answer in one batched step (`AdapterSet.route`: peft's per-adapter mixed-batch
+    forward is never called): each row's logits are those of its adapter loaded alone with peft (to float
+    rounding; adapters of rank 4 and 2 side by side), a row without adapter is the base's; unloading an adapter
+    drops the stacked weights that held it, later batches stack only the adapters still loaded and still answer
+    as alone, and the unloaded id is refused."""
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from biomedgpt.model.adapters import Stacked
+
+    reg, base_dir, adapters, _ = published
+    small = reg.export(make_adapter_checkpoint(tmp_path / "lora-r2", base_dir, seed=7, rank=2,
+                                               base_id=f"{DEPT}/base@1"), DEPT, "lora-r2")
+    dirs = {**adapters, small.id: reg.local_dir(small)}
+    ids = list(dirs)
+    lm = load_model(base_dir, f"{DEPT}/base@1")
+    ensure_adapters(lm, dirs)
+    p, aset = lm.predictor, lm.predictor.adapters
+    rows = [ids[0], ids[3], None, ids[1], ids[0], ids[2]]
+    g = np.random.default_rng(3)
+    inputs = p.inputs([f"what does region {i} show?" for i in range(len(rows))],
+                      [g.standard_normal((3, 64, 64)).astype(np.float32) for _ in rows])
+    dec = torch.randint(4, int(p.model.config.vocab_size), (len(rows), 5), generator=torch.Generator().manual_seed(0))
+
+    def logits(model) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(**inputs, decoder_input_ids=dec).logits
+
+    def alone(adapter_id) -> torch.Tensor:
+        model = load_model(base_dir, "alone").predictor.model
+        if adapter_id is not None:
+            PeftModel.from_pretrained(model, str(dirs[adapter_id]), is_trainable=False).eval()
+        return logits(model)
+
+    def mixed(batch) -> torch.Tensor:
+        with aset.route(batch):
+            return logits(p.model)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("peft's per-adapter mixed-batch forward was used")
+
+    with monkeypatch.context() as m:
+        m.setattr(LoraLinear, "_mixed_batch_forward", refused)
+        served = mixed(rows)
+    expected = {a: alone(a) for a in set(rows)}
+    for i, a in enumerate(rows):
+        torch.testing.assert_close(served[i], expected[a][i], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(served[0], expected[None][0], atol=1e-3)  # the adapters change the logits
+    names = {aset.names[a] for a in ids}
+    batch, stacks = aset._stacks
+    assert set(batch) == names and any(isinstance(s, Stacked) and s.a.shape[0] == 3 * 4 + 2 for s in stacks.values())
+
+    gone = aset.names[ids[1]]
+    evict_adapters([lm], 3, 2**30, keep={ids[0], ids[2], ids[3]})
+    assert ids[1] not in aset and aset._stacks is None
+    assert not any(gone in layer.lora_A for layer in aset._lora_layers().values())
+    rest = [ids[0], ids[3], None, ids[2], ids[0], ids[2]]
+    with monkeypatch.context() as m:
+        m.setattr(LoraLinear, "_mixed_batch_forward", refused)
+        served = mixed(rest)
+    assert gone not in aset._stacks[0]
+    for i, a in enumerate(rest):
+        torch.testing.assert_close(served[i], expected[a][i] if a in expected else alone(a)[i], atol=1e-4, rtol=1e-4)
+    with pytest.raises(KeyError):
+        mixed([ids[1], None, None, None, None, None])
