@@ -53,7 +53,7 @@ def train(tmp_path: Path, base_dir: Path, adapter: dict, *, fsdp: bool, steps: i
             "train_data": ["synthetic/train"], "adapter": {k: v for k, v in adapter.items() if k != "base"},
             "base": adapter["base"], "task": "vqa"}
     ckpt = StepCheckpointer(every=2, max_steps=steps, sharded=fsdp, meta=meta, assets={"answers.json": b'["yes"]'},
-                            report_every=1, report=report)
+                            report=report)
     if fsdp:
         from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -46,22 +46,24 @@ def fit_from_checkpoint(trainer: L.Trainer, module: L.LightningModule, batches: 
 
 
 class StepCheckpointer(L.Callback):
-    """Every `every` optimizer steps (and at the end) save a checkpoint collectively and report it to
-    Ray Train (sharded: from every node's first rank, each holding its node's shards; full: from rank
-    0); between checkpoints, report metrics every `report_every` steps. Every rank reports equally
-    often, as Ray Train requires."""
+    """Every `every` optimizer steps (and at the end) save a checkpoint collectively and report it, with
+    the metrics of its step, to Ray Train (sharded: from every node's first rank, each holding its node's
+    shards; full: from rank 0). Every rank reports equally often, as Ray Train requires.
+
+    Nothing is reported between checkpoints: the metrics go to the run's logs (Lightning's loggers) and
+    the progress to the driver (train/progress.py). Ray Train holds one unconsumed report per worker and
+    its controller takes it when it polls (every 2 s), so a report while one is pending blocks the step:
+    metrics-only reports at every logged step held runs that log often to about one step per second."""
 
     def __init__(self, every: int, max_steps: int, sharded: bool, meta: dict[str, Any], assets: dict[str, bytes],
-                 report_every: int = 10, report: Callable[..., None] | None = None) -> None:
+                 report: Callable[..., None] | None = None) -> None:
         self.every = every
         self.max_steps = max_steps
         self.sharded = sharded
         self.meta = meta
         self.assets = assets
-        self.report_every = report_every
         self._report = report
         self._last_saved = -1
-        self._last_reported = -1
 
     def _metrics(self, trainer: L.Trainer) -> dict[str, float]:
         out = {"step": float(trainer.global_step)}
@@ -75,13 +77,10 @@ class StepCheckpointer(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if step == self._last_reported or step >= self.max_steps:
+        if step == self._last_saved or step >= self.max_steps:
             return  # gradient accumulation repeats a step; the last step is saved by on_train_end
         if self.every and step % self.every == 0:
             self.save(trainer, step)
-        elif step % self.report_every == 0:
-            self._last_reported = step
-            self.report(self._metrics(trainer), None)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_saved:
@@ -97,7 +96,7 @@ class StepCheckpointer(L.Callback):
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt is not None else None)
 
     def save(self, trainer: L.Trainer, step: int) -> None:
-        self._last_saved = self._last_reported = step
+        self._last_saved = step
         base = Path(tempfile.gettempdir()) / "biomedgpt-checkpoints" / str(self.meta.get("run", "run")) / f"step-{step:08d}"
         if trainer.is_global_zero and base.exists():
             shutil.rmtree(base)

@@ -215,7 +215,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = ElasticStream(plan.data.groups, rank=rank, world=world, data_world=data_world,
                                 batch_size=t.batch_size, seed=t.seed, preprocess=plan.data.preprocess,
                                 columns=TRAIN_COLUMNS, shuffle_buffer=plan.data.shuffle_buffer,
-                                error_budget=plan.data.error_budget, keys=bool(record))
+                                error_budget=plan.data.error_budget, keys=bool(record),
+                                max_batches=plan.max_steps * t.grad_accumulation)
         if data_world != world and rank == 0:
             send({"kind": "elastic", "text": elastic_line(batches, t)})
         module = make_module(t, plan.model_config, plan.init_dir, noise_vocab_end=plan.noise_vocab_end,
@@ -224,7 +225,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             every=t.checkpoint_every, max_steps=plan.max_steps,
             sharded=t.strategy == "fsdp" and t.checkpoint_format == "sharded",
             meta=dict(plan.checkpoint_meta, data_world=data_world, workers=world), assets=plan.assets,
-            report_every=t.log_every,
         )
         position = DataPosition(batches, plan.log_dir, t.log_every, plan.max_steps)
         callbacks: list[L.Callback] = [checkpointer, position, ProgressReporter(plan.max_steps, t.log_every)]
