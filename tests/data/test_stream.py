@@ -112,6 +112,38 @@ def test_each_shard_read_is_its_own_ray_data_task(small_shards, demo_tokenizer_d
     assert f"MapBatches(read_and_preprocess): {len(shards)} tasks executed" in stats, stats
 
 
+def test_a_run_of_few_steps_reads_only_the_epochs_it_trains_on(small_shards, demo_tokenizer_dir, ray_local):
+    """With `max_batches` (a run's steps) one Ray Data execution stops at the epoch holding the last batch
+    (and the one batch a consumer fetches past it) instead of grouping epochs up to `min_rows_per_read`
+    rows; the batches are the same, and asked for more the stream goes on, an epoch at a time."""
+    plan0 = plan_epoch(make_stream(small_shards, demo_tokenizer_dir, world=1).groups, 0, 3)
+    per_epoch = batches_per_epoch(plan0, 1, 8)
+
+    def reads_of(stream) -> list[int]:  # the shard reads of each Ray Data execution the stream starts
+        reads, read = [], stream._read
+        stream._read = lambda shards, epochs: (reads.append(len(shards)), read(shards, epochs))[1]
+        return reads
+
+    unlimited = make_stream(small_shards, demo_tokenizer_dir, world=1)
+    grouped = reads_of(unlimited)
+    reference = epoch_ids(unlimited, per_epoch + 3)
+    assert grouped[0] > 2 * len(plan0)  # without a limit: many epochs in one execution
+
+    limited = make_stream(small_shards, demo_tokenizer_dir, world=1)
+    limited.max_batches = per_epoch // 2
+    reads = reads_of(limited)
+    it = iter(limited)
+    head = [int(x) for _ in range(per_epoch // 2 + 1) for x in next(it)["sample_id"]]
+    assert reads == [len(plan0)]  # the first epoch only
+    tail = [int(x) for _ in range(per_epoch + 3 - (per_epoch // 2 + 1)) for x in next(it)["sample_id"]]
+    assert head + tail == reference
+    assert reads == [len(plan0), len(plan0)]  # past the limit: an epoch at a time
+    resumed = make_stream(small_shards, demo_tokenizer_dir, world=1)
+    resumed.max_batches = per_epoch // 2
+    resumed.seek({"epoch": 1, "batches": 0})
+    assert resumed.batches_from_start() == per_epoch
+
+
 def test_the_executor_sleeps_after_steps_that_waited_on_nothing(small_shards, demo_tokenizer_dir, ray_local,
                                                                monkeypatch):
     """The streaming executor's loop spins (holding the GIL the training thread needs) once no read task is

@@ -296,7 +296,8 @@ class ShardStream:
     def __init__(self, groups: Sequence[tuple[Sequence[ShardInfo], float]], *, rank: int, world: int,
                  batch_size: int, seed: int, preprocess: dict[str, Any], columns: Sequence[str],
                  shuffle_buffer: int = 256, as_torch: bool = True, min_rows_per_read: int = 4096,
-                 error_budget: ErrorBudget | dict[str, Any] | None = None, buffer_bytes: int | None = None) -> None:
+                 error_budget: ErrorBudget | dict[str, Any] | None = None, buffer_bytes: int | None = None,
+                 max_batches: int | None = None) -> None:
         self.groups = [(list(s), float(w)) for s, w in groups]
         self.rank, self.world = rank, world
         self.batch_size = batch_size
@@ -308,6 +309,9 @@ class ShardStream:
         self.min_rows_per_read = min_rows_per_read
         self.budget = error_budget if isinstance(error_budget, ErrorBudget) else ErrorBudget.from_config(error_budget)
         self.buffer_bytes = buffer_bytes
+        # the batches the consumer will take from the run's start (a training run's steps x accumulation): no
+        # Ray Data execution reads epochs past them (the stream still goes on if asked for more)
+        self.max_batches = max_batches
         self.last_dataset: Any = None  # the Ray Data dataset of the latest read (for its stats())
         self.epoch = 0
         self.batches_in_epoch = 0
@@ -351,6 +355,12 @@ class ShardStream:
         if self._window_rows is not None:
             return self._window_rows
         return self.batches_in_epoch // (self.window // self.batch_size) * self.window
+
+    def batches_from_start(self) -> int:
+        """Batches this rank's stream has taken from the run's start to its position."""
+        done = sum(batches_per_epoch(plan_epoch(self.groups, e, self.seed), self.world, self.batch_size, self.budget)
+                   for e in range(self.epoch))
+        return done + self.batches_in_epoch
 
     def seek(self, position: dict[str, Any]) -> None:
         """Continue from `position` (this rank's, or a gathered one with `rows_by_rank`)."""
@@ -479,18 +489,24 @@ class ShardStream:
         where the window starts when bad rows moved it) names a window and an offset in it, so a resumed
         stream yields exactly the batches the interrupted one had not. Short epochs are read several at
         a time (at least `min_rows_per_read` rows per Ray Data execution) so that small datasets do not
-        pay a pipeline start-up every few steps.
+        pay a pipeline start-up every few steps, but never past the epoch holding batch `max_batches`: a
+        short run on a small dataset would otherwise decode dozens of epochs it never trains on.
         """
         window = self.window
         per_window = window // self.batch_size
         while True:
-            epochs, rows = [], 0
+            epochs, rows, grouped = [], 0, 0
             e = self.epoch
-            while not epochs or (rows < self.min_rows_per_read and len(epochs) < 1000):
+            left = None if self.max_batches is None else self.max_batches - self.batches_from_start()
+            # (grouped <= left: the consumer may fetch one batch past its last, as Lightning does)
+            while not epochs or (rows < self.min_rows_per_read and len(epochs) < 1000
+                                 and (left is None or grouped <= left)):
                 plan = plan_epoch(self.groups, e, self.seed)
                 mine = rank_shards(plan, self.rank, self.world)
-                epochs.append((e, batches_per_epoch(plan, self.world, self.batch_size, self.budget), mine))
+                per_epoch = batches_per_epoch(plan, self.world, self.batch_size, self.budget)
+                epochs.append((e, per_epoch, mine))
                 rows += sum(sh.samples for sh in mine)
+                grouped += per_epoch - (self.batches_in_epoch if e == self.epoch else 0)
                 e += 1
             allowance = {ep: self.budget.allowance(sum(sh.samples for sh in mine)) for ep, _, mine in epochs}
             # Resume inside the first epoch: skip its consumed windows, whole shards unread.
