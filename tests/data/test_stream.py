@@ -146,18 +146,32 @@ def test_a_run_of_few_steps_reads_only_the_epochs_it_trains_on(small_shards, dem
 
 def test_the_executor_sleeps_after_steps_that_waited_on_nothing(small_shards, demo_tokenizer_dir, ray_local,
                                                                monkeypatch):
-    """The streaming executor's loop spins (holding the GIL the training thread needs) once no read task is
-    running; the stream's execution callback makes it sleep after such a step, and only after such a step."""
+    """The streaming executor's loop spins (holding the GIL the training thread needs) when its finished reads
+    are held back by the buffer limit; the stream's execution callback, called at every step of a real read,
+    makes it sleep after a step that waited on nothing, and only after such a step."""
+    import threading
+    import time
+
     import ray.data
 
     from biomedgpt.data import stream as stream_module
 
+    # a real read calls the callback at every scheduling step of its executor (in this process)
+    callback_cls = stream_module.idle_yield_callback()
+    steps: list[str] = []
+    step = callback_cls.on_execution_step
+    monkeypatch.setattr(callback_cls, "on_execution_step",
+                        lambda self, executor: (steps.append(threading.current_thread().name), step(self, executor)))
     stream = make_stream(small_shards, demo_tokenizer_dir, rank=0, world=1, min_rows=1)
     epoch_ids(stream, 2)
-    callback_cls = stream_module.idle_yield_callback()
     assert callback_cls in ray.data.DataContext.get_current().execution_callback_classes
+    assert steps and all(name.startswith("StreamingExecutor") for name in steps), steps[:3]
+    # the rule itself: a pause after a step that waited on nothing, none after one that waited
+    # (the executor of the stream above may still be stepping, in its own thread: only this thread's calls count)
     slept: list[float] = []
-    monkeypatch.setattr(stream_module, "_pause", slept.append)
+    here = threading.current_thread()
+    monkeypatch.setattr(stream_module, "_pause",
+                        lambda s: slept.append(s) if threading.current_thread() is here else time.sleep(s))
     callback = callback_cls()
     callback.on_execution_step(None)  # the first step (after the execution started): it waited
     callback._last -= 1.0  # a step that spent a second in ray.wait

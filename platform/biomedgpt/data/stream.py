@@ -587,9 +587,10 @@ def idle_yield_callback() -> type:
     """A Ray Data execution callback that lets the streaming executor's thread sleep between scheduling
     steps that waited on nothing.
 
-    The executor runs in the process that iterates the dataset: here, the training worker. Its loop only
-    blocks (in `ray.wait`) while tasks are running; once the reads are done or held back by the buffer
-    limit, and until the consumer has taken their output, it spins, holding the GIL. The training thread
+    The executor runs in the process that iterates the dataset: here, the training worker. Its loop blocks
+    (in `ray.wait`) only until a task is ready; when the read tasks have finished but their output is held
+    back by the buffer limit (a run that reads many epochs ahead), `ray.wait` returns at once, step after
+    step, until the consumer has taken enough: the loop spins, holding the GIL. The training thread
     releases the GIL in every torch op and then waits for it up to the interpreter's switch interval
     (5 ms) each time: steps ran 4x slower for whole runs (BENCHMARKS.md, train_overhead's two modes).
     Sleeping 10 ms after such a step gives the GIL back; a read that could start waits that long at most."""
