@@ -139,3 +139,29 @@ def test_evaluation_of_a_run_takes_its_newest_complete_checkpoint(tmp_path, monk
         state = checkpoint_model_state(run / f"checkpoint-{step:08d}")
         key = "encoder.layers.0.fc1.weight"
         assert torch.equal(exported[key], state[key].float()) is same, step
+
+
+def test_two_runs_of_one_name_stage_their_checkpoints_apart(tmp_path, monkeypatch):
+    """Ranks write a checkpoint in a local folder before Ray Train uploads it: the folder is the same for
+    every rank of a run (a node's ranks write their shards into one folder) and another for a run of the
+    same name with other outputs (two departments' `demo-vqa-rad`, or a test beside `make demo`), which a
+    folder named by the run alone made overwrite each other's files; the per-user root is private and a
+    root that is a link to elsewhere is refused."""
+    import os
+    import tempfile
+
+    from biomedgpt.train.checkpoints import staging_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    a = staging_folder("demo-vqa-rad", "/home/radiology/runs/demo")
+    assert a == staging_folder("demo-vqa-rad", "/home/radiology/runs/demo")
+    b = staging_folder("demo-vqa-rad", "s3://cardiology/runs/demo")
+    assert a != b and a.parent == b.parent and a.name.startswith("demo-vqa-rad-")
+    assert staging_folder("../../etc", "x").parent == a.parent  # a run name cannot climb out of the root
+    assert (a.parent.stat().st_mode & 0o777) == 0o700
+    uid = os.getuid()
+    (tmp_path / f"biomedgpt-checkpoints-{uid}").rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / f"biomedgpt-checkpoints-{uid}").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PermissionError, match="not this user's own"):
+        staging_folder("demo-vqa-rad", "/home/radiology/runs/demo")

@@ -11,7 +11,9 @@ below training, evaluation and serving; resuming (`fit_from_checkpoint`) is Ligh
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pickle
 import shutil
 import tempfile
@@ -45,6 +47,22 @@ def fit_from_checkpoint(trainer: L.Trainer, module: L.LightningModule, batches: 
         raise refusal(str(path if path.is_file() else path / "meta.pt"), err) from None
 
 
+def staging_folder(run: str, run_url: str) -> Path:
+    """The local folder where this node's ranks write a run's checkpoint before Ray Train uploads it:
+    `<tmp>/biomedgpt-checkpoints-<uid>/<run>-<hash of the run's URL>`, the same for every rank of the run
+    (the ranks of a node write their shards into one folder) and distinct for two runs of one name with
+    other outputs (two departments' `demo-vqa-rad`, a test beside a demo), which a folder named by the run
+    alone made overwrite each other's checkpoints. The per-user root is made private (0700)."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    root = Path(tempfile.gettempdir()) / f"biomedgpt-checkpoints-{uid}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    if root.is_symlink() or (hasattr(os, "getuid") and root.stat().st_uid != uid):
+        raise PermissionError(f"{root}: the checkpoint staging folder is not this user's own; remove it or set TMPDIR")
+    key = hashlib.sha256(run_url.encode()).hexdigest()[:12]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run) or "run"
+    return root / f"{safe}-{key}"
+
+
 class StepCheckpointer(L.Callback):
     """Every `every` optimizer steps (and at the end) save a checkpoint collectively and report it, with
     the metrics of its step, to Ray Train (sharded: from every node's first rank, each holding its node's
@@ -56,8 +74,9 @@ class StepCheckpointer(L.Callback):
     metrics-only reports at every logged step held runs that log often to about one step per second."""
 
     def __init__(self, every: int, max_steps: int, sharded: bool, meta: dict[str, Any], assets: dict[str, bytes],
-                 report: Callable[..., None] | None = None) -> None:
+                 report: Callable[..., None] | None = None, run_url: str = "") -> None:
         self.every = every
+        self.run_url = run_url
         self.max_steps = max_steps
         self.sharded = sharded
         self.meta = meta
@@ -97,7 +116,7 @@ class StepCheckpointer(L.Callback):
 
     def save(self, trainer: L.Trainer, step: int) -> None:
         self._last_saved = step
-        base = Path(tempfile.gettempdir()) / "biomedgpt-checkpoints" / str(self.meta.get("run", "run")) / f"step-{step:08d}"
+        base = staging_folder(str(self.meta.get("run", "run")), self.run_url) / f"step-{step:08d}"
         if trainer.is_global_zero and base.exists():
             shutil.rmtree(base)
         trainer.strategy.barrier()

@@ -225,6 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             every=t.checkpoint_every, max_steps=plan.max_steps,
             sharded=t.strategy == "fsdp" and t.checkpoint_format == "sharded",
             meta=dict(plan.checkpoint_meta, data_world=data_world, workers=world), assets=plan.assets,
+            run_url=f"{plan.storage.rstrip('/')}/{plan.name}",
         )
         position = DataPosition(batches, plan.log_dir, t.log_every, plan.max_steps)
         callbacks: list[L.Callback] = [checkpointer, position, ProgressReporter(plan.max_steps, t.log_every)]
