@@ -115,3 +115,22 @@ def test_serve_gives_its_replicas_a_relative_model_dir_as_an_absolute_path(monke
         assert str(got) == str(tmp_path / "export")
     else:
         raise AssertionError("serve did not start the model")
+
+
+def test_runs_of_one_name_on_other_object_storage_stage_apart(monkeypatch, tmp_path):
+    """A run on object storage makes its files in a local staging folder before uploading them: two runs
+    of one team and name writing to other buckets or prefixes get their own folders (a folder named by
+    team and name alone mixed their reports and exports)."""
+    import yaml
+
+    from biomedgpt.session import staging_dir
+
+    monkeypatch.setenv("BIOMEDGPT_STAGING", str(tmp_path))
+    raw = yaml.safe_load(DEMO.read_text())
+
+    def staged(storage: str):
+        return staging_dir(resolve_paths(spec_from_dict(dict(raw, output={"storage": storage})), tmp_path)[0])
+
+    a, b = staged("s3://radiology/runs"), staged("s3://cardiology/runs")
+    assert a != b and a.parent == b.parent == tmp_path / raw["team"] and a.name.startswith(raw["name"] + "-")
+    assert a == staged("s3://radiology/runs")

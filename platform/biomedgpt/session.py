@@ -10,6 +10,7 @@ another's driver:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -157,6 +158,8 @@ def localize(spec: Any) -> Any:
 
 def staging_dir(spec: Any) -> Path:
     """The local folder where a run on object storage makes its files before uploading them
-    ($BIOMEDGPT_STAGING, default <tmp>/biomedgpt-staging/<team>/<name>)."""
+    ($BIOMEDGPT_STAGING, default <tmp>/biomedgpt-staging/<team>/<name>-<hash of the run's URL>): two runs
+    of one team and name with other outputs (two buckets, two prefixes) never share it."""
     base = Path(os.environ.get("BIOMEDGPT_STAGING") or Path(tempfile.gettempdir()) / "biomedgpt-staging")
-    return base / spec.team / spec.name
+    key = hashlib.sha256(str(spec.run_dir).encode()).hexdigest()[:12]
+    return base / spec.team / f"{spec.name}-{key}"
