@@ -38,7 +38,7 @@ demo: install
 	$(VENV)/bin/biomedgpt demo
 
 test: install
-	$(PY) -m pytest -q --durations=40   # the slowest tests: the suite must stay under 35 min on 2 cores
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=40   # two workers, whole modules each; the slowest tests listed: the suite must stay under 35 min on 2 cores
 
 bench: install
 	$(PY) benchmarks/model_step.py

@@ -32,6 +32,19 @@ REPO = Path(__file__).resolve().parents[1]
 CODE_START, CODE_END = 50265, 58457
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first, the longest first (the seconds of their `slow` marks), the rest in
+    collection order: `make test` runs two pytest-xdist workers that take whole modules, and a long module
+    started last would leave one worker alone at the end."""
+    weight: dict[str, float] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        for mark in item.iter_markers("slow"):
+            weight[module] = weight.get(module, 0.0) + float(mark.kwargs.get("seconds", 60))
+    order = {m: i for i, m in enumerate(dict.fromkeys(item.nodeid.split("::")[0] for item in items))}
+    items.sort(key=lambda item: (-weight.get(item.nodeid.split("::")[0], 0.0), order[item.nodeid.split("::")[0]]))
+
+
 @pytest.fixture(autouse=True)
 def _verbose_switch_off(monkeypatch):
     """Every test starts with `--verbose` off, and whatever it sets is undone after it:

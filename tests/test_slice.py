@@ -47,6 +47,7 @@ def env() -> dict[str, str]:
     return e
 
 
+@pytest.mark.slow(seconds=88)
 def test_demo_command_runs_the_whole_slice(tmp_path):
     spec = mini_spec(tmp_path)
     out = tmp_path / "demo"

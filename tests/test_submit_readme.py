@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUN = Path("runs/demo/runs/demo/demo-vqa-rad")  # <output.storage>/<team>/<name> of jobs/demo/vqa_rad.yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=360)
 
 # Ports a head takes by default besides --port and --dashboard-port: another Ray on this machine (a
 # test running beside this one) may hold them, and a head whose job agent cannot bind never takes jobs.

@@ -48,6 +48,10 @@ def free_port() -> int:
             return port
 
 
+#: Ray Train switches for a Ray this process starts on one machine (ensure_ray); a cluster keeps its own.
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+
+
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`) or start a fresh local Ray on
     127.0.0.1 with its dashboard (Ray Train needs it). Returns True when this call started Ray.
@@ -71,6 +75,11 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     # Train workers ask the dashboard's state API whether the controller lives (FIELD_NOTES): they get
     # its address through the runtime env only, so nothing started later by this process inherits it.
     env_vars = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # One machine, nothing to drain and no metrics scraper: Ray Train's preemption watcher (an actor
+    # polling node drains) and its Prometheus metrics callbacks would only take CPU from the run.
+    env_vars.update(LOCAL_RAY_TRAIN_ENV)
+    for name, value in LOCAL_RAY_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)  # the metrics switch is read by the trainer in this process
     if verbose():
         env_vars[VERBOSE_ENV] = "1"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,

@@ -59,6 +59,7 @@ def department(tmp_path: Path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow(seconds=31)
 def test_readme_own_data_from_folder_and_csv_to_a_fine_tuning_run(department: Path, capsys):
     new, = lines("biomedgpt datasets new")
     build, = lines("biomedgpt shards build")

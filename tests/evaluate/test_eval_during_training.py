@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow(seconds=59)
 def test_eval_every_n_steps_logs_metrics(tmp_path, dev_data):
     from biomedgpt.data.build import build_shards
 

@@ -290,6 +290,7 @@ def user_copy(recipe: Path, shards: Path, out: Path) -> dict:
     return data
 
 
+@pytest.mark.slow(seconds=35)
 def test_recipe_pretrains_from_native_sources(shards, vqgan_dir, ray_session, tmp_path):
     """jobs/pretrain/base.yaml (the others differ from it only in name and model size, see above)."""
     recipe = REPO / "jobs" / "pretrain" / "base.yaml"

@@ -158,6 +158,7 @@ def test_every_task_family_has_a_recipe_run():
     assert shipped <= set(FAMILIES), f"a family without a recipe run: {shipped - set(FAMILIES)}"
 
 
+@pytest.mark.slow(seconds=23)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_trains_through_the_runner(family, ray_session, shards, tmp_path):
     from biomedgpt.tasks import task_names
@@ -205,6 +206,7 @@ def check_ema_export(checkpoint: Path, export: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow(seconds=23)
 def test_training_starts_from_a_converted_fairseq_checkpoint(ray_session, tmp_path, micro_fairseq_state_dict,
                                                              ofa_dir):
     sys.path.insert(0, str(REPO / "tests" / "model"))

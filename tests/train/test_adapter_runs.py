@@ -36,6 +36,7 @@ def lora_spec(tmp_path: Path, base: Path, name: str, **trainer) -> Path:
     return path
 
 
+@pytest.mark.slow(seconds=65)
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_a_lora_job_trains_recovers_exports_and_publishes(strategy, tmp_path, base):
     from biomedgpt.model.adapters import sha256_file

@@ -259,18 +259,21 @@ def stopped_and_resumed(tmp_path: Path, shards: Path, tokenizer_dir: str, name: 
     check_schedule(run, settings)
 
 
+@pytest.mark.slow(seconds=115)
 def test_elastic_2_to_1_workers_continues_the_epoch_exactly(tmp_path, shards, demo_tokenizer_dir):
     stopped_and_resumed(tmp_path, shards, demo_tokenizer_dir, "two-to-one",
                         before=dict(workers=2, batch_size=8, strategy="fsdp", checkpoint_format="sharded"),
                         after=dict(workers=1, batch_size=8, strategy="fsdp", checkpoint_format="sharded"))
 
 
+@pytest.mark.slow(seconds=121)
 def test_elastic_1_to_2_workers_continues_the_epoch_exactly(tmp_path, shards, demo_tokenizer_dir):
     stopped_and_resumed(tmp_path, shards, demo_tokenizer_dir, "one-to-two",
                         before=dict(workers=1, batch_size=16, strategy="fsdp", checkpoint_format="full"),
                         after=dict(workers=2, batch_size=16, strategy="fsdp", checkpoint_format="full"))
 
 
+@pytest.mark.slow(seconds=143)
 def test_elastic_retry_with_fewer_workers_after_node_loss(tmp_path, shards, demo_tokenizer_dir, monkeypatch):
     """Node loss mid-run, the run continuing smaller: a head (1 CPU, for Ray Data's reads and the driver's
     actors) and two worker nodes of 2 CPUs, workers of 2 CPUs spread one per node. Removing a worker node

@@ -8,9 +8,12 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from tests_paths import REPO
 
 
+@pytest.mark.slow(seconds=39)
 def test_gpu_check_smoke_mode_runs_every_part_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env["OUT"] = str(tmp_path)

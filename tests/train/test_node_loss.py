@@ -17,9 +17,12 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from job_runs import read_finished, read_streams, wait_until
 
 
+@pytest.mark.slow(seconds=30)
 def test_node_loss_of_a_read_node_mid_epoch(tmp_path, demo_shards, demo_tokenizer_dir, monkeypatch):
     from ray.cluster_utils import Cluster
 

@@ -30,6 +30,7 @@ def shards(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("recovery-shards")
 
 
+@pytest.mark.slow(seconds=81)
 def test_killed_worker_recovers_from_last_checkpoint(tmp_path, shards):
     spec = spec_file(tmp_path, shards, "killed", max_steps=60, checkpoint_every=10, max_failures=1)
     run = run_dir(tmp_path, "killed")
@@ -73,6 +74,7 @@ def plant_partial_checkpoint(done: Path, partial: Path, step: int) -> None:
     assert list((done / "lightning").glob("__1_*.distcp")) and not list((partial / "lightning").glob("__1_*.distcp"))
 
 
+@pytest.mark.slow(seconds=69)
 def test_checkpoint_interrupted_while_written_never_becomes_latest(tmp_path, shards):
     spec = spec_file(tmp_path, shards, "interrupted", max_steps=30, checkpoint_every=10, max_failures=1)
     run = run_dir(tmp_path, "interrupted")
@@ -104,6 +106,7 @@ def test_checkpoint_interrupted_while_written_never_becomes_latest(tmp_path, sha
         assert stream.batches_before(data_position(run / f"checkpoint-{step:08d}")) == step
 
 
+@pytest.mark.slow(seconds=96)
 def test_fsdp_ddp_and_accumulation_match_a_single_process(tmp_path):
     """The same tiny model and the same global batches: 2 Ray Train workers with FSDP2 (each takes half
     of every batch), 2 with DDP, and 2 with FSDP2 accumulating two micro-batches per step, against 1

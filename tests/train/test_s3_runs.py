@@ -33,6 +33,7 @@ def s3_spec(s3_bucket, tmp_path, monkeypatch):
     return data
 
 
+@pytest.mark.slow(seconds=115)
 def test_run_on_s3_storage_checkpoints_reports_and_resumes(s3_spec, s3_bucket, tmp_path, demo_tokenizer_dir):
     from biomedgpt.data import storage
     from biomedgpt.runner import run_training
